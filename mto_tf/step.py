@@ -1,0 +1,77 @@
+"""The train step: how a multi-output model is trained, in one screen.
+
+One total loss (the weighted sum of the per-output losses, plus
+regularization), one gradient of it with respect to every trainable weight,
+one optimizer update. Read bottom-up as Keras's own trainer is layered:
+one batch on one replica -> one step across replicas -> N steps in one
+`tf.function` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from mto_tf import losses
+
+
+def make_train_loop(
+    *,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss_fns: Mapping[str, losses.LossFn],
+    loss_weights: Mapping[str, float],
+    output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
+    global_batch_size: int,
+    strategy: tf.distribute.Strategy,
+) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+    """Returns `train_loop(iterator, num_steps)`, which runs `num_steps` steps.
+
+    It returns the SUM over those steps of each measurement: `loss` (the
+    weighted total, as `fit` reports it) and `<output>_loss` (unweighted).
+    Metrics accumulate in `output_metrics`; the caller reads and resets them.
+    """
+
+    def one_step_on_batch(batch):
+        """Forward, weighted loss, one gradient, one update: on one replica's slice."""
+        inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
+        with tf.GradientTape() as tape:
+            predictions = model(inputs, training=True)
+            output_losses = losses.per_output_losses(
+                loss_fns=loss_fns, labels=labels, predictions=predictions,
+                sample_weights=sample_weights, global_batch_size=global_batch_size)
+            # model.losses recomputes the regularizers from the current
+            # weights, so it must be read inside the tape.
+            loss = losses.weighted_total_loss(
+                output_losses=output_losses, loss_weights=loss_weights,
+                regularization_losses=model.losses)
+        # One gradient of the total: the auxiliary term reaches the shared
+        # trunk here, and no main-only layer (it does not depend on them).
+        gradients = tape.gradient(loss, model.trainable_variables)
+        # The optimizer all-reduces gradients with SUM across replicas; the
+        # loss was scaled so that this sum is the global-batch gradient.
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        for output_name, metric in output_metrics.values():
+            metric.update_state(labels[output_name], predictions[output_name])
+        return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+
+    def one_step_on_iterator(iterator):
+        """One global batch: each replica takes its slice; shares are summed."""
+        per_replica = strategy.run(one_step_on_batch, args=(next(iterator),))
+        # Each replica's value is its share of the global-batch value, so the
+        # SUM over replicas is the value `fit` reports for the whole batch.
+        return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for name, value in per_replica.items()}
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        """`num_steps` steps in one call: Python and dispatch overhead paid once."""
+        totals = {name: tf.constant(0.0) for name in ["loss", *(f"{n}_loss" for n in loss_fns)]}
+        for _ in tf.range(num_steps):
+            measurements = one_step_on_iterator(iterator)
+            totals = {name: totals[name] + measurements[name] for name in totals}
+        return totals
+
+    return train_loop
