@@ -14,6 +14,7 @@ One run on one device, from Python, with no absl:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 
@@ -99,6 +100,9 @@ class TrainConfig:
                         "train_steps", "steps_per_loop", "log_every", "checkpoint_every",
                         "num_cpu_devices", "synthetic_train_examples",
                         "synthetic_validation_examples")
+        if self.vocab_size < 3:
+            raise ConfigError("vocab_size", f"expected >= 3 (token 0 pads, and each synthetic sentiment owns a token), "
+                                            f"got {self.vocab_size}")
         if self.l2 < 0:
             raise ConfigError("l2", f"expected a factor >= 0, got {self.l2}")
         if self.shuffle_buffer < 0:
@@ -127,7 +131,7 @@ class TrainConfig:
 
     def _check_outputs(self):
         # Imported here: those modules import this one for `ConfigError`.
-        from mto_tf import losses, metrics, models
+        from mto_tf import losses, models
         spec = models.get_spec(self.model)  # Raises a ConfigError naming --model.
         expected = sorted(spec.output_names)
         for flag in ("losses", "loss_weights"):
@@ -139,16 +143,16 @@ class TrainConfig:
             if missing:
                 raise ConfigError(flag, f"no entry for output {missing[0]!r}; expected one for each of {expected}")
         for output, weight in self.loss_weights.items():
-            if not weight >= 0:  # Also rejects NaN.
-                raise ConfigError("loss_weights", f"weight of {output!r} must be a number >= 0, got {weight}")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0, got {weight}")
         unknown = sorted(set(self.metrics) - set(expected))
         if unknown:
             raise ConfigError("metrics", f"unknown output {unknown[0]!r}; model {self.model!r} has outputs {expected}")
         for loss_name in self.losses.values():
             losses.get_loss_fn(loss_name)
-        for metric_names in self.metrics.values():
-            for metric_name in metric_names:
-                metrics.get_metric(metric_name)
+        # Metric names are checked when the metrics are made (before anything
+        # is written): making one creates variables, which would start the
+        # TensorFlow runtime before the CPU can be split into devices.
 
     @property
     def output_names(self) -> list[str]:
