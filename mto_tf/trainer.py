@@ -12,6 +12,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mto_tf import data, losses, models, outputs, step
@@ -113,10 +114,13 @@ def run_custom_loop(run: Run) -> None:
         totals = train_loop(iterator, tf.constant(num_steps))
         current_step += num_steps
         window_steps += num_steps
-        window_totals = {name: window_totals.get(name, 0.0) + float(value) for name, value in totals.items()}
+        # Added in float32, as inside the loop, so that how steps are
+        # grouped into loops does not change the logged numbers.
+        window_totals = {name: window_totals.get(name, np.float32(0)) + value.numpy()
+                         for name, value in totals.items()}
         finished = current_step == config.train_steps
         if current_step % config.log_every == 0 or finished:
-            measurements = {name: total / window_steps for name, total in window_totals.items()}
+            measurements = {name: float(total) / window_steps for name, total in window_totals.items()}
             for log_name, (_, metric) in run.output_metrics.items():
                 measurements[log_name] = float(metric.result())
                 metric.reset_state()
