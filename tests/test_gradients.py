@@ -1,0 +1,126 @@
+"""The seed fact of multi-output training, and the loss against the mathematics.
+
+One gradient of the weighted total equals the weighted sum of the per-output
+gradients; the auxiliary loss reaches the shared trunk (embedding, LSTM) and
+never the main-only Dense layers.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import small_config
+from mto_tf import losses
+from mto_tf.models import build_headline
+
+MAIN_ONLY_LAYERS = ("main_dense_0", "main_dense_1", "main_dense_2", "main_output")
+SHARED_LAYERS = ("embedding", "lstm")
+W_MAIN, W_AUX = 0.7, 0.3
+
+
+def _batch(batch_size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = {"main_input": tf.constant(rng.integers(0, 50, (batch_size, 8)), tf.int32),
+              "aux_input": tf.constant(rng.standard_normal((batch_size, 5)), tf.float32)}
+    labels = {name: tf.constant(rng.integers(0, 2, (batch_size, 1)), tf.float32)
+              for name in ("main_output", "aux_output")}
+    return inputs, labels
+
+
+def _gradients(model, inputs, labels, loss_weights):
+    """Gradient of sum_i w_i * loss_i, through the library's own loss functions."""
+    loss_fns = {name: losses.get_loss_fn("binary_crossentropy") for name in labels}
+    with tf.GradientTape() as tape:
+        predictions = model(inputs, training=True)
+        output_losses = losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
+                                                 sample_weights=None, global_batch_size=16)
+        total = losses.weighted_total_loss(output_losses=output_losses, loss_weights=loss_weights,
+                                           regularization_losses=[])
+    gradients = tape.gradient(total, model.trainable_variables, unconnected_gradients="zero")
+    return {variable.path: tf.convert_to_tensor(gradient).numpy()
+            for variable, gradient in zip(model.trainable_variables, gradients)}
+
+
+def test_gradient_of_total_is_weighted_sum_of_per_output_gradients(tmp_path):
+    model = build_headline(small_config(tmp_path))
+    inputs, labels = _batch()
+    total = _gradients(model, inputs, labels, {"main_output": W_MAIN, "aux_output": W_AUX})
+    main_only = _gradients(model, inputs, labels, {"main_output": 1.0, "aux_output": 0.0})
+    aux_only = _gradients(model, inputs, labels, {"main_output": 0.0, "aux_output": 1.0})
+
+    for path, gradient in total.items():
+        # Linearity of the derivative; float32 rounding of the two orders of
+        # summation allows a few ulps.
+        np.testing.assert_allclose(gradient, W_MAIN * main_only[path] + W_AUX * aux_only[path],
+                                   rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def test_aux_loss_gives_zero_gradient_to_main_only_layers_and_nonzero_to_the_shared_trunk(tmp_path):
+    model = build_headline(small_config(tmp_path))
+    inputs, labels = _batch()
+    aux_only = _gradients(model, inputs, labels, {"main_output": 0.0, "aux_output": 1.0})
+
+    for layer_name in MAIN_ONLY_LAYERS:
+        for variable in model.get_layer(layer_name).trainable_variables:
+            # Exactly zero: aux_output does not depend on these weights at all.
+            assert not np.any(aux_only[variable.path]), variable.path
+    for layer_name in SHARED_LAYERS:
+        for variable in model.get_layer(layer_name).trainable_variables:
+            assert np.any(aux_only[variable.path]), variable.path
+    # And the auxiliary head itself is trained by its own loss.
+    assert np.any(aux_only[model.get_layer("aux_output").kernel.path])
+
+
+def test_weighted_loss_equals_hand_computed_binary_crossentropy():
+    """sum_i w_i * sum_b(sw_b * bce_b) / global_batch, computed here in NumPy."""
+    rng = np.random.default_rng(1)
+    batch = 6
+    labels = {name: rng.integers(0, 2, (batch, 1)).astype(np.float32) for name in ("main_output", "aux_output")}
+    predictions = {name: rng.uniform(0.05, 0.95, (batch, 1)).astype(np.float32) for name in labels}
+    sample_weights = {"main_output": np.array([0, 1, 2, 0.5, 1, 3], np.float32)}
+    global_batch_size = 12  # As if another replica held the other half of the batch.
+    weights = {"main_output": 1.0, "aux_output": 0.2}
+
+    output_losses = losses.per_output_losses(
+        loss_fns={name: losses.get_loss_fn("binary_crossentropy") for name in labels},
+        labels={k: tf.constant(v) for k, v in labels.items()},
+        predictions={k: tf.constant(v) for k, v in predictions.items()},
+        sample_weights={k: tf.constant(v) for k, v in sample_weights.items()},
+        global_batch_size=global_batch_size)
+    regularization = [tf.constant(0.5)]
+    total = losses.weighted_total_loss(output_losses=output_losses, loss_weights=weights,
+                                       regularization_losses=regularization)
+
+    def bce(y, p):
+        # Keras clips predictions to [eps, 1 - eps] with eps = 1e-7.
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))[:, 0]
+
+    expected = {name: np.sum(bce(labels[name], predictions[name]) * sample_weights.get(name, 1.0))
+                / global_batch_size for name in labels}
+    for name in labels:
+        np.testing.assert_allclose(output_losses[name].numpy(), expected[name], rtol=1e-5)
+    # Default strategy: one replica, so the regularization counts whole.
+    np.testing.assert_allclose(total.numpy(), sum(weights[n] * expected[n] for n in labels) + 0.5, rtol=1e-5)
+
+
+def test_regularization_is_divided_by_the_number_of_replicas(mirrored_strategy):
+    """Each of R replicas adds reg / R, so the all-reduced total counts it once."""
+    def replica_total():
+        return losses.weighted_total_loss(output_losses={"main_output": tf.constant(0.0)},
+                                          loss_weights={"main_output": 1.0},
+                                          regularization_losses=[tf.constant(0.5)])
+    per_replica = mirrored_strategy.run(tf.function(replica_total))
+    shares = mirrored_strategy.experimental_local_results(per_replica)
+    assert [float(share) for share in shares] == [0.25, 0.25]
+
+
+def test_unknown_loss_name_is_rejected_naming_the_flag():
+    with pytest.raises(ValueError, match="^--losses: .*'not_a_loss'"):
+        losses.get_loss_fn("not_a_loss")
+    # A Loss class name resolves to an object with its own reduction, not
+    # a per-example function: rejected too.
+    with pytest.raises(ValueError, match="^--losses: "):
+        losses.get_loss_fn("BinaryCrossentropy")
+    assert losses.get_loss_fn("binary_crossentropy") is keras.losses.binary_crossentropy
