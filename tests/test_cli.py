@@ -1,0 +1,84 @@
+"""`mto-train` run as a user runs it: a fresh process, flags, files on disk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import SMALL_MODEL, small_config, write_npz
+from mto_tf.models import build_headline
+
+pytestmark = pytest.mark.slow
+
+SMALL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
+    "--synthetic_train_examples=128", "--synthetic_validation_examples=32", "--batch_size=16"]
+TIMEOUT_SECONDS = 180
+
+
+def run_cli(*args, entry_point=("mto-train",)):
+    """Runs the command line; returns the finished process (stdout and stderr as text)."""
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([*entry_point, *args], capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+                          env=environment)
+
+
+def test_short_run_from_a_flagfile_writes_metrics_weights_model_checkpoints_and_tensorboard(tmp_path):
+    model_dir = tmp_path / "run"
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("\n".join([*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}",
+                                   "--strategy=mirrored", "--num_cpu_devices=2", "--train_steps=12",
+                                   "--steps_per_loop=3", "--log_every=6", "--checkpoint_every=6"]) + "\n")
+    process = run_cli(f"--flagfile={flagfile}", entry_point=(sys.executable, "-m", "mto_tf"))
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "2 replica(s)" in process.stderr
+
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [6, 12]
+    assert set(records[0]) == {"step", "loss", "main_output_loss", "aux_output_loss", "main_output_binary_accuracy",
+                               "aux_output_binary_accuracy", "examples_per_sec"}
+    for record in records:
+        # The total is the weighted sum of the per-output losses (no L2 here).
+        assert record["loss"] == pytest.approx(record["main_output_loss"] + 0.2 * record["aux_output_loss"],
+                                               rel=1e-5)
+
+    config = small_config(tmp_path)
+    model = build_headline(config)
+    model.load_weights(model_dir / "model.weights.h5")
+    loaded = keras.models.load_model(model_dir / "model.keras")
+    for from_weights, from_model in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(from_weights, from_model)
+    assert sorted(name for name in os.listdir(model_dir / "checkpoints") if name.endswith(".index")) == [
+        "ckpt-12.index", "ckpt-6.index"]
+    assert any(name.startswith("events.") for name in os.listdir(model_dir / "tensorboard"))
+
+
+def _npz_without(tmp_path, key):
+    arrays = write_npz(tmp_path / "full.npz")
+    del arrays[key]
+    np.savez(tmp_path / "partial.npz", **arrays)
+    return f"--dataset=npz:{tmp_path / 'partial.npz'}"
+
+
+@pytest.mark.parametrize("make_args, expected_error", [
+    (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
+     "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
+    (lambda tmp: ["--loss_weights=main_output=heavy,aux_output=0.2"],
+     "--loss_weights: expected a number for 'main_output', got 'heavy'"),
+    (lambda tmp: ["--loss_weights=main_output=1.0,aux_output=-0.2"],
+     "--loss_weights: weight of 'aux_output' must be a finite number >= 0, got -0.2"),
+    (lambda tmp: ["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
+     "--batch_size: the global batch size 15 does not split evenly across 2 replicas"),
+    (lambda tmp: [_npz_without(tmp, "aux_output")], "key 'aux_output': missing"),
+])
+def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, make_args, expected_error):
+    model_dir = tmp_path / "never_written"
+    process = run_cli(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}",
+                      *make_args(tmp_path))
+    assert process.returncode == 2
+    assert f"mto-train: error: " in process.stderr and expected_error in process.stderr, process.stderr[-2000:]
+    assert "Traceback" not in process.stderr
+    assert not model_dir.exists()

@@ -1,0 +1,84 @@
+"""Flags become a validated `TrainConfig`; every bad setting names its flag."""
+
+import dataclasses
+
+import pytest
+from absl.testing import flagsaver
+
+from conftest import small_config
+from mto_tf import flags as mto_flags
+from mto_tf.config import ConfigError, TrainConfig
+
+
+def config_from_args(*args):
+    """Parses `args` as the command line would, restoring the flags afterwards."""
+    with flagsaver.flagsaver():
+        mto_flags.FLAGS.unparse_flags()
+        mto_flags.FLAGS(["mto-train", *args])
+        return mto_flags.config_from_flags()
+
+
+def test_flag_defaults_are_the_config_defaults():
+    assert config_from_args() == TrainConfig()
+
+
+def test_per_output_flags_parse_into_mappings():
+    config = config_from_args("--loss_weights=main_output=0.3, aux_output=1.7",
+                              "--losses=main_output=binary_crossentropy,aux_output=mean_squared_error",
+                              "--metrics=main_output=binary_accuracy,main_output=auc,aux_output=binary_accuracy")
+    assert config.loss_weights == {"main_output": 0.3, "aux_output": 1.7}
+    assert config.losses == {"main_output": "binary_crossentropy", "aux_output": "mean_squared_error"}
+    assert config.metrics == {"main_output": ("binary_accuracy", "auc"), "aux_output": ("binary_accuracy",)}
+    assert config_from_args("--metrics=").metrics == {}
+
+
+def test_flagfile_sets_flags(tmp_path):
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--optimizer=adam\n--batch_size=32\n--loss_weights=main_output=1,aux_output=0.5\n")
+    config = config_from_args(f"--flagfile={flagfile}")
+    assert (config.optimizer, config.batch_size, config.loss_weights["aux_output"]) == ("adam", 32, 0.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss_weights=main_output=1,aux_output"], "^--loss_weights: expected OUTPUT=VALUE pairs"),
+    (["--loss_weights=main_output=1,main_output=2"], "^--loss_weights: output 'main_output' given twice"),
+    (["--loss_weights=main_output=nan,aux_output=1"], "^--loss_weights: weight of 'main_output' must be a finite"),
+    (["--loss_weights=main_output=inf,aux_output=1"], "^--loss_weights: weight of 'main_output' must be a finite"),
+    (["--losses=main_output=binary_crossentropy"], "^--losses: no entry for output 'aux_output'"),
+    (["--losses=main_output=hinge_it,aux_output=binary_crossentropy"], "^--losses: expected a Keras loss function"),
+    (["--metrics=side_output=auc"], "^--metrics: unknown output 'side_output'"),
+    (["--metrics=main_output"], "^--metrics: expected OUTPUT=METRIC pairs"),
+    (["--model=resnet"], "^--model: expected one of headline"),
+    (["--batch_size=0"], "^--batch_size: expected an integer > 0"),
+    (["--steps_per_loop=-1"], "^--steps_per_loop: expected an integer > 0"),
+    (["--learning_rate=0"], "^--learning_rate: expected a number > 0"),
+    (["--l2=-0.1"], "^--l2: expected a factor >= 0"),
+    (["--num_cpu_devices=2"], "^--num_cpu_devices: .* only serves --strategy=mirrored"),
+    (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines' or 'npz:PATH'"),
+    (["--dataset=npz:/no/such/file.npz"], "^--dataset: npz file not found"),
+    (["--init_weights=/no/such.weights.h5"], "^--init_weights: file not found"),
+    (["--loop=fit", "--train_steps=7", "--log_every=5"], "^--train_steps: with --loop=fit, must be a multiple"),
+])
+def test_bad_settings_raise_config_error_naming_the_flag(args, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(*args)
+
+
+def test_unknown_metric_is_rejected_when_metrics_are_made_before_anything_is_written(tmp_path):
+    from mto_tf.trainer import train
+    config = small_config(tmp_path, metrics={"main_output": ("accuracy",)})
+    with pytest.raises(ConfigError, match="^--metrics: 'accuracy' is ambiguous"):
+        train(config)
+    with pytest.raises(ConfigError, match="^--metrics: expected a Keras metric name"):
+        train(dataclasses.replace(config, metrics={"main_output": ("accuracyy",)}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_weights_of_another_model_is_rejected_naming_the_flag(tmp_path):
+    from mto_tf.models import build_headline
+    from mto_tf.trainer import train
+    other = small_config(tmp_path, lstm_units=7)
+    build_headline(other).save_weights(tmp_path / "other.weights.h5")
+    with pytest.raises(ConfigError, match="^--init_weights: .*other.weights.h5' does not fit model 'headline'"):
+        train(small_config(tmp_path, init_weights=str(tmp_path / "other.weights.h5")))
+    assert not (tmp_path / "run").exists()
