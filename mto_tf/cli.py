@@ -19,6 +19,8 @@ from absl import app, logging
 
 from mto_tf import flags as mto_flags  # Defines the flags.
 from mto_tf.config import ConfigError
+from mto_tf.strategy import make_strategy
+from mto_tf.trainer import train
 
 EXIT_BAD_CONFIG = 2
 
@@ -29,18 +31,16 @@ def main(argv: list[str]) -> None:
         _exit_with_error(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
         config = mto_flags.config_from_flags()
-        # Devices first: TensorFlow must not run an op before the CPU is split.
-        from mto_tf.strategy import make_strategy
+        # The strategy first: the CPU must be split into devices before
+        # TensorFlow runs its first op.
         strategy = make_strategy(config)
-        from mto_tf.trainer import train
         logging.info("Training %s on %s with %s, %d replica(s), %s loop, into %s", config.model, config.dataset,
                      config.strategy, strategy.num_replicas_in_sync, config.loop, config.model_dir)
-        result = train(config, strategy=strategy)
+        train(config, strategy=strategy)
     except ConfigError as error:
         _exit_with_error(str(error))
-    if result.history:
-        logging.info("Done at step %d: %s", result.history[-1]["step"], result.history[-1])
-    logging.info("Final weights: %s", os.path.join(config.model_dir, "model.weights.h5"))
+    logging.info("Trained to step %d; final weights in %s", config.train_steps,
+                 os.path.join(config.model_dir, "model.weights.h5"))
 
 
 def _exit_with_error(message: str) -> None:

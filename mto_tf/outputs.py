@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import keras
@@ -20,6 +21,8 @@ WEIGHTS_FILE = "model.weights.h5"
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -39,6 +42,7 @@ class MetricsLog:
             for name, value in measurements.items():
                 tf.summary.scalar(name, value)
         self._summary_writer.flush()
+        logger.info("step %d: %s", record["step"], ", ".join(f"{name}={value:.4g}" for name, value in measurements.items()))
         self.records.append(record)
         return record
 

@@ -31,6 +31,13 @@ def test_synthetic_headlines_builds_offline_and_loads_by_registered_name(tmp_pat
         np.testing.assert_array_equal(first[key], again[key])
 
 
+def test_default_sizes_use_the_registered_builder_config(tmp_path):
+    from mto_tf.config import TrainConfig
+    builder = synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path)))
+    assert builder.builder_config is synthetic_headlines.SyntheticHeadlines.BUILDER_CONFIGS[0]
+    assert builder.info.features["main_input"].shape == (100,)
+
+
 def test_aux_label_follows_the_text_and_main_label_also_needs_aux_input(tmp_path):
     config = small_config(tmp_path, vocab_size=1000, sequence_length=40, synthetic_train_examples=1000)
     examples = _arrays(synthetic_headlines.load(config, "train"))

@@ -107,6 +107,18 @@ def generate_headlines(rng: np.random.Generator, config: SyntheticHeadlinesConfi
         }
 
 
+def make_builder(config) -> SyntheticHeadlines:
+    """The builder for a `TrainConfig`'s model sizes and `synthetic_*_examples`."""
+    builder_config = SyntheticHeadlinesConfig.of_sizes(
+        vocab_size=config.vocab_size, sequence_length=config.sequence_length,
+        aux_input_dim=config.aux_input_dim, train_examples=config.synthetic_train_examples,
+        validation_examples=config.synthetic_validation_examples)
+    # TFDS refuses a config object named like a registered one: ask for that one by name.
+    if builder_config.name in {registered.name for registered in SyntheticHeadlines.BUILDER_CONFIGS}:
+        builder_config = builder_config.name
+    return SyntheticHeadlines(config=builder_config, data_dir=config.data_dir)
+
+
 def load(config, split: str):
     """Generates (once per data dir) and returns one split as a `tf.data.Dataset` of feature dicts.
 
@@ -114,11 +126,6 @@ def load(config, split: str):
       config: a `TrainConfig`; its model sizes and `synthetic_*_examples` pick the builder config.
       split: "train" or "validation".
     """
-    builder = SyntheticHeadlines(
-        config=SyntheticHeadlinesConfig.of_sizes(
-            vocab_size=config.vocab_size, sequence_length=config.sequence_length,
-            aux_input_dim=config.aux_input_dim, train_examples=config.synthetic_train_examples,
-            validation_examples=config.synthetic_validation_examples),
-        data_dir=config.data_dir)
+    builder = make_builder(config)
     builder.download_and_prepare()
     return builder.as_dataset(split=split, shuffle_files=False)
