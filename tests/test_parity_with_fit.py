@@ -9,6 +9,8 @@ Per-step values: the custom loop logs every step (`log_every=1`) and `fit`
 runs one step per epoch, so `fit`'s epoch logs are per-step values.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -103,13 +105,18 @@ def test_custom_loop_matches_fit_on_one_device(tmp_path, case):
     assert max_weight_difference(custom_weights, build_headline(config).get_weights()) > 1e-3
 
 
-def test_steps_per_loop_changes_nothing(tmp_path):
-    """5 steps in one tf.function call = 5 calls of 1 step, bit for bit, and = fit with 5 steps per epoch."""
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
+def test_steps_per_loop_changes_nothing(tmp_path, strategy_name, request):
+    """5 steps in one tf.function call = 5 calls of 1 step, and = fit with 5 steps per epoch."""
+    if strategy_name == "mirrored":
+        strategy, overrides = request.getfixturevalue("mirrored_strategy"), dict(strategy="mirrored", num_cpu_devices=2)
+    else:
+        strategy, overrides = tf.distribute.get_strategy(), {}
     config, arrays, init_weights = _setup(tmp_path, "adam_loss_weights_0.3_1.7",
-                                          train_steps=10, log_every=5, steps_per_loop=1)
-    one_step_logs, one_step_weights = custom_loop(config, tf.distribute.get_strategy())
-    five_steps = config.__class__(**{**config.__dict__, "steps_per_loop": 5, "model_dir": str(tmp_path / "run5")})
-    five_step_logs, five_step_weights = custom_loop(five_steps, tf.distribute.get_strategy())
+                                          train_steps=10, log_every=5, steps_per_loop=1, **overrides)
+    one_step_logs, one_step_weights = custom_loop(config, strategy)
+    five_steps = dataclasses.replace(config, steps_per_loop=5, model_dir=str(tmp_path / "run5"))
+    five_step_logs, five_step_weights = custom_loop(five_steps, strategy)
 
     # The same updates in the same order, only grouped differently into
     # calls: the weights are equal bit for bit. The logged total loss can
@@ -117,9 +124,19 @@ def test_steps_per_loop_changes_nothing(tmp_path):
     # Grappler may order the additions of a while-loop body differently.
     assert max_weight_difference(one_step_weights, five_step_weights) == 0.0
     assert_same_losses(one_step_logs, five_step_logs, LOSS_RTOL)
-    fit_logs, fit_weights = reference_fit(config, arrays, init_weights, tf.distribute.get_strategy())
+    fit_logs, fit_weights = reference_fit(config, arrays, init_weights, strategy)
     assert_same_losses(five_step_logs, fit_logs, LOSS_RTOL)
     assert max_weight_difference(five_step_weights, fit_weights) <= SINGLE_DEVICE_WEIGHT_ATOL
+
+
+def test_one_device_strategy_matches_fit(tmp_path):
+    config, arrays, init_weights = _setup(tmp_path, "adam_loss_weights_0.3_1.7", strategy="one_device")
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    custom_logs, custom_weights = custom_loop(config, strategy)
+    fit_logs, fit_weights = reference_fit(config, arrays, init_weights, strategy)
+    # One replica on one device: the same float32 operations as the default strategy.
+    assert_same_losses(custom_logs, fit_logs, LOSS_RTOL)
+    assert max_weight_difference(custom_weights, fit_weights) <= SINGLE_DEVICE_WEIGHT_ATOL
 
 
 @pytest.mark.parametrize("case", CASES)
