@@ -19,10 +19,12 @@ from absl import app, logging
 
 from mto_tf import flags as mto_flags  # Defines the flags.
 from mto_tf.config import ConfigError
+from mto_tf.preemption import Preempted
 from mto_tf.strategy import make_strategy
 from mto_tf.trainer import train
 
 EXIT_BAD_CONFIG = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if the signal had ended the process.
 
 
 def main(argv: list[str]) -> None:
@@ -39,6 +41,10 @@ def main(argv: list[str]) -> None:
         train(config, strategy=strategy)
     except ConfigError as error:
         _exit_with_error(str(error))
+    except Preempted as preempted:
+        # Non-zero, so that a launcher restarts the job; it resumes from the checkpoint.
+        logging.warning("Preempted: %s; rerun the same command to resume", preempted)
+        sys.exit(EXIT_PREEMPTED)
     logging.info("Trained to step %d; final weights in %s", config.train_steps,
                  os.path.join(config.model_dir, "model.weights.h5"))
 

@@ -19,7 +19,8 @@ import os
 from collections.abc import Mapping
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-STRATEGIES = ("default", "one_device", "mirrored")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     # Distribution.
     strategy: str = "default"
     num_cpu_devices: int = 1
+    cluster_resolver: str = "tf_config"  # Where multi_worker finds its cluster.
 
     # Outputs.
     model_dir: str = "/tmp/mto_tf"
@@ -112,11 +114,15 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("loop", self.loop, LOOPS)
-        if self.num_cpu_devices > 1 and self.strategy != "mirrored":
+        _check_choice("cluster_resolver", self.cluster_resolver, CLUSTER_RESOLVERS)
+        if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
             raise ConfigError(
                 "num_cpu_devices",
                 f"splitting the CPU into {self.num_cpu_devices} devices only serves "
-                f"--strategy=mirrored, got --strategy={self.strategy}")
+                f"--strategy=mirrored or multi_worker, got --strategy={self.strategy}")
+        if self.loop == "fit" and self.strategy == "multi_worker":
+            raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
+                                      "(keras-team/keras#20585); use --loop=custom")
         if not (self.dataset == "synthetic_headlines" or self.dataset.startswith("npz:")):
             raise ConfigError("dataset", f"expected 'synthetic_headlines' or 'npz:PATH', got {self.dataset!r}")
         if self.dataset.startswith("npz:") and not os.path.isfile(self.dataset[4:]):

@@ -12,6 +12,7 @@ import time
 
 import keras
 
+from mto_tf import data
 from mto_tf.trainer import Run
 
 
@@ -34,7 +35,7 @@ class _WriteOutputs(keras.callbacks.Callback):
                                             / (time.perf_counter() - self._window_start))
         self._run.metrics_log.write(current_step, measurements)
         if current_step % config.checkpoint_every == 0 or current_step == config.train_steps:
-            self._run.checkpoints.save(checkpoint_number=current_step)
+            self._run.checkpoints.save(current_step)
 
 
 def run_fit(run: Run) -> None:
@@ -50,7 +51,7 @@ def run_fit(run: Run) -> None:
     # TrainConfig checks that train_steps and checkpoint_every are multiples
     # of log_every, so a restored step is on a window boundary.
     run.model.fit(
-        run.dataset,
+        data.global_batches(run.examples, model=run.model, config=config, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,
         epochs=config.train_steps // config.log_every,
         steps_per_epoch=config.log_every,

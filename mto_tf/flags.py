@@ -68,7 +68,10 @@ flags.DEFINE_integer("seed", _default("seed"), "Seeds initial weights and shuffl
 # Distribution.
 flags.DEFINE_enum("strategy", _default("strategy"), list(config_lib.STRATEGIES), "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_devices", _default("num_cpu_devices"),
-                     "Split the CPU into N logical devices, so --strategy=mirrored runs without GPUs.")
+                     "Split the CPU into N logical devices: N replicas per process for mirrored or "
+                     "multi_worker without GPUs.")
+flags.DEFINE_enum("cluster_resolver", _default("cluster_resolver"), list(config_lib.CLUSTER_RESOLVERS),
+                  "multi_worker: read the cluster from TF_CONFIG, or from SLURM's environment inside srun.")
 
 # Outputs.
 flags.DEFINE_string("model_dir", _default("model_dir"), "Metrics, checkpoints and final model; a rerun resumes.")

@@ -3,15 +3,18 @@
 - `metrics.jsonl`: one JSON object per logging window (`step` and each
   measurement averaged over the window's steps, as `fit` averages over an epoch);
 - `tensorboard/`: the same numbers as scalars;
-- `checkpoints/`: a `tf.train.CheckpointManager`;
+- `checkpoints/`: model and optimizer state, every `--checkpoint_every` steps;
 - `model.weights.h5` and `model.keras` at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -26,47 +29,94 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Appends one line per logging window to `metrics.jsonl`, and to TensorBoard."""
+    """Appends one line per logging window to `metrics.jsonl`, and to TensorBoard.
 
-    def __init__(self, model_dir: str):
+    Only the chief writes files (`write_files`); every worker keeps `records`.
+    """
+
+    def __init__(self, model_dir: str, *, write_files: bool, resume_step: int):
         self._path = os.path.join(model_dir, METRICS_FILE)
-        self._summary_writer = tf.summary.create_file_writer(os.path.join(model_dir, TENSORBOARD_DIR))
+        self._write_files = write_files
+        self._summary_writer = (tf.summary.create_file_writer(os.path.join(model_dir, TENSORBOARD_DIR))
+                                if write_files else None)
         self.records: list[dict] = []
+        if write_files and resume_step:
+            self._rewind(resume_step)
+
+    def _rewind(self, resume_step: int) -> None:
+        """Drops records logged after the checkpoint this run resumes from: those steps run again."""
+        if not os.path.exists(self._path):
+            return
+        with open(self._path) as metrics_file:
+            lines = [line for line in metrics_file if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        if len(kept) != len(lines):
+            logger.info("Dropping %d metrics.jsonl record(s) after step %d, the checkpoint resumed from",
+                        len(lines) - len(kept), resume_step)
+            with open(self._path, "w") as metrics_file:
+                metrics_file.writelines(kept)
 
     def write(self, step: int, measurements: dict[str, float]) -> dict:
         """Writes `measurements` at `step`; returns the record written."""
         record = {"step": int(step), **{name: float(value) for name, value in measurements.items()}}
-        with open(self._path, "a") as metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-        with self._summary_writer.as_default(step=record["step"]):
-            for name, value in measurements.items():
-                tf.summary.scalar(name, value)
-        self._summary_writer.flush()
+        if self._write_files:
+            with open(self._path, "a") as metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+            with self._summary_writer.as_default(step=record["step"]):
+                for name, value in measurements.items():
+                    tf.summary.scalar(name, value)
+            self._summary_writer.flush()
         logger.info("step %d: %s", record["step"], ", ".join(f"{name}={value:.4g}" for name, value in measurements.items()))
         self.records.append(record)
         return record
 
 
-def make_checkpoint_manager(model_dir: str, *, model: keras.Model,
-                            optimizer: keras.optimizers.Optimizer) -> tf.train.CheckpointManager:
-    """A manager for the model's weights and the optimizer's state, its step included.
+class Checkpoints:
+    """Model and optimizer state under `model_dir/checkpoints`, numbered by step.
 
     `optimizer.iterations` is the step count (one update per step), so a
-    restored run knows both where it is and Adam's bias correction.
+    restored run knows both where it is and Adam's bias correction. Under
+    MultiWorkerMirroredStrategy every worker must take part in a save; only
+    the chief's is kept, the others write to a scratch directory and delete it.
     """
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), max_to_keep=3,
-                                      step_counter=optimizer.iterations)
 
+    def __init__(self, model_dir: str, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                 is_chief: bool):
+        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self._optimizer = optimizer
+        self.directory = os.path.join(model_dir, CHECKPOINT_DIR)
+        self._chief_manager = (tf.train.CheckpointManager(self._checkpoint, self.directory, max_to_keep=3)
+                               if is_chief else None)
 
-def restore_latest(manager: tf.train.CheckpointManager) -> int:
-    """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""
-    if manager.latest_checkpoint:
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    return int(manager.checkpoint.optimizer.iterations.numpy())
+    def restore_latest(self) -> int:
+        """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest:
+            self._checkpoint.restore(latest).assert_existing_objects_matched()
+            logger.info("Restored %s", latest)
+        return int(self._optimizer.iterations.numpy())
+
+    def save(self, step: int) -> None:
+        """Saves at `step` (every worker must call this)."""
+        if self._chief_manager:
+            self._chief_manager.save(checkpoint_number=step)
+            return
+        scratch = tempfile.mkdtemp(prefix="mto_tf_worker_checkpoint_")
+        try:
+            tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_final_model(model_dir: str, model: keras.Model) -> None:
     """Writes the final weights (`model.load_weights` reads them) and the whole model."""
     model.save_weights(os.path.join(model_dir, WEIGHTS_FILE))
     model.save(os.path.join(model_dir, MODEL_FILE))
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of every weight's bytes: equal on workers that hold equal weights."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    return digest.hexdigest()[:16]

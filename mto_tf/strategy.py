@@ -1,12 +1,16 @@
 """`--strategy` -> a `tf.distribute.Strategy`.
 
-`configure_devices` must run before TensorFlow executes its first op: logical
-devices cannot be changed once the runtime is initialized.
+`make_strategy` must run before TensorFlow executes its first op: logical
+devices cannot be changed once the runtime is initialized, and a
+MultiWorkerMirroredStrategy has to start its collective server first.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+# Private, for one purpose: several logical CPU devices per worker under
+# MultiWorkerMirroredStrategy (TensorFlow uses one CPU device per worker).
+from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util, distribute_lib
 
 from mto_tf.config import ConfigError, TrainConfig
 
@@ -32,19 +36,72 @@ def configure_devices(config: TrainConfig) -> None:
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     """Returns the strategy named by `config.strategy` (devices must be configured first)."""
     configure_devices(config)
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical, devices: listing logical ones starts the runtime,
+    # which MultiWorkerMirroredStrategy must configure first.
+    gpus = tf.config.list_physical_devices("GPU")
     if config.strategy == "default":
         return tf.distribute.get_strategy()
     if config.strategy == "one_device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if gpus and config.num_cpu_devices > 1:
+        raise ConfigError("num_cpu_devices", f"this machine has {len(gpus)} GPU(s); {config.strategy} uses them, "
+                                             f"so do not split the CPU")
+    if config.strategy == "multi_worker":
+        return _multi_worker_strategy(config, gpus)
     # mirrored: one replica per GPU, or per logical CPU device without GPUs.
     if gpus:
-        if config.num_cpu_devices > 1:
-            raise ConfigError("num_cpu_devices", f"this machine has {len(gpus)} GPU(s); mirrored uses them, "
-                                                 f"so do not split the CPU")
-        return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+        return tf.distribute.MirroredStrategy([gpu.name for gpu in tf.config.list_logical_devices("GPU")])
     cpus = tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([cpu.name for cpu in cpus])
+
+
+def make_cluster_resolver(config: TrainConfig) -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The cluster of a multi-worker run: from `TF_CONFIG`, or from SLURM's environment."""
+    if config.cluster_resolver == "slurm":
+        try:
+            return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ConfigError("cluster_resolver", f"slurm: not inside a SLURM job step started by srun ({error})") from None
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if not resolver.cluster_spec().jobs:
+        raise ConfigError("strategy", "multi_worker needs a cluster: set TF_CONFIG (launch/local.py does) "
+                                      "or use --cluster_resolver=slurm inside srun")
+    return resolver
+
+
+def _multi_worker_strategy(config: TrainConfig, gpus) -> tf.distribute.Strategy:
+    resolver = make_cluster_resolver(config)
+    if gpus or config.num_cpu_devices == 1:  # One replica per GPU, or one per worker on its CPU.
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    return _MultiWorkerOnCpuDevices(resolver, num_cpu_devices=config.num_cpu_devices)
+
+
+class _CpuDevicesExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):
+    """Puts one replica on each logical CPU device of a worker instead of one per worker."""
+
+    def __init__(self, *args, num_cpu_devices: int, **kwargs):
+        self._num_cpu_devices = num_cpu_devices  # Read by the parent's __init__, below.
+        super().__init__(*args, **kwargs)
+
+    def _initialize_local_devices(self, cluster_resolver, worker_device):
+        devices, device_type = super()._initialize_local_devices(cluster_resolver, worker_device)
+        if device_type != "CPU":
+            return devices, device_type
+        return tuple(f"{worker_device}/device:CPU:{index}" for index in range(self._num_cpu_devices)), "CPU"
+
+
+class _MultiWorkerOnCpuDevices(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy with `num_cpu_devices` replicas per worker, for machines without GPUs."""
+
+    def __init__(self, cluster_resolver, *, num_cpu_devices: int):
+        distribute_lib.Strategy.__init__(self, _CpuDevicesExtended(
+            self, cluster_resolver=cluster_resolver, communication_options=collective_util.Options(),
+            num_cpu_devices=num_cpu_devices))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes logs and final files (always, in one process)."""
+    return strategy.extended.should_checkpoint
 
 
 def check_batch_split(config: TrainConfig, strategy: tf.distribute.Strategy) -> int:

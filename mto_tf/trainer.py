@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -18,7 +19,10 @@ import tensorflow as tf
 from mto_tf import data, losses, models, outputs, step
 from mto_tf.config import ConfigError, TrainConfig
 from mto_tf.metrics import make_output_metrics
-from mto_tf.strategy import check_batch_split, make_strategy
+from mto_tf.preemption import Preempted, PreemptionWatcher
+from mto_tf.strategy import check_batch_split, is_chief, make_strategy
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
@@ -43,10 +47,10 @@ class Run:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     output_metrics: dict[str, tuple[str, keras.metrics.Metric]]
-    checkpoints: tf.train.CheckpointManager
+    checkpoints: outputs.Checkpoints
     metrics_log: outputs.MetricsLog
-    dataset: tf.data.Dataset  # Global batches, starting where a restored run stopped.
-    start_step: int
+    examples: tf.data.Dataset  # One feature dict per example, in file order.
+    start_step: int  # Where a restored run stopped; 0 for a new run.
 
 
 def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
@@ -56,6 +60,10 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
       config: the run.
       strategy: a strategy to use instead of building one from `config.strategy`
         (a process should hold one MirroredStrategy only).
+
+    Raises:
+      ConfigError: a setting that cannot work, before anything is written.
+      Preempted: SIGTERM reached a worker; all saved a checkpoint and stopped.
     """
     run = build_run(config, strategy or make_strategy(config))
     if config.loop == "fit":
@@ -63,7 +71,9 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
         fit_loop.run_fit(run)
     else:
         run_custom_loop(run)
-    outputs.save_final_model(config.model_dir, run.model)
+    if is_chief(run.strategy):
+        outputs.save_final_model(config.model_dir, run.model)
+    logger.info("Final weights fingerprint: %s", outputs.weights_fingerprint(run.model))
     return TrainResult(model=run.model, history=run.metrics_log.records)
 
 
@@ -81,15 +91,18 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         output_metrics = make_output_metrics(config.metrics)
     examples = data.load_examples(config, model)  # Checks an npz file against the model.
 
-    # Everything is checked: only now may the model directory be written.
-    _prepare_model_dir(config)
-    checkpoints = outputs.make_checkpoint_manager(config.model_dir, model=model, optimizer=optimizer)
-    start_step = outputs.restore_latest(checkpoints)
+    # Everything is checked: only now may the model directory be written
+    # (by the chief alone; the other workers read its checkpoints).
+    chief = is_chief(strategy)
+    if chief:
+        _prepare_model_dir(config)
+    checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief)
+    start_step = checkpoints.restore_latest()
     return Run(
         config=config, strategy=strategy, model=model, optimizer=optimizer, output_metrics=output_metrics,
-        checkpoints=checkpoints, metrics_log=outputs.MetricsLog(config.model_dir),
-        dataset=data.to_keras_batches(examples, model=model, config=config, skip_batches=start_step),
-        start_step=start_step)
+        checkpoints=checkpoints,
+        metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
+        examples=examples, start_step=start_step)
 
 
 def run_custom_loop(run: Run) -> None:
@@ -100,35 +113,56 @@ def run_custom_loop(run: Run) -> None:
         loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
         loss_weights=config.loss_weights, output_metrics=run.output_metrics,
         global_batch_size=config.batch_size, strategy=strategy)
-    # Splits each global batch into one slice per replica.
-    iterator = iter(strategy.experimental_distribute_dataset(run.dataset))
+    iterator = iter(data.distributed_batches(strategy, run.examples, model=run.model, config=config,
+                                             skip_steps=run.start_step))
+    preemption = PreemptionWatcher(strategy)
+    try:
+        current_step = run.start_step
+        window = _Window()
+        while current_step < config.train_steps:
+            # Stop a loop at the next log, checkpoint or the end, whichever is first.
+            num_steps = min(config.steps_per_loop, config.train_steps - current_step,
+                            _steps_to_next(current_step, config.log_every),
+                            _steps_to_next(current_step, config.checkpoint_every))
+            # A tensor, not a Python int: a new count must not retrace the loop.
+            window.add(train_loop(iterator, tf.constant(num_steps)), num_steps)
+            current_step += num_steps
+            finished = current_step == config.train_steps
+            preempted = not finished and preemption.stop_agreed()
+            if current_step % config.log_every == 0 or finished or preempted:
+                run.metrics_log.write(current_step, window.measurements(run.output_metrics, config.batch_size))
+                window = _Window()
+            if current_step % config.checkpoint_every == 0 or finished or preempted:
+                run.checkpoints.save(current_step)
+            if preempted:
+                raise Preempted(current_step)
+    finally:
+        preemption.close()
 
-    current_step = run.start_step
-    window_totals, window_steps, window_start = {}, 0, time.perf_counter()
-    while current_step < config.train_steps:
-        # Stop a loop at the next log, checkpoint or the end, whichever is first.
-        num_steps = min(config.steps_per_loop, config.train_steps - current_step,
-                        _steps_to_next(current_step, config.log_every),
-                        _steps_to_next(current_step, config.checkpoint_every))
-        # A tensor, not a Python int: a new count must not retrace the loop.
-        totals = train_loop(iterator, tf.constant(num_steps))
-        current_step += num_steps
-        window_steps += num_steps
+
+class _Window:
+    """Sums of the step measurements since the last log line."""
+
+    def __init__(self):
+        self.totals: dict[str, np.float32] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loop_totals: dict[str, tf.Tensor], num_steps: int) -> None:
         # Added in float32, as inside the loop, so that how steps are
         # grouped into loops does not change the logged numbers.
-        window_totals = {name: window_totals.get(name, np.float32(0)) + value.numpy()
-                         for name, value in totals.items()}
-        finished = current_step == config.train_steps
-        if current_step % config.log_every == 0 or finished:
-            measurements = {name: float(total) / window_steps for name, total in window_totals.items()}
-            for log_name, (_, metric) in run.output_metrics.items():
-                measurements[log_name] = float(metric.result())
-                metric.reset_state()
-            measurements["examples_per_sec"] = window_steps * config.batch_size / (time.perf_counter() - window_start)
-            run.metrics_log.write(current_step, measurements)
-            window_totals, window_steps, window_start = {}, 0, time.perf_counter()
-        if current_step % config.checkpoint_every == 0 or finished:
-            run.checkpoints.save(checkpoint_number=current_step)
+        self.totals = {name: self.totals.get(name, np.float32(0)) + value.numpy()
+                       for name, value in loop_totals.items()}
+        self.steps += num_steps
+
+    def measurements(self, output_metrics, global_batch_size: int) -> dict[str, float]:
+        """Means over the window, metric results (then reset), and throughput."""
+        measurements = {name: float(total) / self.steps for name, total in self.totals.items()}
+        for log_name, (_, metric) in output_metrics.items():
+            measurements[log_name] = float(metric.result())
+            metric.reset_state()
+        measurements["examples_per_sec"] = self.steps * global_batch_size / (time.perf_counter() - self.start)
+        return measurements
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:

@@ -72,13 +72,13 @@ def test_npz_file_order_and_sample_weights_reach_the_batches(tmp_path):
     arrays = write_npz(tmp_path / "d.npz", num_examples=40, with_sample_weights=True)
     config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'd.npz'}")
     model = build_headline(config)
-    batches = data.to_keras_batches(data.load_examples(config, model), model=model, config=config)
+    batches = data.global_batches(data.load_examples(config, model), model=model, config=config)
     inputs, labels, sample_weights = next(iter(batches))
     np.testing.assert_array_equal(inputs["main_input"], arrays["main_input"][:BATCH_SIZE])
     np.testing.assert_array_equal(labels["main_output"][:, 0], arrays["main_output"][:BATCH_SIZE])
     np.testing.assert_array_equal(sample_weights["aux_output"], arrays["sample_weight/aux_output"][:BATCH_SIZE])
     # skip_batches resumes further down the same endless stream (40 rows, batch 16: wraps around).
-    skipped = data.to_keras_batches(data.load_examples(config, model), model=model, config=config, skip_batches=2)
+    skipped = data.global_batches(data.load_examples(config, model), model=model, config=config, skip_batches=2)
     np.testing.assert_array_equal(next(iter(skipped))[0]["main_input"],
                                   np.concatenate([arrays["main_input"][32:], arrays["main_input"][:8]]))
 

@@ -1,8 +1,8 @@
 """Input pipelines: examples from a source, batched to GLOBAL batches.
 
-A strategy splits each global batch across its replicas
-(`strategy.experimental_distribute_dataset`), and `model.fit` does the same,
-so both loops consume the very same batches.
+`model.fit` takes global batches and splits each across its replicas; the
+custom loop builds per-replica batches that, in one process, hold the very
+same examples. With several workers each reads its own shard.
 """
 
 from __future__ import annotations
@@ -30,12 +30,9 @@ def load_examples(config: TrainConfig, model: keras.Model, *, split: str = "trai
     )
 
 
-def to_keras_batches(examples: tf.data.Dataset, *, model: keras.Model, config: TrainConfig,
-                     skip_batches: int = 0) -> tf.data.Dataset:
-    """Endless global batches as `(inputs, labels)` or `(inputs, labels, sample_weights)`.
-
-    The tuple is what `model.fit` takes, and `keras.utils.unpack_x_y_sample_weight`
-    unpacks it in the custom loop, so both loops read the same structure.
+def global_batches(examples: tf.data.Dataset, *, model: keras.Model, config: TrainConfig,
+                   skip_batches: int = 0) -> tf.data.Dataset:
+    """Endless global batches as `(inputs, labels)` or `(inputs, labels, sample_weights)`: what `model.fit` takes.
 
     Args:
       examples: feature dicts, one per example.
@@ -44,6 +41,35 @@ def to_keras_batches(examples: tf.data.Dataset, *, model: keras.Model, config: T
       skip_batches: batches to skip, to resume where a checkpointed run
         stopped; the pipeline is deterministic for a given --seed.
     """
+    return _batches(examples, model=model, config=config, batch_size=config.batch_size, skip_batches=skip_batches)
+
+
+def distributed_batches(strategy: tf.distribute.Strategy, examples: tf.data.Dataset, *, model: keras.Model,
+                        config: TrainConfig, skip_steps: int = 0) -> tf.distribute.DistributedDataset:
+    """What the custom loop iterates: one per-replica batch per replica per step.
+
+    Each input pipeline (one per worker) reads every n-th example (its shard)
+    and batches them to the per-replica batch size; the strategy hands its
+    replicas consecutive batches. With one pipeline, step k's replicas
+    together hold exactly global batch k, as `model.fit` would split it.
+    """
+
+    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        shard = examples
+        if input_context.num_input_pipelines > 1:
+            shard = examples.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        return _batches(shard, model=model, config=config,
+                        batch_size=input_context.get_per_replica_batch_size(config.batch_size),
+                        skip_batches=skip_steps * replicas_per_pipeline)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _batches(examples: tf.data.Dataset, *, model: keras.Model, config: TrainConfig, batch_size: int,
+             skip_batches: int) -> tf.data.Dataset:
+    # The tuple is what `model.fit` takes, and `keras.utils.unpack_x_y_sample_weight`
+    # unpacks it in the custom loop, so both loops read the same structure.
     input_names, output_names = list(model.input), list(model.output)
 
     def to_tuple(example):
@@ -58,5 +84,5 @@ def to_keras_batches(examples: tf.data.Dataset, *, model: keras.Model, config: T
         dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
     # Only full batches for now (drop_remainder): every step then sees the
     # same global batch size, which the loss divides by.
-    dataset = dataset.repeat().batch(config.batch_size, drop_remainder=True)
+    dataset = dataset.repeat().batch(batch_size, drop_remainder=True)
     return dataset.skip(skip_batches).prefetch(tf.data.AUTOTUNE)

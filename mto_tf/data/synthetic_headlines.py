@@ -18,6 +18,8 @@ order (`disable_shuffling=True`), so runs are reproducible.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -126,6 +128,12 @@ def load(config, split: str):
       config: a `TrainConfig`; its model sizes and `synthetic_*_examples` pick the builder config.
       split: "train" or "validation".
     """
-    builder = make_builder(config)
-    builder.download_and_prepare()
-    return builder.as_dataset(split=split, shuffle_files=False)
+    # Workers of one job may start together on one data directory: one
+    # generates, the others wait for it. A builder reads what is on disk when
+    # it is made, so each side of the lock makes its own.
+    config_dir = os.path.dirname(make_builder(config).data_dir)
+    os.makedirs(config_dir, exist_ok=True)
+    with open(os.path.join(config_dir, ".generate.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        make_builder(config).download_and_prepare()
+    return make_builder(config).as_dataset(split=split, shuffle_files=False)
