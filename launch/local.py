@@ -66,6 +66,7 @@ class Worker:
                                         stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
         self._relay = threading.Thread(target=self._relay_output, daemon=True)
         self._relay.start()
+        print(f"launch: worker {index} started, pid {self.process.pid}", flush=True)
 
     def _relay_output(self):
         for line in self.process.stdout:

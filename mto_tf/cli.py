@@ -16,6 +16,7 @@ import os
 import sys
 
 from absl import app, logging
+from absl import flags as absl_flags
 
 from mto_tf import flags as mto_flags  # Defines the flags.
 from mto_tf.config import ConfigError
@@ -54,6 +55,15 @@ def _exit_with_error(message: str) -> None:
     sys.exit(EXIT_BAD_CONFIG)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a malformed flag exits 2 like every other bad setting
+    (absl exits 1), so a launcher knows not to restart it."""
+    try:
+        return mto_flags.FLAGS(argv)
+    except absl_flags.Error as error:
+        _exit_with_error(f"{error}; see --helpshort")
+
+
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

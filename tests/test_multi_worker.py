@@ -1,0 +1,217 @@
+"""MultiWorkerMirroredStrategy: real worker processes on 127.0.0.1, started by launch/local.py.
+
+Keras 3.15's `fit` cannot run under this strategy (keras-team/keras#20585),
+so the reference is single-process `fit` on the same global batches.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import BATCH_SIZE, SMALL_MODEL, small_config, write_npz
+from mto_tf.models import build_headline
+from test_parity_with_fit import _optimizer, max_weight_difference
+
+pytestmark = pytest.mark.slow
+
+LAUNCHER = str(Path(__file__).parents[1] / "launch" / "local.py")
+TIMEOUT_SECONDS = 240
+NUM_EXAMPLES = 72
+SMALL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
+    f"--batch_size={BATCH_SIZE}", "--strategy=multi_worker", "--optimizer=adam", "--learning_rate=0.01"]
+
+
+class Launch:
+    """launch/local.py running `mto-train` workers, its output collected line by line."""
+
+    def __init__(self, *mto_train_flags, workers=2, restarts=0):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, LAUNCHER, f"--workers={workers}", f"--restarts={restarts}",
+             f"--timeout={TIMEOUT_SECONDS}", "--", "mto-train", *SMALL_FLAGS, *mto_train_flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        self._new_line = threading.Condition()
+        self._output_ended = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self._output_ended = True
+            self._new_line.notify_all()
+
+    def wait_for_line(self, pattern: str) -> re.Match:
+        """Blocks until a line matches `pattern`; returns the match."""
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        with self._new_line:
+            while time.monotonic() < deadline:
+                for line in self.lines:
+                    if match := re.search(pattern, line):
+                        return match
+                if self._output_ended:
+                    break
+                self._new_line.wait(timeout=1)
+        raise AssertionError(f"no line matched {pattern!r}:\n{''.join(self.lines[-40:])}")
+
+    def wait(self) -> int:
+        """The launcher's exit status, once its output has all been read."""
+        status = self.process.wait(timeout=TIMEOUT_SECONDS + 30)
+        with self._new_line:
+            self._new_line.wait_for(lambda: self._output_ended, timeout=30)
+        return status
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def fingerprints(output: str) -> dict[int, list[str]]:
+    """Each worker's logged final-weights fingerprints."""
+    found: dict[int, list[str]] = {}
+    for worker, value in re.findall(r"\[worker (\d)\] .*Final weights fingerprint: (\w+)", output):
+        found.setdefault(int(worker), []).append(value)
+    return found
+
+
+def global_batches(arrays, *, steps, workers, replicas_per_worker):
+    """The global batches the workers read: worker w reads rows w::workers, in per-replica batches."""
+    per_replica = BATCH_SIZE // (workers * replicas_per_worker)
+    rows_per_worker_step = per_replica * replicas_per_worker
+    batches = []
+    for step in range(steps):
+        rows = []
+        for worker in range(workers):
+            shard = np.arange(NUM_EXAMPLES)[worker::workers]
+            rows.append(shard[(step * rows_per_worker_step + np.arange(rows_per_worker_step)) % len(shard)])
+        batches.append(np.concatenate(rows))
+    return np.stack(batches)
+
+
+def single_process_fit(tmp_path, arrays, *, steps, workers, replicas_per_worker):
+    """Keras fit on one device on the same global batches; returns its final weights."""
+    rows = global_batches(arrays, steps=steps, workers=workers, replicas_per_worker=replicas_per_worker)
+    inputs = {"main_input": arrays["main_input"][rows].astype("int32"), "aux_input": arrays["aux_input"][rows]}
+    labels = {name: arrays[name].reshape(-1, 1)[rows] for name in ("main_output", "aux_output")}
+    config = small_config(tmp_path, optimizer="adam", learning_rate=0.01)
+    model = build_headline(config)
+    model.load_weights(tmp_path / "init.weights.h5")
+    model.compile(optimizer=_optimizer(config), loss=dict(config.losses), loss_weights=dict(config.loss_weights))
+    model.fit(tf.data.Dataset.from_tensor_slices((inputs, labels)), epochs=steps, steps_per_epoch=1,
+              shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def _data(tmp_path):
+    arrays = write_npz(tmp_path / "data.npz", num_examples=NUM_EXAMPLES)
+    build_headline(small_config(tmp_path)).save_weights(tmp_path / "init.weights.h5")
+    return arrays, [f"--dataset=npz:{tmp_path / 'data.npz'}", f"--init_weights={tmp_path / 'init.weights.h5'}"]
+
+
+def _final_weights(tmp_path, model_dir):
+    model = build_headline(small_config(tmp_path))
+    model.load_weights(Path(model_dir) / "model.weights.h5")
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("replicas_per_worker", [1, 2])
+def test_workers_agree_and_match_single_process_fit_on_the_same_global_batches(tmp_path, replicas_per_worker):
+    arrays, data_flags = _data(tmp_path)
+    steps = 6
+    launch = Launch(*data_flags, f"--model_dir={tmp_path / 'run'}", f"--train_steps={steps}", "--log_every=3",
+                    f"--num_cpu_devices={replicas_per_worker}")
+    assert launch.wait() == 0, launch.output[-4000:]
+    assert f"{2 * replicas_per_worker} replica(s)" in launch.output
+
+    # Both workers end with the same weights, bit for bit.
+    found = fingerprints(launch.output)
+    assert sorted(found) == [0, 1] and found[0] == found[1]
+    reference = single_process_fit(tmp_path, arrays, steps=steps, workers=2, replicas_per_worker=replicas_per_worker)
+    # The same arithmetic, but the global batch's sum is formed from 2 or 4
+    # partial sums across replicas: float32 rounding only (3e-8 measured upstream for 2 x 1).
+    assert max_weight_difference(_final_weights(tmp_path, tmp_path / "run"), reference) <= 1e-6
+
+
+TRAIN_STEPS = 300
+FAULT_FLAGS = [f"--train_steps={TRAIN_STEPS}", "--steps_per_loop=5", "--log_every=10", "--checkpoint_every=20"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """An uninterrupted 2-worker run: (tmp_path, data flags, final weights, metrics steps)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    _, data_flags = _data(tmp_path)
+    launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={tmp_path / 'run'}")
+    assert launch.wait() == 0, launch.output[-4000:]
+    return tmp_path, data_flags, _final_weights(tmp_path, tmp_path / "run")
+
+
+def _logged_steps(model_dir):
+    return [int(step) for step in re.findall(r'"step": (\d+)', (Path(model_dir) / "metrics.jsonl").read_text())]
+
+
+def test_worker_killed_mid_run_is_restarted_with_the_others_and_ends_like_an_uninterrupted_run(uninterrupted):
+    tmp_path, data_flags, expected_weights = uninterrupted
+    model_dir = tmp_path / "killed"
+    launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}", restarts=1)
+    pid = int(launch.wait_for_line(r"launch: worker 1 started, pid (\d+)").group(1))
+    launch.wait_for_line(r"\[worker 1\] .*step 50:")
+    os.kill(pid, signal.SIGKILL)
+    assert launch.wait() == 0, launch.output[-4000:]
+
+    assert "launch: worker 1 was killed by signal 9" in launch.output
+    assert "launch: restarting all workers" in launch.output
+    restored = int(re.search(r"\[worker 0\] .*Restored .*ckpt-(\d+)", launch.output).group(1))
+    assert 40 <= restored < TRAIN_STEPS
+    # Records past the restored checkpoint were dropped and logged again once.
+    assert _logged_steps(model_dir) == list(range(10, TRAIN_STEPS + 1, 10))
+    for whole, resumed in zip(expected_weights, _final_weights(tmp_path, model_dir), strict=True):
+        np.testing.assert_array_equal(whole, resumed)
+
+
+def test_sigterm_checkpoints_at_an_agreed_step_and_the_restart_loses_or_repeats_none(uninterrupted):
+    tmp_path, data_flags, expected_weights = uninterrupted
+    model_dir = tmp_path / "preempted"
+    launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}", restarts=1)
+    pid = int(launch.wait_for_line(r"launch: worker 1 started, pid (\d+)").group(1))
+    launch.wait_for_line(r"\[worker 1\] .*step 50:")
+    os.kill(pid, signal.SIGTERM)
+    assert launch.wait() == 0, launch.output[-4000:]
+
+    stopped = {int(worker): int(step) for worker, step in
+               re.findall(r"\[worker (\d)\] .*Preempted: stopped by SIGTERM after step (\d+)", launch.output)}
+    assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]  # Both stopped after the same step.
+    step = stopped[0]
+    assert "launch: worker" in launch.output and "exited with status 143" in launch.output
+    assert re.search(rf"\[worker 0\] .*Restored .*ckpt-{step}\b", launch.output)
+    # Every step logged exactly once: the partial window up to the stop, then on.
+    logged = _logged_steps(model_dir)
+    assert logged == sorted(set(logged)) and logged[-1] == TRAIN_STEPS and step in logged
+    assert set(range(10, TRAIN_STEPS + 1, 10)) <= set(logged)
+    for whole, resumed in zip(expected_weights, _final_weights(tmp_path, model_dir), strict=True):
+        np.testing.assert_array_equal(whole, resumed)
+
+
+def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_path):
+    model_dir = tmp_path / "never"
+    started = time.monotonic()
+    launch = Launch(f"--model_dir={model_dir}", "--optimizer=adagrad", restarts=2)
+    status = launch.wait()
+    assert status == 2 and time.monotonic() - started < 60
+    assert re.search(r"launch: worker \d exited with status 2", launch.output)
+    assert "mto-train: error: flag --optimizer=adagrad" in launch.output
+    assert "attempt 2" not in launch.output  # A bad setting is not retried.
+    pids = [int(pid) for pid in re.findall(r"launch: worker \d started, pid (\d+)", launch.output)]
+    assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not model_dir.exists()
