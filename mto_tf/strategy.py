@@ -60,6 +60,13 @@ def make_cluster_resolver(config: TrainConfig) -> tf.distribute.cluster_resolver
     if config.cluster_resolver == "slurm":
         try:
             return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        except FileNotFoundError:
+            # It counts GPUs with nvidia-smi (unless CUDA_VISIBLE_DEVICES is
+            # set) and hands each task a share of them: it cannot describe
+            # nodes without GPUs.
+            raise ConfigError("cluster_resolver", "slurm: TensorFlow's SlurmClusterResolver needs GPU nodes and "
+                                                  "found no nvidia-smi; on CPU nodes give each task its TF_CONFIG "
+                                                  "and use --cluster_resolver=tf_config") from None
         except (RuntimeError, KeyError, ValueError) as error:
             raise ConfigError("cluster_resolver", f"slurm: not inside a SLURM job step started by srun ({error})") from None
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()

@@ -33,12 +33,15 @@ SMALL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
 class Launch:
     """launch/local.py running `mto-train` workers, its output collected line by line."""
 
-    def __init__(self, *mto_train_flags, workers=2, restarts=0):
+    def __init__(self, *mto_train_flags, workers=2, restarts=0, scratch_dir=None):
         self.lines: list[str] = []
+        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        if scratch_dir:
+            environment["TMPDIR"] = str(scratch_dir)
         self.process = subprocess.Popen(
             [sys.executable, LAUNCHER, f"--workers={workers}", f"--restarts={restarts}",
              f"--timeout={TIMEOUT_SECONDS}", "--", "mto-train", *SMALL_FLAGS, *mto_train_flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
         self._new_line = threading.Condition()
         self._output_ended = False
         threading.Thread(target=self._read, daemon=True).start()
@@ -129,10 +132,16 @@ def _final_weights(tmp_path, model_dir):
 def test_workers_agree_and_match_single_process_fit_on_the_same_global_batches(tmp_path, replicas_per_worker):
     arrays, data_flags = _data(tmp_path)
     steps = 6
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     launch = Launch(*data_flags, f"--model_dir={tmp_path / 'run'}", f"--train_steps={steps}", "--log_every=3",
-                    f"--num_cpu_devices={replicas_per_worker}")
+                    "--checkpoint_every=3", f"--num_cpu_devices={replicas_per_worker}", scratch_dir=scratch)
     assert launch.wait() == 0, launch.output[-4000:]
     assert f"{2 * replicas_per_worker} replica(s)" in launch.output
+    # Only the chief's checkpoints are kept; the other worker's scratch copies are gone.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.index")) == ["ckpt-3.index",
+                                                                                          "ckpt-6.index"]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("mto_tf_worker_checkpoint_")]
 
     # Both workers end with the same weights, bit for bit.
     found = fingerprints(launch.output)
