@@ -82,6 +82,7 @@ class TrainConfig:
     batch_size: int = 64  # GLOBAL batch size: split evenly across replicas.
     train_steps: int = 500
     steps_per_loop: int = 10
+    jit_compile: bool = False  # XLA for the train step, in both loops.
     seed: int = 0
 
     # Distribution.
@@ -120,6 +121,12 @@ class TrainConfig:
                 "num_cpu_devices",
                 f"splitting the CPU into {self.num_cpu_devices} devices only serves "
                 f"--strategy=mirrored or multi_worker, got --strategy={self.strategy}")
+        if self.jit_compile and self.strategy in ("mirrored", "multi_worker"):
+            # XLA compiles a step for one device; a step that spans replicas
+            # reads variables on other devices (Keras's "auto" turns XLA off
+            # under tf.distribute for the same reason).
+            raise ConfigError("jit_compile", f"XLA compiles a step for one device; not with "
+                                             f"--strategy={self.strategy}")
         if self.loop == "fit" and self.strategy == "multi_worker":
             raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
                                       "(keras-team/keras#20585); use --loop=custom")
@@ -187,3 +194,6 @@ def _check_fit_loop_windows(config: TrainConfig):
             raise ConfigError(
                 field, f"with --loop=fit, must be a multiple of --log_every={config.log_every} "
                 f"(one fit epoch per logging window), got {getattr(config, field)}")
+    if config.log_every % config.steps_per_loop:
+        raise ConfigError("log_every", f"with --loop=fit, must be a multiple of --steps_per_loop="
+                                       f"{config.steps_per_loop} (fit's steps_per_execution), got {config.log_every}")

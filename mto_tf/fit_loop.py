@@ -47,9 +47,12 @@ def run_fit(run: Run) -> None:
             loss=dict(config.losses),
             loss_weights=dict(config.loss_weights),
             metrics={name: list(metric_names) for name, metric_names in config.metrics.items()},
+            jit_compile=config.jit_compile,
+            steps_per_execution=config.steps_per_loop,
         )
     # TrainConfig checks that train_steps and checkpoint_every are multiples
-    # of log_every, so a restored step is on a window boundary.
+    # of log_every (so a restored step is on a window boundary), and
+    # log_every a multiple of steps_per_loop (so executions fill a window).
     run.model.fit(
         data.global_batches(run.examples, model=run.model, config=config, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,

@@ -63,6 +63,8 @@ flags.DEFINE_integer("batch_size", _default("batch_size"),
                      "GLOBAL batch size; each replica gets batch_size / replicas examples.")
 flags.DEFINE_integer("train_steps", _default("train_steps"), "Total steps; a resumed run continues up to it.")
 flags.DEFINE_integer("steps_per_loop", _default("steps_per_loop"), "Steps inside one tf.function call.")
+flags.DEFINE_boolean("jit_compile", _default("jit_compile"),
+                     "Compile the train step with XLA (custom loop; compile(jit_compile=...) with --loop=fit).")
 flags.DEFINE_integer("seed", _default("seed"), "Seeds initial weights and shuffling.")
 
 # Distribution.

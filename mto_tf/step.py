@@ -2,9 +2,8 @@
 
 One total loss (the weighted sum of the per-output losses, plus
 regularization), one gradient of it with respect to every trainable weight,
-one optimizer update. Read bottom-up as Keras's own trainer is layered:
-one batch on one replica -> one step across replicas -> N steps in one
-`tf.function` call.
+one optimizer update. Layered as Keras's own trainer is: one batch on one
+replica -> one step across replicas -> N steps in one `tf.function` call.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import tensorflow as tf
 from mto_tf import losses
 
 
-def make_train_loop(
+def make_train_step(
     *,
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
@@ -26,12 +25,13 @@ def make_train_loop(
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
     global_batch_size: int,
     strategy: tf.distribute.Strategy,
-) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `train_loop(iterator, num_steps)`, which runs `num_steps` steps.
+    jit_compile: bool = False,
+) -> Callable[[object], dict[str, tf.Tensor]]:
+    """Returns `train_step(batch)`: one step on one global batch, split across replicas.
 
-    It returns the SUM over those steps of each measurement: `loss` (the
-    weighted total, as `fit` reports it) and `<output>_loss` (unweighted).
-    Metrics accumulate in `output_metrics`; the caller reads and resets them.
+    It returns the step's measurements: `loss` (the weighted total, as `fit`
+    reports it) and `<output>_loss` (unweighted). Metrics accumulate in
+    `output_metrics`; the caller reads and resets them.
     """
 
     def one_step_on_batch(batch):
@@ -57,20 +57,29 @@ def make_train_loop(
             metric.update_state(labels[output_name], predictions[output_name])
         return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
 
-    def one_step_on_iterator(iterator):
+    def one_step_on_data(batch):
         """One global batch: each replica takes its slice; shares are summed."""
-        per_replica = strategy.run(one_step_on_batch, args=(next(iterator),))
+        per_replica = strategy.run(one_step_on_batch, args=(batch,))
         # Each replica's value is its share of the global-batch value, so the
         # SUM over replicas is the value `fit` reports for the whole batch.
         return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for name, value in per_replica.items()}
 
+    # XLA compiles one step (as `compile(jit_compile=True)` does in Keras);
+    # reading the iterator stays outside, where XLA cannot go.
+    return tf.function(one_step_on_data, jit_compile=jit_compile)
+
+
+def make_train_loop(train_step: Callable[[object], dict[str, tf.Tensor]],
+                    measurement_names: list[str]) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+    """Returns `train_loop(iterator, num_steps)`: `num_steps` steps, and the SUM of each measurement."""
+
     @tf.function
     def train_loop(iterator, num_steps):
         """`num_steps` steps in one call: Python and dispatch overhead paid once."""
-        totals = {name: tf.constant(0.0) for name in ["loss", *(f"{n}_loss" for n in loss_fns)]}
+        totals = {name: tf.constant(0.0) for name in measurement_names}
         for _ in tf.range(num_steps):
-            measurements = one_step_on_iterator(iterator)
+            measurements = train_step(next(iterator))
             totals = {name: totals[name] + measurements[name] for name in totals}
         return totals
 

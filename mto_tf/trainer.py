@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
 _RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
-                      "model_dir", "data_dir", "loop")
+                      "model_dir", "data_dir", "loop", "jit_compile")
 
 
 @dataclasses.dataclass
@@ -108,11 +108,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
 def run_custom_loop(run: Run) -> None:
     """Drives the explicit train step from `run.start_step` to `train_steps`."""
     config, strategy = run.config, run.strategy
-    train_loop = step.make_train_loop(
-        model=run.model, optimizer=run.optimizer,
-        loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
-        loss_weights=config.loss_weights, output_metrics=run.output_metrics,
-        global_batch_size=config.batch_size, strategy=strategy)
+    train_loop = step.make_train_loop(make_train_step(run), measurement_names(config))
     iterator = iter(data.distributed_batches(strategy, run.examples, model=run.model, config=config,
                                              skip_steps=run.start_step))
     preemption = PreemptionWatcher(strategy)
@@ -138,6 +134,21 @@ def run_custom_loop(run: Run) -> None:
                 raise Preempted(current_step)
     finally:
         preemption.close()
+
+
+def make_train_step(run: Run):
+    """The run's `step.make_train_step`, with its losses, weights and settings."""
+    config = run.config
+    return step.make_train_step(
+        model=run.model, optimizer=run.optimizer,
+        loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
+        loss_weights=config.loss_weights, output_metrics=run.output_metrics,
+        global_batch_size=config.batch_size, strategy=run.strategy, jit_compile=config.jit_compile)
+
+
+def measurement_names(config: TrainConfig) -> list[str]:
+    """What the train step measures: the total loss, then each output's loss."""
+    return ["loss", *(f"{name}_loss" for name in config.losses)]
 
 
 class _Window:
