@@ -127,6 +127,9 @@ class TrainConfig:
             # under tf.distribute for the same reason).
             raise ConfigError("jit_compile", f"XLA compiles a step for one device; not with "
                                              f"--strategy={self.strategy}")
+        if self.loop == "fit" and self.strategy == "mirrored" and self.steps_per_loop > 1:
+            raise ConfigError("steps_per_loop", "with --loop=fit under --strategy=mirrored, must be 1: Keras 3.15's "
+                                                "fit fails there with steps_per_execution > 1 (keras-team/keras#19246)")
         if self.loop == "fit" and self.strategy == "multi_worker":
             raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
                                       "(keras-team/keras#20585); use --loop=custom")

@@ -49,7 +49,7 @@ class Run:
     output_metrics: dict[str, tuple[str, keras.metrics.Metric]]
     checkpoints: outputs.Checkpoints
     metrics_log: outputs.MetricsLog
-    examples: tf.data.Dataset  # One feature dict per example, in file order.
+    examples: data.Examples  # In file order.
     start_step: int  # Where a restored run stopped; 0 for a new run.
 
 

@@ -56,6 +56,7 @@ def test_flagfile_sets_flags(tmp_path):
     (["--num_cpu_devices=2"], "^--num_cpu_devices: .* only serves --strategy=mirrored or multi_worker"),
     (["--jit_compile", "--strategy=mirrored"], "^--jit_compile: XLA compiles a step for one device"),
     (["--loop=fit", "--log_every=25"], "^--log_every: with --loop=fit, must be a multiple of --steps_per_loop=10"),
+    (["--loop=fit", "--strategy=mirrored", "--num_cpu_devices=2"], "^--steps_per_loop: with --loop=fit under "),
     (["--loop=fit", "--strategy=multi_worker"], "^--loop: model.fit does not run under MultiWorkerMirroredStrategy"),
     (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines' or 'npz:PATH'"),
     (["--dataset=npz:/no/such/file.npz"], "^--dataset: npz file not found"),

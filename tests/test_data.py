@@ -12,16 +12,23 @@ from mto_tf.models import build_headline
 from mto_tf.trainer import train
 
 
-def _arrays(dataset):
-    return {key: np.stack([example[key] for example in tfds.as_numpy(dataset)]) for key in dataset.element_spec}
+def _arrays(examples):
+    """Every example, parsed in one batch, as NumPy arrays."""
+    whole = examples.records.batch(1_000_000).map(examples.parse_batch)
+    return {key: value.numpy() for key, value in next(iter(whole)).items()}
 
 
 def test_synthetic_headlines_builds_offline_and_loads_by_registered_name(tmp_path):
     config = small_config(tmp_path, synthetic_train_examples=200, synthetic_validation_examples=40)
     first = _arrays(synthetic_headlines.load(config, "train"))
-    # tfds.load finds the builder by name and the prepared data by config name.
-    by_name = tfds.load("synthetic_headlines/v50_l8_a5_n200_40", split="validation", data_dir=config.data_dir)
-    assert len(first["main_input"]) == 200 and len(list(by_name)) == 40
+    # tfds.load finds the builder by name and the prepared data by config
+    # name, and reads the very examples that mto_tf parses batch by batch.
+    by_name = tfds.load("synthetic_headlines/v50_l8_a5_n200_40", split="train", data_dir=config.data_dir)
+    read_by_tfds = {key: np.stack([example[key] for example in tfds.as_numpy(by_name)]) for key in first}
+    for key in first:
+        np.testing.assert_array_equal(first[key], read_by_tfds[key])
+    assert len(first["main_input"]) == 200
+    assert len(_arrays(synthetic_headlines.load(config, "validation"))["main_input"]) == 40
     assert first["main_input"].shape == (200, 8) and first["main_input"].min() >= 1
     assert first["main_input"].max() < 50 and first["aux_input"].shape == (200, 5)
     # Deterministic: a fresh data directory generates the same examples.

@@ -20,7 +20,7 @@ SAMPLE_WEIGHT_PREFIX = "sample_weight/"
 
 def load(path: str, *, input_shapes: Mapping[str, tuple[int, ...]], input_dtypes: Mapping[str, str],
          output_names: list[str]) -> tf.data.Dataset:
-    """Reads and checks `path`; returns a dataset of feature dicts, one per example.
+    """Reads and checks `path`; returns a dataset of feature dicts, one per example (held in memory).
 
     Args:
       path: the `.npz` file.

@@ -22,6 +22,7 @@ import fcntl
 import os
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 # How far each unit of `aux_input` moves the main label's logit.
@@ -52,7 +53,8 @@ class SyntheticHeadlinesConfig(tfds.core.BuilderConfig):
 class SyntheticHeadlines(tfds.core.GeneratorBasedBuilder):
     """Deterministic two-label headlines for the `headline` model; no download."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "main_input stored as raw bytes: much cheaper to decode than a list of integers."}
     BUILDER_CONFIGS = [SyntheticHeadlinesConfig.of_sizes(
         vocab_size=10000, sequence_length=100, aux_input_dim=5, train_examples=10000, validation_examples=1000)]
 
@@ -62,7 +64,7 @@ class SyntheticHeadlines(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                "main_input": tfds.features.Tensor(shape=(config.sequence_length,), dtype=np.int32),
+                "main_input": tfds.features.Tensor(shape=(config.sequence_length,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES),
                 "aux_input": tfds.features.Tensor(shape=(config.aux_input_dim,), dtype=np.float32),
                 "main_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
                 "aux_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
@@ -122,7 +124,7 @@ def make_builder(config) -> SyntheticHeadlines:
 
 
 def load(config, split: str):
-    """Generates (once per data dir) and returns one split as a `tf.data.Dataset` of feature dicts.
+    """Generates (once per data dir) and returns one split as `Examples`.
 
     Args:
       config: a `TrainConfig`; its model sizes and `synthetic_*_examples` pick the builder config.
@@ -136,4 +138,22 @@ def load(config, split: str):
     with open(os.path.join(config_dir, ".generate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         make_builder(config).download_and_prepare()
-    return make_builder(config).as_dataset(split=split, shuffle_files=False)
+    return read_split(make_builder(config), split)
+
+
+def read_split(builder: SyntheticHeadlines, split: str):
+    """The split's records, streamed in file order, and a parser for batches of them.
+
+    TFDS's own reader (`as_dataset`) decodes example by example; parsing a
+    whole batch at once costs a fraction of the CPU, which training needs.
+    Nothing is cached: memory does not grow with the dataset.
+    """
+    from mto_tf.data import Examples  # The package imports this module.
+
+    features = builder.info.features
+    feature_spec = {name: tf.io.FixedLenFeature(info.shape, info.dtype)
+                    for name, info in features.get_serialized_info().items()}
+    files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
+    return Examples(
+        records=tf.data.TFRecordDataset(files),
+        parse_batch=lambda serialized: features.decode_batch_example(tf.io.parse_example(serialized, feature_spec)))

@@ -1,0 +1,248 @@
+"""Training throughput: the custom loop against `model.fit` and against the limit.
+
+    python -m mto_tf.bench --output_json=/tmp/bench.json
+    python -m mto_tf.bench --variants=custom_default,fit_default --embedding_dim=64
+
+Every `mto-train` flag sets the model, data and defaults being measured (the
+guide's sizes: sequence 100, vocab 10000, embedding 512, LSTM 32, batch 64).
+Each variant runs in a fresh process, so none warms another; it trains
+`--warmup_windows` windows of `--window_steps` steps (tracing included, not
+counted), then `--windows` timed windows, and reports the median examples per
+second over those windows, their spread ((max - min) / median) and the
+process's peak resident memory.
+
+- fit_default: `compile` + `fit` with Keras's defaults;
+- fit_matched: `fit` with mto-train's `steps_per_execution` (`--steps_per_loop`) and `--jit_compile`;
+- custom_default: `mto-train`'s defaults, logging and checkpoints included;
+- custom_matched: the custom loop with fit's defaults (1 step per call, no XLA);
+- limit: the same train step in one `tf.function` loop over batches already in memory;
+- mirrored_custom_default, mirrored_fit_matched: the same under `mirrored`, 2 logical CPU devices
+  (fit there with steps_per_execution=1: more fails in Keras 3.15, keras-team/keras#19246).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from mto_tf import flags as mto_flags
+from mto_tf.config import TrainConfig
+
+FLAGS = flags.FLAGS
+VARIANTS = ("fit_default", "fit_matched", "custom_default", "custom_matched", "limit",
+            "mirrored_custom_default", "mirrored_fit_matched")
+RATIOS = (("custom_default", "fit_default"), ("custom_matched", "fit_matched"), ("custom_default", "limit"),
+          ("mirrored_custom_default", "mirrored_fit_matched"))
+RESULT_PREFIX = "BENCH_RESULT "
+
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
+flags.DEFINE_string("output_json", None, "Write the results here as JSON.")
+flags.DEFINE_integer("windows", 5, "Timed windows per variant.")
+flags.DEFINE_integer("window_steps", 50, "Steps per window (a multiple of --steps_per_loop).")
+flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, XLA compilation, caches).")
+flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.")
+
+
+def variant_config(name: str, config: TrainConfig) -> TrainConfig:
+    """The configuration a variant trains with, from the benchmark's base configuration."""
+    if name.startswith("mirrored_"):
+        config = dataclasses.replace(config, strategy="mirrored", num_cpu_devices=2, jit_compile=False)
+    if name == "mirrored_fit_matched":
+        # Keras 3.15's fit fails under MirroredStrategy with steps_per_execution
+        # > 1 (keras-team/keras#19246): 1 is the closest fit can match.
+        config = dataclasses.replace(config, steps_per_loop=1)
+    if name in ("custom_matched", "fit_default"):
+        # Keras's defaults: steps_per_execution=1, and jit_compile="auto",
+        # which leaves XLA off on a CPU.
+        config = dataclasses.replace(config, steps_per_loop=1, jit_compile=False)
+    return config
+
+
+# --- One variant, in this process -------------------------------------------------------------
+
+def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: int, warmup_windows: int) -> dict:
+    """Trains variant `name`; returns its examples/s per timed window and its peak memory."""
+    from mto_tf.strategy import make_strategy  # TensorFlow only in the variant's own process.
+
+    config = variant_config(name, config)
+    strategy = make_strategy(config)  # First: it may split the CPU into devices.
+    total_steps = (warmup_windows + windows) * window_steps
+    if name.endswith("custom_default") or name == "custom_matched":
+        rates = _time_custom_loop(config, strategy, total_steps=total_steps, window_steps=window_steps)
+    elif name == "limit":
+        rates = _time_limit(config, strategy, total_steps=total_steps, window_steps=window_steps)
+    else:
+        rates = _time_fit(config, strategy, total_steps=total_steps, window_steps=window_steps,
+                          keras_defaults=name == "fit_default")  # Compile with no settings of ours.
+    timed = rates[warmup_windows:]
+    median = statistics.median(timed)
+    return {"examples_per_sec": median, "spread": (max(timed) - min(timed)) / median, "windows": timed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "replicas": strategy.num_replicas_in_sync, "steps_per_loop": config.steps_per_loop,
+            "jit_compile": config.jit_compile}
+
+
+def _time_custom_loop(config, strategy, *, total_steps, window_steps) -> list[float]:
+    """mto-train itself: its examples_per_sec per logging window."""
+    from mto_tf.trainer import train
+    with tempfile.TemporaryDirectory() as model_dir:
+        result = train(dataclasses.replace(config, model_dir=model_dir, train_steps=total_steps,
+                                           log_every=window_steps), strategy=strategy)
+    return [record["examples_per_sec"] for record in result.history]
+
+
+def _time_fit(config, strategy, *, total_steps, window_steps, keras_defaults) -> list[float]:
+    import keras
+
+    from mto_tf import data, models
+    from mto_tf.trainer import make_optimizer
+
+    with strategy.scope():
+        model = models.build_model(config)
+        # Built before fit, as in mto-train: under mirrored, fit's first
+        # step cannot create the RMSprop or Adam slots itself.
+        optimizer = make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        matched = {} if keras_defaults else dict(jit_compile=config.jit_compile,
+                                                 steps_per_execution=config.steps_per_loop)
+        model.compile(optimizer=optimizer, loss=dict(config.losses),
+                      loss_weights=dict(config.loss_weights),
+                      metrics={name: list(names) for name, names in config.metrics.items()}, **matched)
+    dataset = data.global_batches(data.load_examples(config, model), model=model, config=config)
+
+    class StepTimes(keras.callbacks.Callback):
+        """Wall time at the end of each window (fit's own whole-call time can include a stall)."""
+
+        def __init__(self):
+            super().__init__()
+            self.times = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % window_steps == 0:
+                self.times.append(time.perf_counter())
+
+    step_times = StepTimes()
+    model.fit(dataset, steps_per_epoch=total_steps, epochs=1, verbose=0, callbacks=[step_times])
+    return [window_steps * config.batch_size / (end - start)
+            for start, end in zip(step_times.times, step_times.times[1:])]
+
+
+def _time_limit(config, strategy, *, total_steps, window_steps, batches_in_memory=16) -> list[float]:
+    """The same train step, looped in one tf.function over batches already in memory."""
+    import tensorflow as tf
+
+    from mto_tf import data, losses, models, step
+    from mto_tf.metrics import make_output_metrics
+    from mto_tf.trainer import make_optimizer
+
+    with strategy.scope():
+        model = models.build_model(config)
+        optimizer = make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        output_metrics = make_output_metrics(config.metrics)
+    dataset = data.global_batches(data.load_examples(config, model), model=model, config=config)
+    batches = list(dataset.take(batches_in_memory))
+    stacked = tf.nest.map_structure(lambda *parts: tf.stack(parts), *batches)
+    train_step = step.make_train_step(
+        model=model, optimizer=optimizer,
+        loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
+        loss_weights=config.loss_weights, output_metrics=output_metrics,
+        global_batch_size=config.batch_size, strategy=strategy, jit_compile=config.jit_compile)
+
+    @tf.function
+    def limit_loop(num_steps):
+        total = tf.constant(0.0)
+        for index in tf.range(num_steps):
+            batch = tf.nest.map_structure(lambda tensor: tensor[index % batches_in_memory], stacked)
+            total += train_step(batch)["loss"]
+        return total
+
+    rates = []
+    for _ in range(total_steps // window_steps):
+        start = time.perf_counter()
+        float(limit_loop(tf.constant(window_steps)))
+        rates.append(window_steps * config.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+# --- All variants, each in a fresh process ----------------------------------------------------
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import keras
+    import tensorflow as tf
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1), "gpus": 0 if not
+            tf.config.list_physical_devices("GPU") else len(tf.config.list_physical_devices("GPU")),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "command": " ".join(["python -m mto_tf.bench", *sys.argv[1:]])}
+
+
+def run_all(config: TrainConfig, variants: list[str], argv: list[str]) -> dict:
+    """Runs each variant in a fresh process (same flags plus --run_variant); collects the results."""
+    if config.dataset == "synthetic_headlines":  # Generate once, before any variant is timed.
+        from mto_tf.data import synthetic_headlines
+        synthetic_headlines.load(config, "train")
+    results = {}
+    for name in variants:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *argv, f"--run_variant={name}"],
+                                 capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if process.returncode or not lines:
+            raise RuntimeError(f"variant {name} failed (status {process.returncode}):\n{process.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+    ratios = {f"{a}/{b}": results[a]["examples_per_sec"] / results[b]["examples_per_sec"]
+              for a, b in RATIOS if a in results and b in results}
+    return {"machine": machine(), "variants": results, "ratios": ratios}
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table, then the ratios."""
+    lines = ["| variant | examples/s (median) | spread | peak RSS (MB) | replicas | steps/call | XLA |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, result in report["variants"].items():
+        lines.append(f"| {name} | {result['examples_per_sec']:,.0f} | {100 * result['spread']:.0f} % | "
+                     f"{result['peak_rss_mb']:,.0f} | {result['replicas']} | {result['steps_per_loop']} | "
+                     f"{'yes' if result['jit_compile'] else 'no'} |")
+    lines += [""] + [f"{ratio}: {value:.2f}" for ratio, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    config = mto_flags.config_from_flags()
+    if FLAGS.window_steps % config.steps_per_loop:
+        raise app.UsageError("--window_steps must be a multiple of --steps_per_loop")
+    if FLAGS.run_variant:
+        result = run_variant(FLAGS.run_variant, config, windows=FLAGS.windows, window_steps=FLAGS.window_steps,
+                             warmup_windows=FLAGS.warmup_windows)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
+    del argv  # absl keeps only non-flag arguments; the variants get the original flags.
+    report = run_all(config, FLAGS.variants, sys.argv[1:])
+    print(format_table(report))
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as output:
+            json.dump(report, output, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,51 @@
+"""The benchmark's machinery, at tiny sizes. No test asserts a speed."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SMALL_MODEL, small_config
+from mto_tf import bench
+
+
+def test_variants_differ_from_the_defaults_only_as_documented(tmp_path):
+    config = small_config(tmp_path, steps_per_loop=5, jit_compile=True)
+    assert bench.variant_config("custom_default", config) == config
+    assert bench.variant_config("fit_matched", config) == config
+    assert bench.variant_config("fit_default", config) == bench.variant_config("custom_matched", config)
+    matched = bench.variant_config("custom_matched", config)
+    assert (matched.steps_per_loop, matched.jit_compile) == (1, False)
+    assert dataclasses.replace(matched, steps_per_loop=5, jit_compile=True) == config
+    mirrored = bench.variant_config("mirrored_custom_default", config)
+    assert (mirrored.strategy, mirrored.num_cpu_devices, mirrored.steps_per_loop, mirrored.jit_compile) == (
+        "mirrored", 2, 5, False)
+    assert bench.variant_config("mirrored_fit_matched", config).steps_per_loop == 1
+
+
+@pytest.mark.slow
+def test_every_variant_runs_in_its_own_process_and_the_json_has_the_documented_shape(tmp_path):
+    output = tmp_path / "bench.json"
+    flags = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
+        "--batch_size=16", "--synthetic_train_examples=128", f"--data_dir={tmp_path / 'tfds'}",
+        "--steps_per_loop=5", "--windows=2", "--window_steps=10", "--warmup_windows=1", f"--output_json={output}"]
+    process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *flags], capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    report = json.loads(output.read_text())
+    assert set(report) == {"machine", "variants", "ratios"}
+    assert {"cpu", "cores", "tensorflow", "keras", "command"} <= set(report["machine"])
+    assert list(report["variants"]) == list(bench.VARIANTS)
+    for name, result in report["variants"].items():
+        assert result["examples_per_sec"] > 0 and result["spread"] >= 0 and result["peak_rss_mb"] > 100, name
+        assert len(result["windows"]) == 2
+        assert result["replicas"] == (2 if name.startswith("mirrored_") else 1)
+        assert f"| {name} |" in process.stdout
+    assert set(report["ratios"]) == {"custom_default/fit_default", "custom_matched/fit_matched",
+                                     "custom_default/limit", "mirrored_custom_default/mirrored_fit_matched"}
+    assert report["ratios"]["custom_default/fit_default"] == pytest.approx(
+        report["variants"]["custom_default"]["examples_per_sec"] / report["variants"]["fit_default"]["examples_per_sec"])
