@@ -47,7 +47,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
 flags.DEFINE_string("output_json", None, "Write the results here as JSON.")
-flags.DEFINE_integer("windows", 5, "Timed windows per variant.")
+flags.DEFINE_integer("windows", 8, "Timed windows per variant.")
 flags.DEFINE_integer("window_steps", 50, "Steps per window (a multiple of --steps_per_loop).")
 flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, XLA compilation, caches).")
 flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.")
@@ -72,18 +72,23 @@ def variant_config(name: str, config: TrainConfig) -> TrainConfig:
 
 def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: int, warmup_windows: int) -> dict:
     """Trains variant `name`; returns its examples/s per timed window and its peak memory."""
-    from mto_tf.strategy import make_strategy  # TensorFlow only in the variant's own process.
+    from mto_tf import trainer  # TensorFlow only in the variant's own process.
+    from mto_tf.strategy import make_strategy
 
     config = variant_config(name, config)
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
-    total_steps = (warmup_windows + windows) * window_steps
-    if name.endswith("custom_default") or name == "custom_matched":
-        rates = _time_custom_loop(config, strategy, total_steps=total_steps, window_steps=window_steps)
-    elif name == "limit":
-        rates = _time_limit(config, strategy, total_steps=total_steps, window_steps=window_steps)
-    else:
-        rates = _time_fit(config, strategy, total_steps=total_steps, window_steps=window_steps,
-                          keras_defaults=name == "fit_default")  # Compile with no settings of ours.
+    with tempfile.TemporaryDirectory() as model_dir:
+        # mto-train's own set-up: model, optimizer (built), metrics, data.
+        run = trainer.build_run(dataclasses.replace(
+            config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps,
+            log_every=window_steps), strategy)
+        if name.endswith("custom_default") or name == "custom_matched":
+            trainer.run_custom_loop(run)  # mto-train itself, logging and checkpoints included.
+            rates = [record["examples_per_sec"] for record in run.metrics_log.records]
+        elif name == "limit":
+            rates = _time_limit(run)
+        else:
+            rates = _time_fit(run, keras_defaults=name == "fit_default")
     timed = rates[warmup_windows:]
     median = statistics.median(timed)
     return {"examples_per_sec": median, "spread": (max(timed) - min(timed)) / median, "windows": timed,
@@ -92,35 +97,21 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
             "jit_compile": config.jit_compile}
 
 
-def _time_custom_loop(config, strategy, *, total_steps, window_steps) -> list[float]:
-    """mto-train itself: its examples_per_sec per logging window."""
-    from mto_tf.trainer import train
-    with tempfile.TemporaryDirectory() as model_dir:
-        result = train(dataclasses.replace(config, model_dir=model_dir, train_steps=total_steps,
-                                           log_every=window_steps), strategy=strategy)
-    return [record["examples_per_sec"] for record in result.history]
-
-
-def _time_fit(config, strategy, *, total_steps, window_steps, keras_defaults) -> list[float]:
+def _time_fit(run, *, keras_defaults: bool) -> list[float]:
+    """`compile` + `fit` on mto-train's model, optimizer and batches; examples/s per window."""
     import keras
 
-    from mto_tf import data, models
-    from mto_tf.trainer import make_optimizer
+    from mto_tf import data
 
-    with strategy.scope():
-        model = models.build_model(config)
-        # Built before fit, as in mto-train: under mirrored, fit's first
-        # step cannot create the RMSprop or Adam slots itself.
-        optimizer = make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+    config = run.config
+    with run.strategy.scope():
+        # With Keras's defaults, or with mto-train's steps per call and XLA.
         matched = {} if keras_defaults else dict(jit_compile=config.jit_compile,
                                                  steps_per_execution=config.steps_per_loop)
-        model.compile(optimizer=optimizer, loss=dict(config.losses),
-                      loss_weights=dict(config.loss_weights),
-                      metrics={name: list(names) for name, names in config.metrics.items()}, **matched)
-    dataset = data.global_batches(data.load_examples(config, model), model=model, config=config)
+        run.model.compile(optimizer=run.optimizer, loss=dict(config.losses), loss_weights=dict(config.loss_weights),
+                          metrics={name: list(names) for name, names in config.metrics.items()}, **matched)
 
-    class StepTimes(keras.callbacks.Callback):
+    class WindowTimes(keras.callbacks.Callback):
         """Wall time at the end of each window (fit's own whole-call time can include a stall)."""
 
         def __init__(self):
@@ -128,50 +119,40 @@ def _time_fit(config, strategy, *, total_steps, window_steps, keras_defaults) ->
             self.times = [time.perf_counter()]
 
         def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % window_steps == 0:
+            if (batch + 1) % config.log_every == 0:
                 self.times.append(time.perf_counter())
 
-    step_times = StepTimes()
-    model.fit(dataset, steps_per_epoch=total_steps, epochs=1, verbose=0, callbacks=[step_times])
-    return [window_steps * config.batch_size / (end - start)
-            for start, end in zip(step_times.times, step_times.times[1:])]
+    window_times = WindowTimes()
+    run.model.fit(data.global_batches(run.examples, model=run.model, config=config),
+                  steps_per_epoch=config.train_steps, epochs=1, verbose=0, callbacks=[window_times])
+    return [config.log_every * config.batch_size / (end - start)
+            for start, end in zip(window_times.times, window_times.times[1:])]
 
 
-def _time_limit(config, strategy, *, total_steps, window_steps, batches_in_memory=16) -> list[float]:
-    """The same train step, looped in one tf.function over batches already in memory."""
+def _time_limit(run, *, batches_in_memory: int = 16) -> list[float]:
+    """mto-train's train step, looped in one tf.function over batches already in memory."""
     import tensorflow as tf
 
-    from mto_tf import data, losses, models, step
-    from mto_tf.metrics import make_output_metrics
-    from mto_tf.trainer import make_optimizer
+    from mto_tf import data, trainer
 
-    with strategy.scope():
-        model = models.build_model(config)
-        optimizer = make_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        output_metrics = make_output_metrics(config.metrics)
-    dataset = data.global_batches(data.load_examples(config, model), model=model, config=config)
-    batches = list(dataset.take(batches_in_memory))
-    stacked = tf.nest.map_structure(lambda *parts: tf.stack(parts), *batches)
-    train_step = step.make_train_step(
-        model=model, optimizer=optimizer,
-        loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
-        loss_weights=config.loss_weights, output_metrics=output_metrics,
-        global_batch_size=config.batch_size, strategy=strategy, jit_compile=config.jit_compile)
+    config = run.config
+    batches = list(data.global_batches(run.examples, model=run.model, config=config).take(batches_in_memory))
+    in_memory = tf.nest.map_structure(lambda *parts: tf.stack(parts), *batches)
+    train_step = trainer.make_train_step(run)
 
     @tf.function
     def limit_loop(num_steps):
         total = tf.constant(0.0)
         for index in tf.range(num_steps):
-            batch = tf.nest.map_structure(lambda tensor: tensor[index % batches_in_memory], stacked)
+            batch = tf.nest.map_structure(lambda tensor: tensor[index % batches_in_memory], in_memory)
             total += train_step(batch)["loss"]
         return total
 
     rates = []
-    for _ in range(total_steps // window_steps):
+    for _ in range(config.train_steps // config.log_every):
         start = time.perf_counter()
-        float(limit_loop(tf.constant(window_steps)))
-        rates.append(window_steps * config.batch_size / (time.perf_counter() - start))
+        float(limit_loop(tf.constant(config.log_every)))
+        rates.append(config.log_every * config.batch_size / (time.perf_counter() - start))
     return rates
 
 

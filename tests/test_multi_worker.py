@@ -170,14 +170,20 @@ def _logged_steps(model_dir):
     return [int(step) for step in re.findall(r'"step": (\d+)', (Path(model_dir) / "metrics.jsonl").read_text())]
 
 
-def test_worker_killed_mid_run_is_restarted_with_the_others_and_ends_like_an_uninterrupted_run(uninterrupted):
-    tmp_path, data_flags, expected_weights = uninterrupted
-    model_dir = tmp_path / "killed"
+def _signal_worker_1_mid_run(data_flags, model_dir, signum) -> Launch:
+    """Starts a run that may restart once, sends `signum` to worker 1 after step 50, waits for the end."""
     launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}", restarts=1)
     pid = int(launch.wait_for_line(r"launch: worker 1 started, pid (\d+)").group(1))
     launch.wait_for_line(r"\[worker 1\] .*step 50:")
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signum)
     assert launch.wait() == 0, launch.output[-4000:]
+    return launch
+
+
+def test_worker_killed_mid_run_is_restarted_with_the_others_and_ends_like_an_uninterrupted_run(uninterrupted):
+    tmp_path, data_flags, expected_weights = uninterrupted
+    model_dir = tmp_path / "killed"
+    launch = _signal_worker_1_mid_run(data_flags, model_dir, signal.SIGKILL)
 
     assert "launch: worker 1 was killed by signal 9" in launch.output
     assert "launch: restarting all workers" in launch.output
@@ -192,11 +198,7 @@ def test_worker_killed_mid_run_is_restarted_with_the_others_and_ends_like_an_uni
 def test_sigterm_checkpoints_at_an_agreed_step_and_the_restart_loses_or_repeats_none(uninterrupted):
     tmp_path, data_flags, expected_weights = uninterrupted
     model_dir = tmp_path / "preempted"
-    launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}", restarts=1)
-    pid = int(launch.wait_for_line(r"launch: worker 1 started, pid (\d+)").group(1))
-    launch.wait_for_line(r"\[worker 1\] .*step 50:")
-    os.kill(pid, signal.SIGTERM)
-    assert launch.wait() == 0, launch.output[-4000:]
+    launch = _signal_worker_1_mid_run(data_flags, model_dir, signal.SIGTERM)
 
     stopped = {int(worker): int(step) for worker, step in
                re.findall(r"\[worker (\d)\] .*Preempted: stopped by SIGTERM after step (\d+)", launch.output)}

@@ -151,7 +151,7 @@ def read_split(builder: SyntheticHeadlines, split: str):
     from mto_tf.data import Examples  # The package imports this module.
 
     features = builder.info.features
-    feature_spec = {name: tf.io.FixedLenFeature(info.shape, info.dtype)
+    feature_spec = {name: tf.io.FixedLenFeature(info.shape, info.tf_dtype)
                     for name, info in features.get_serialized_info().items()}
     files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
     return Examples(
