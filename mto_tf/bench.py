@@ -101,15 +101,10 @@ def _time_fit(run, *, keras_defaults: bool) -> list[float]:
     """`compile` + `fit` on mto-train's model, optimizer and batches; examples/s per window."""
     import keras
 
-    from mto_tf import data
+    from mto_tf import data, fit_loop
 
     config = run.config
-    with run.strategy.scope():
-        # With Keras's defaults, or with mto-train's steps per call and XLA.
-        matched = {} if keras_defaults else dict(jit_compile=config.jit_compile,
-                                                 steps_per_execution=config.steps_per_loop)
-        run.model.compile(optimizer=run.optimizer, loss=dict(config.losses), loss_weights=dict(config.loss_weights),
-                          metrics={name: list(names) for name, names in config.metrics.items()}, **matched)
+    fit_loop.compile_model(run, keras_defaults=keras_defaults)
 
     class WindowTimes(keras.callbacks.Callback):
         """Wall time at the end of each window (fit's own whole-call time can include a stall)."""

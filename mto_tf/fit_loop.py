@@ -38,18 +38,28 @@ class _WriteOutputs(keras.callbacks.Callback):
             self._run.checkpoints.save(current_step)
 
 
-def run_fit(run: Run) -> None:
-    """Trains `run.model` with `model.fit` from `run.start_step` to `train_steps`."""
+def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
+    """`model.compile` with the run's losses, weights, metrics and optimizer.
+
+    With the run's steps per call and XLA setting, or, for comparison, with
+    Keras's defaults for those two.
+    """
     config = run.config
+    settings = {} if keras_defaults else dict(jit_compile=config.jit_compile, steps_per_execution=config.steps_per_loop)
     with run.strategy.scope():
         run.model.compile(
             optimizer=run.optimizer,
             loss=dict(config.losses),
             loss_weights=dict(config.loss_weights),
             metrics={name: list(metric_names) for name, metric_names in config.metrics.items()},
-            jit_compile=config.jit_compile,
-            steps_per_execution=config.steps_per_loop,
+            **settings,
         )
+
+
+def run_fit(run: Run) -> None:
+    """Trains `run.model` with `model.fit` from `run.start_step` to `train_steps`."""
+    config = run.config
+    compile_model(run)
     # TrainConfig checks that train_steps and checkpoint_every are multiples
     # of log_every (so a restored step is on a window boundary), and
     # log_every a multiple of steps_per_loop (so executions fill a window).
