@@ -40,11 +40,11 @@ class MetricsLog:
         self._summary_writer = (tf.summary.create_file_writer(os.path.join(model_dir, TENSORBOARD_DIR))
                                 if write_files else None)
         self.records: list[dict] = []
-        if write_files and resume_step:
+        if write_files:
             self._rewind(resume_step)
 
     def _rewind(self, resume_step: int) -> None:
-        """Drops records logged after the checkpoint this run resumes from: those steps run again."""
+        """Drops records logged after the checkpoint this run resumes from (0: none): those steps run again."""
         if not os.path.exists(self._path):
             return
         with open(self._path) as metrics_file:

@@ -56,3 +56,18 @@ def test_model_dir_of_another_run_is_refused_before_anything_is_written(tmp_path
     (tmp_path / "stranger" / "notes.txt").write_text("not a run")
     with pytest.raises(ConfigError, match=r"^--model_dir: .* is not empty and holds no mto_tf run"):
         train(dataclasses.replace(config, model_dir=str(tmp_path / "stranger")))
+
+
+def test_records_past_the_checkpoint_resumed_from_are_dropped(tmp_path):
+    from mto_tf.outputs import MetricsLog
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n"
+                                                    for step in (10, 20, 30)))
+    MetricsLog(str(tmp_path), write_files=True, resume_step=20)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+    # A run that died before its first checkpoint starts again from step 0.
+    MetricsLog(str(tmp_path), write_files=True, resume_step=0)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    # Other workers never touch the file.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+    MetricsLog(str(tmp_path), write_files=False, resume_step=0)
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": 10}) + "\n"
