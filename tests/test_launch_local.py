@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,3 +86,24 @@ def test_status_2_is_a_bad_setting_and_is_not_restarted():
 def test_command_is_required():
     process = launch("--workers=2")
     assert process.returncode == 2 and "put the worker command after --" in process.stderr
+
+
+def test_sigterm_to_the_launcher_reaches_every_worker_and_nothing_is_left():
+    # Workers that, like mto-train, finish cleanly on SIGTERM (saying so).
+    graceful = ("import signal, sys, time\n"
+                "def stop(*_):\n"
+                "    print('stopping cleanly', flush=True); sys.exit(143)\n"
+                "signal.signal(signal.SIGTERM, stop)\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(600)\n")
+    launcher = subprocess.Popen([sys.executable, LAUNCHER, "--workers=2", "--grace=20", "--", sys.executable, "-c",
+                                 graceful], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while sum("] ready" in line for line in lines) < 2:
+        lines.append(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGTERM)
+    output = "".join(lines) + launcher.stdout.read()
+    assert launcher.wait(timeout=30) == 143
+    assert "[worker 0] stopping cleanly" in output and "[worker 1] stopping cleanly" in output
+    assert "launch: stopped on request" in output
+    assert not any(is_running(pid) for pid in worker_pids(output))
