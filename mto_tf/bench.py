@@ -7,9 +7,10 @@ Every `mto-train` flag sets the model, data and defaults being measured (the
 guide's sizes: sequence 100, vocab 10000, embedding 512, LSTM 32, batch 64).
 Each variant runs in a fresh process, so none warms another; it trains
 `--warmup_windows` windows of `--window_steps` steps (tracing included, not
-counted), then `--windows` timed windows, and reports the median examples per
-second over those windows, their spread ((max - min) / median) and the
-process's peak resident memory.
+counted), then `--windows` timed windows. `--repeats=N` runs N rounds of all
+variants (interleaved) and pools their windows. Reported: the median
+examples per second over the timed windows, their spread ((max - min) /
+median), and the peak resident memory of the variant's processes.
 
 - fit_default: `compile` + `fit` with Keras's defaults;
 - fit_matched: `fit` with mto-train's `steps_per_execution` (`--steps_per_loop`) and `--jit_compile`;
@@ -50,6 +51,7 @@ flags.DEFINE_string("output_json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("windows", 8, "Timed windows per variant.")
 flags.DEFINE_integer("window_steps", 50, "Steps per window (a multiple of --steps_per_loop).")
 flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, XLA compilation, caches).")
+flags.DEFINE_integer("repeats", 1, "Rounds of all variants, each variant a fresh process per round; windows pooled.")
 flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.")
 
 
@@ -169,23 +171,38 @@ def machine() -> dict:
             "command": " ".join(["python -m mto_tf.bench", *sys.argv[1:]])}
 
 
-def run_all(config: TrainConfig, variants: list[str], argv: list[str]) -> dict:
-    """Runs each variant in a fresh process (same flags plus --run_variant); collects the results."""
+def run_all(config: TrainConfig, variants: list[str], argv: list[str], *, repeats: int = 1) -> dict:
+    """Runs each variant in a fresh process (same flags plus --run_variant), `repeats` rounds; combines them.
+
+    Rounds interleave the variants, so a machine that slows down or speeds
+    up during the benchmark affects them all alike.
+    """
     if config.dataset == "synthetic_headlines":  # Generate once, before any variant is timed.
         from mto_tf.data import synthetic_headlines
         synthetic_headlines.load(config, "train")
-    results = {}
-    for name in variants:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *argv, f"--run_variant={name}"],
-                                 capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-        lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if process.returncode or not lines:
-            raise RuntimeError(f"variant {name} failed (status {process.returncode}):\n{process.stderr[-3000:]}")
-        results[name] = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_index in range(repeats):
+        for name in variants:
+            print(f"bench: round {round_index + 1} of {repeats}: {name} ...", file=sys.stderr, flush=True)
+            process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *argv, f"--run_variant={name}"],
+                                     capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+            if process.returncode or not lines:
+                raise RuntimeError(f"variant {name} failed (status {process.returncode}):\n{process.stderr[-3000:]}")
+            runs[name].append(json.loads(lines[-1].removeprefix(RESULT_PREFIX)))
+    results = {name: _combine(name_runs) for name, name_runs in runs.items()}
     ratios = {f"{a}/{b}": results[a]["examples_per_sec"] / results[b]["examples_per_sec"]
               for a, b in RATIOS if a in results and b in results}
     return {"machine": machine(), "variants": results, "ratios": ratios}
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One variant's processes as one result: the median and spread of all their timed windows."""
+    windows = [rate for run in runs for rate in run["windows"]]
+    median = statistics.median(windows)
+    return {**runs[0], "examples_per_sec": median, "spread": (max(windows) - min(windows)) / median,
+            "windows": windows, "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "process_medians": [run["examples_per_sec"] for run in runs]}
 
 
 def format_table(report: dict) -> str:
@@ -213,7 +230,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
     del argv  # absl keeps only non-flag arguments; the variants get the original flags.
-    report = run_all(config, FLAGS.variants, sys.argv[1:])
+    report = run_all(config, FLAGS.variants, sys.argv[1:], repeats=FLAGS.repeats)
     print(format_table(report))
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as output:
