@@ -64,7 +64,9 @@ class SyntheticHeadlines(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                "main_input": tfds.features.Tensor(shape=(config.sequence_length,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES),
+                # Raw bytes: much cheaper to decode than a list of integers.
+                "main_input": tfds.features.Tensor(shape=(config.sequence_length,), dtype=np.int32,
+                                                   encoding=tfds.features.Encoding.BYTES),
                 "aux_input": tfds.features.Tensor(shape=(config.aux_input_dim,), dtype=np.float32),
                 "main_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
                 "aux_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
@@ -132,13 +134,14 @@ def load(config, split: str):
     """
     # Workers of one job may start together on one data directory: one
     # generates, the others wait for it. A builder reads what is on disk when
-    # it is made, so each side of the lock makes its own.
+    # it is made, so the one that reads is made once the lock is held.
     config_dir = os.path.dirname(make_builder(config).data_dir)
     os.makedirs(config_dir, exist_ok=True)
     with open(os.path.join(config_dir, ".generate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        make_builder(config).download_and_prepare()
-    return read_split(make_builder(config), split)
+        builder = make_builder(config)
+        builder.download_and_prepare()
+    return read_split(builder, split)
 
 
 def read_split(builder: SyntheticHeadlines, split: str):
