@@ -63,6 +63,22 @@ def test_aux_label_follows_the_text_and_main_label_also_needs_aux_input(tmp_path
     assert np.corrcoef(examples["aux_input"][:, 0], main_label)[0, 1] > 0.2
 
 
+@pytest.mark.parametrize("source", ["synthetic_headlines", "npz"])
+def test_batches_have_a_static_shape_for_the_train_step_to_trace(tmp_path, source):
+    # A train step traced for batches of unknown size ran about 5 % slower
+    # (measured against batches held in memory) than one traced for 64.
+    import tensorflow as tf
+    dataset = "synthetic_headlines"
+    if source == "npz":
+        write_npz(tmp_path / "d.npz")
+        dataset = f"npz:{tmp_path / 'd.npz'}"
+    config = small_config(tmp_path, dataset=dataset, synthetic_train_examples=100)
+    model = build_headline(config)
+    examples = data.load_examples(config, model)
+    for spec in tf.nest.flatten(data.global_batches(examples, model=model, config=config).element_spec):
+        assert spec.shape[0] == BATCH_SIZE and spec.shape.is_fully_defined(), spec
+
+
 @pytest.mark.slow
 def test_training_on_synthetic_headlines_lowers_both_losses(tmp_path):
     config = small_config(tmp_path, vocab_size=200, sequence_length=20, embedding_dim=16, lstm_units=16,

@@ -163,7 +163,11 @@ def read_split(builder: SyntheticHeadlines, split: str):
         # `decode_batch_example` would decode them example by example
         # (`tf.map_fn`), about 1 ms of CPU per batch of 64 that training
         # needs; one `decode_raw` decodes the whole batch, as TFDS does one.
-        batch["main_input"] = tf.reshape(tf.io.decode_raw(batch["main_input"], tf.int32), [-1, sequence_length])
+        # `ensure_shape` (not a reshape to [-1, length]) keeps the static
+        # batch size: a train step traced with an unknown batch size ran
+        # about 5 % slower.
+        batch["main_input"] = tf.ensure_shape(tf.io.decode_raw(batch["main_input"], tf.int32),
+                                              [*serialized.shape, sequence_length])
         return batch
 
     files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
