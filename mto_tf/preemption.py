@@ -36,12 +36,17 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():  # Python only signals the main thread.
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
-        @tf.function
-        def count_workers_signalled(flag):
-            per_replica = strategy.run(lambda: tf.identity(flag))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        # One process needs no agreement; asking would cost a second
+        # function call per loop, as much as a small model's step.
+        self._count_workers_signalled = None
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
 
-        self._count_workers_signalled = count_workers_signalled
+            @tf.function
+            def count_workers_signalled(flag):
+                per_replica = strategy.run(lambda: tf.identity(flag))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+            self._count_workers_signalled = count_workers_signalled
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
@@ -50,6 +55,8 @@ class PreemptionWatcher:
 
     def stop_agreed(self) -> bool:
         """True when any worker has received SIGTERM; the same answer on every worker."""
+        if self._count_workers_signalled is None:
+            return self._signal_received
         flag = tf.constant(1.0 if self._signal_received else 0.0)
         return bool(self._count_workers_signalled(flag) > 0)
 

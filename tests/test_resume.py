@@ -2,9 +2,12 @@
 
 import dataclasses
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import small_config
 from mto_tf.config import ConfigError
@@ -71,3 +74,33 @@ def test_records_past_the_checkpoint_resumed_from_are_dropped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
     MetricsLog(str(tmp_path), write_files=False, resume_step=0)
     assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": 10}) + "\n"
+
+
+def test_sigterm_in_one_process_stops_after_the_loop_with_a_checkpoint(tmp_path, monkeypatch):
+    # One process asks no other worker: the signal alone stops it, after
+    # the loop that is running, with that loop's steps logged and saved.
+    from mto_tf import step, trainer
+    from mto_tf.preemption import Preempted
+
+    make_train_loop = step.make_train_loop
+
+    def loop_that_gets_sigterm_during_its_second_call(*args, **kwargs):
+        train_loop, calls = make_train_loop(*args, **kwargs), []
+
+        def signalled_loop(iterator, num_steps):
+            calls.append(num_steps)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return train_loop(iterator, num_steps)
+
+        return signalled_loop
+
+    monkeypatch.setattr(step, "make_train_loop", loop_that_gets_sigterm_during_its_second_call)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    config = small_config(tmp_path, train_steps=20, steps_per_loop=2, log_every=10, checkpoint_every=10)
+    with pytest.raises(Preempted, match="after step 4"):
+        trainer.train(config)
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # Handed back.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [4]
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-4")
