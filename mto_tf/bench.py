@@ -7,10 +7,13 @@ Every `mto-train` flag sets the model, data and defaults being measured (the
 guide's sizes: sequence 100, vocab 10000, embedding 512, LSTM 32, batch 64).
 Each variant runs in a fresh process, so none warms another; it trains
 `--warmup_windows` windows of `--window_steps` steps (tracing included, not
-counted), then `--windows` timed windows. `--repeats=N` runs N rounds of all
-variants (interleaved) and pools their windows. Reported: the median
-examples per second over the timed windows, their spread ((max - min) /
-median), and the peak resident memory of the variant's processes.
+counted), then `--windows` timed windows. The processes take turns, one
+window at a time (never two at once): this machine's speed drifts by 10-20 %
+over tens of seconds, and windows timed next to each other see the same
+drift, so their ratios do not. `--repeats=N` runs N such sets of processes
+and pools their windows. Reported: the median examples per second over the
+timed windows, their spread ((max - min) / median), and the peak resident
+memory of the variant's processes.
 
 - fit_default: `compile` + `fit` with Keras's defaults;
 - fit_matched: `fit` with mto-train's `steps_per_execution` (`--steps_per_loop`) and `--jit_compile`;
@@ -45,13 +48,14 @@ VARIANTS = ("fit_default", "fit_matched", "custom_default", "custom_matched", "l
 RATIOS = (("custom_default", "fit_default"), ("custom_matched", "fit_matched"), ("custom_default", "limit"),
           ("mirrored_custom_default", "mirrored_fit_matched"))
 RESULT_PREFIX = "BENCH_RESULT "
+TURN_DONE = "BENCH_TURN_DONE"
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
 flags.DEFINE_string("output_json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("windows", 8, "Timed windows per variant.")
 flags.DEFINE_integer("window_steps", 50, "Steps per window (a multiple of --steps_per_loop).")
 flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, XLA compilation, caches).")
-flags.DEFINE_integer("repeats", 1, "Rounds of all variants, each variant a fresh process per round; windows pooled.")
+flags.DEFINE_integer("repeats", 1, "Sets of processes, one per variant, run one after another; windows pooled.")
 flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.")
 
 
@@ -72,8 +76,27 @@ def variant_config(name: str, config: TrainConfig) -> TrainConfig:
 
 # --- One variant, in this process -------------------------------------------------------------
 
-def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: int, warmup_windows: int) -> dict:
-    """Trains variant `name`; returns its examples/s per timed window and its peak memory."""
+class Turns:
+    """A variant's side of taking turns: it runs a window only when the parent says so."""
+
+    def __init__(self):
+        self.intervals: list[tuple[float, float]] = []  # Wall-clock start and end of each turn.
+        self._start = 0.0
+
+    def wait(self) -> None:
+        """Blocks until the parent writes a line; returns at once when the parent has closed stdin (the end)."""
+        sys.stdin.readline()
+        self._start = time.time()
+
+    def done(self) -> None:
+        self.intervals.append((self._start, time.time()))
+        print(TURN_DONE, flush=True)
+
+
+def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: int, warmup_windows: int,
+                turns: Turns) -> dict:
+    """Trains variant `name`, a window per turn; returns its examples/s per timed window and its peak memory."""
+    turns.wait()  # Setting up is a turn too: building and loading compete for the CPU.
     from mto_tf import trainer  # TensorFlow only in the variant's own process.
     from mto_tf.strategy import make_strategy
 
@@ -85,21 +108,40 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
             config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps,
             log_every=window_steps), strategy)
         if name.endswith("custom_default") or name == "custom_matched":
-            trainer.run_custom_loop(run)  # mto-train itself, logging and checkpoints included.
-            rates = [record["examples_per_sec"] for record in run.metrics_log.records]
+            rates = _time_custom_loop(run, turns)
         elif name == "limit":
-            rates = _time_limit(run)
+            rates = _time_limit(run, turns)
         else:
-            rates = _time_fit(run, keras_defaults=name == "fit_default")
+            rates = _time_fit(run, turns, keras_defaults=name == "fit_default")
     timed = rates[warmup_windows:]
     median = statistics.median(timed)
     return {"examples_per_sec": median, "spread": (max(timed) - min(timed)) / median, "windows": timed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "replicas": strategy.num_replicas_in_sync, "steps_per_loop": config.steps_per_loop,
-            "jit_compile": config.jit_compile}
+            "jit_compile": config.jit_compile, "turns": turns.intervals}
 
 
-def _time_fit(run, *, keras_defaults: bool) -> list[float]:
+def _time_custom_loop(run, turns: Turns) -> list[float]:
+    """mto-train itself, logging and checkpoints included; examples/s of each logged window."""
+    from mto_tf import trainer
+
+    log_window = run.metrics_log.write
+
+    def log_window_then_pass_the_turn(step, measurements):
+        # The loop starts timing its next window when this returns.
+        record = log_window(step, measurements)
+        turns.done()
+        turns.wait()
+        return record
+
+    run.metrics_log.write = log_window_then_pass_the_turn
+    turns.done()  # Set up; the loop builds the rest in its first (untimed) window.
+    turns.wait()
+    trainer.run_custom_loop(run)
+    return [record["examples_per_sec"] for record in run.metrics_log.records]
+
+
+def _time_fit(run, turns: Turns, *, keras_defaults: bool) -> list[float]:
     """`compile` + `fit` on mto-train's model, optimizer and batches; examples/s per window."""
     import keras
 
@@ -109,24 +151,29 @@ def _time_fit(run, *, keras_defaults: bool) -> list[float]:
     fit_loop.compile_model(run, keras_defaults=keras_defaults)
 
     class WindowTimes(keras.callbacks.Callback):
-        """Wall time at the end of each window (fit's own whole-call time can include a stall)."""
+        """Wall time of each window; between windows, the turn passes to the other variants."""
 
         def __init__(self):
             super().__init__()
-            self.times = [time.perf_counter()]
+            self.starts, self.ends = [time.perf_counter()], []
 
         def on_train_batch_end(self, batch, logs=None):
             if (batch + 1) % config.log_every == 0:
-                self.times.append(time.perf_counter())
+                self.ends.append(time.perf_counter())
+                turns.done()
+                turns.wait()
+                self.starts.append(time.perf_counter())
 
+    batches = data.global_batches(run.examples, model=run.model, config=config)
+    turns.done()
+    turns.wait()
     window_times = WindowTimes()
-    run.model.fit(data.global_batches(run.examples, model=run.model, config=config),
-                  steps_per_epoch=config.train_steps, epochs=1, verbose=0, callbacks=[window_times])
+    run.model.fit(batches, steps_per_epoch=config.train_steps, epochs=1, verbose=0, callbacks=[window_times])
     return [config.log_every * config.batch_size / (end - start)
-            for start, end in zip(window_times.times, window_times.times[1:])]
+            for start, end in zip(window_times.starts, window_times.ends)]
 
 
-def _time_limit(run, *, batches_in_memory: int = 16) -> list[float]:
+def _time_limit(run, turns: Turns, *, batches_in_memory: int = 16) -> list[float]:
     """mto-train's train step, looped in one tf.function over batches already in memory."""
     import tensorflow as tf
 
@@ -146,10 +193,13 @@ def _time_limit(run, *, batches_in_memory: int = 16) -> list[float]:
         return total
 
     rates = []
+    turns.done()
     for _ in range(config.train_steps // config.log_every):
+        turns.wait()
         start = time.perf_counter()
         float(limit_loop(tf.constant(config.log_every)))
         rates.append(config.log_every * config.batch_size / (time.perf_counter() - start))
+        turns.done()
     return rates
 
 
@@ -171,29 +221,74 @@ def machine() -> dict:
             "command": " ".join(["python -m mto_tf.bench", *sys.argv[1:]])}
 
 
-def run_all(config: TrainConfig, variants: list[str], argv: list[str], *, repeats: int = 1) -> dict:
-    """Runs each variant in a fresh process (same flags plus --run_variant), `repeats` rounds; combines them.
+def run_all(config: TrainConfig, variants: list[str], argv: list[str], *, turns: int, repeats: int = 1) -> dict:
+    """Runs each variant in a fresh process (same flags plus --run_variant), `repeats` sets; combines them.
 
-    Rounds interleave the variants, so a machine that slows down or speeds
-    up during the benchmark affects them all alike.
+    The processes of a set take `turns` turns each (set-up, then one window
+    per turn), one process at a time, starting with a different one each
+    round, so that drift in the machine's speed reaches all variants alike.
     """
     if config.dataset == "synthetic_headlines":  # Generate once, before any variant is timed.
         from mto_tf.data import synthetic_headlines
         synthetic_headlines.load(config, "train")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for round_index in range(repeats):
-        for name in variants:
-            print(f"bench: round {round_index + 1} of {repeats}: {name} ...", file=sys.stderr, flush=True)
-            process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *argv, f"--run_variant={name}"],
-                                     capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-            lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-            if process.returncode or not lines:
-                raise RuntimeError(f"variant {name} failed (status {process.returncode}):\n{process.stderr[-3000:]}")
-            runs[name].append(json.loads(lines[-1].removeprefix(RESULT_PREFIX)))
+    for repeat in range(repeats):
+        print(f"bench: set {repeat + 1} of {repeats}: {', '.join(variants)}, {turns} turns each",
+              file=sys.stderr, flush=True)
+        for name, result in _run_taking_turns(variants, argv, turns=turns).items():
+            runs[name].append(result)
     results = {name: _combine(name_runs) for name, name_runs in runs.items()}
-    ratios = {f"{a}/{b}": results[a]["examples_per_sec"] / results[b]["examples_per_sec"]
-              for a, b in RATIOS if a in results and b in results}
-    return {"machine": machine(), "variants": results, "ratios": ratios}
+    pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
+    return {"machine": machine(), "variants": results,
+            "ratios": {f"{a}/{b}": results[a]["examples_per_sec"] / results[b]["examples_per_sec"] for a, b in pairs},
+            "ratio_quartiles": {f"{a}/{b}": _paired_ratio_quartiles(runs[a], runs[b]) for a, b in pairs}}
+
+
+def _run_taking_turns(variants: list[str], argv: list[str], *, turns: int) -> dict[str, dict]:
+    """One process per variant; each turn, one process at a time runs (its set-up, or one window)."""
+    processes = {}
+    try:
+        for name in variants:
+            stderr = tempfile.TemporaryFile(mode="w+")
+            processes[name] = (subprocess.Popen(
+                [sys.executable, "-m", "mto_tf.bench", *argv, f"--run_variant={name}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")), stderr)
+        for turn in range(turns):
+            for name in variants[turn % len(variants):] + variants[:turn % len(variants)]:
+                process, stderr = processes[name]
+                process.stdin.write("go\n")
+                process.stdin.flush()
+                while (line := process.stdout.readline()).strip() != TURN_DONE:
+                    if not line:
+                        _fail(name, process, stderr)
+        results = {}
+        for name, (process, stderr) in processes.items():
+            process.stdin.close()  # The end: the variant finishes and reports.
+            lines = [line for line in process.stdout if line.startswith(RESULT_PREFIX)]
+            if process.wait() or not lines:
+                _fail(name, process, stderr)
+            results[name] = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+        return results
+    finally:
+        for process, stderr in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            stderr.close()
+
+
+def _fail(name: str, process: subprocess.Popen, stderr) -> None:
+    status = process.wait()
+    stderr.seek(0)
+    raise RuntimeError(f"variant {name} failed (status {status}):\n{stderr.read()[-3000:]}")
+
+
+def _paired_ratio_quartiles(runs_a: list[dict], runs_b: list[dict]) -> list[float]:
+    """Quartiles of a's window rate over b's window timed in the same round of turns."""
+    ratios = sorted(a / b for run_a, run_b in zip(runs_a, runs_b, strict=True)
+                    for a, b in zip(run_a["windows"], run_b["windows"], strict=True))
+    return statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
 
 
 def _combine(runs: list[dict]) -> dict:
@@ -202,7 +297,8 @@ def _combine(runs: list[dict]) -> dict:
     median = statistics.median(windows)
     return {**runs[0], "examples_per_sec": median, "spread": (max(windows) - min(windows)) / median,
             "windows": windows, "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
-            "process_medians": [run["examples_per_sec"] for run in runs]}
+            "process_medians": [run["examples_per_sec"] for run in runs],
+            "turns": [turn for run in runs for turn in run["turns"]]}
 
 
 def format_table(report: dict) -> str:
@@ -213,7 +309,9 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | {result['examples_per_sec']:,.0f} | {100 * result['spread']:.0f} % | "
                      f"{result['peak_rss_mb']:,.0f} | {result['replicas']} | {result['steps_per_loop']} | "
                      f"{'yes' if result['jit_compile'] else 'no'} |")
-    lines += [""] + [f"{ratio}: {value:.2f}" for ratio, value in report["ratios"].items()]
+    lines += [""] + [f"{ratio}: {value:.2f} (windows side by side: quartiles "
+                     f"{' / '.join(f'{q:.2f}' for q in report['ratio_quartiles'][ratio])})"
+                     for ratio, value in report["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -223,14 +321,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--window_steps must be a multiple of --steps_per_loop")
     if FLAGS.run_variant:
         result = run_variant(FLAGS.run_variant, config, windows=FLAGS.windows, window_steps=FLAGS.window_steps,
-                             warmup_windows=FLAGS.warmup_windows)
+                             warmup_windows=FLAGS.warmup_windows, turns=Turns())
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
     del argv  # absl keeps only non-flag arguments; the variants get the original flags.
-    report = run_all(config, FLAGS.variants, sys.argv[1:], repeats=FLAGS.repeats)
+    report = run_all(config, FLAGS.variants, sys.argv[1:], repeats=FLAGS.repeats,
+                     turns=1 + FLAGS.warmup_windows + FLAGS.windows)
     print(format_table(report))
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as output:

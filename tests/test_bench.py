@@ -37,7 +37,7 @@ def test_every_variant_runs_in_its_own_process_and_the_json_has_the_documented_s
     assert process.returncode == 0, process.stderr[-3000:]
 
     report = json.loads(output.read_text())
-    assert set(report) == {"machine", "variants", "ratios"}
+    assert set(report) == {"machine", "variants", "ratios", "ratio_quartiles"}
     assert {"cpu", "cores", "tensorflow", "keras", "command"} <= set(report["machine"])
     assert list(report["variants"]) == list(bench.VARIANTS)
     for name, result in report["variants"].items():
@@ -45,19 +45,28 @@ def test_every_variant_runs_in_its_own_process_and_the_json_has_the_documented_s
         assert len(result["windows"]) == 2 and len(result["process_medians"]) == 1
         assert result["replicas"] == (2 if name.startswith("mirrored_") else 1)
         assert f"| {name} |" in process.stdout
-    assert set(report["ratios"]) == {"custom_default/fit_default", "custom_matched/fit_matched",
-                                     "custom_default/limit", "mirrored_custom_default/mirrored_fit_matched"}
+    assert set(report["ratios"]) == set(report["ratio_quartiles"]) == {
+        "custom_default/fit_default", "custom_matched/fit_matched", "custom_default/limit",
+        "mirrored_custom_default/mirrored_fit_matched"}
+    for low, middle, high in report["ratio_quartiles"].values():
+        assert 0 < low <= middle <= high
+    # The variants took turns: set-up, then one window each, never two at once.
+    turns = sorted(turn for result in report["variants"].values() for turn in result["turns"])
+    assert [len(result["turns"]) for result in report["variants"].values()] == [1 + 1 + 2] * len(bench.VARIANTS)
+    for (_, previous_end), (start, _) in zip(turns, turns[1:]):
+        assert start >= previous_end
     assert report["ratios"]["custom_default/fit_default"] == pytest.approx(
         report["variants"]["custom_default"]["examples_per_sec"] / report["variants"]["fit_default"]["examples_per_sec"])
 
 
 def test_repeats_pool_the_windows_of_every_process():
     runs = [{"examples_per_sec": 100.0, "spread": 0.0, "windows": [90.0, 110.0], "peak_rss_mb": 700.0,
-             "replicas": 1, "steps_per_loop": 10, "jit_compile": False},
+             "replicas": 1, "steps_per_loop": 10, "jit_compile": False, "turns": [[1.0, 2.0]]},
             {"examples_per_sec": 200.0, "spread": 0.0, "windows": [200.0, 200.0], "peak_rss_mb": 650.0,
-             "replicas": 1, "steps_per_loop": 10, "jit_compile": False}]
+             "replicas": 1, "steps_per_loop": 10, "jit_compile": False, "turns": [[5.0, 6.0]]}]
     combined = bench._combine(runs)
     assert combined["windows"] == [90.0, 110.0, 200.0, 200.0]
     assert combined["examples_per_sec"] == 155.0  # Median of the four windows.
     assert combined["spread"] == pytest.approx((200.0 - 90.0) / 155.0)
     assert combined["peak_rss_mb"] == 700.0 and combined["process_medians"] == [100.0, 200.0]
+    assert combined["turns"] == [[1.0, 2.0], [5.0, 6.0]]
