@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import BATCH_SIZE, small_config, write_npz
@@ -67,7 +68,6 @@ def test_aux_label_follows_the_text_and_main_label_also_needs_aux_input(tmp_path
 def test_batches_have_a_static_shape_for_the_train_step_to_trace(tmp_path, source):
     # A train step traced for batches of unknown size ran about 5 % slower
     # (measured against batches held in memory) than one traced for 64.
-    import tensorflow as tf
     dataset = "synthetic_headlines"
     if source == "npz":
         write_npz(tmp_path / "d.npz")
