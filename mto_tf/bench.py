@@ -147,7 +147,7 @@ def _time_fit(run, turns: Turns, *, keras_defaults: bool) -> list[float]:
     """`compile` + `fit` on mto-train's model, optimizer and batches; examples/s per window."""
     import keras
 
-    from mto_tf import data, fit_loop
+    from mto_tf import fit_loop
 
     config = run.config
     fit_loop.compile_model(run, keras_defaults=keras_defaults)
@@ -166,7 +166,7 @@ def _time_fit(run, turns: Turns, *, keras_defaults: bool) -> list[float]:
                 turns.wait()
                 self.starts.append(time.perf_counter())
 
-    batches = data.global_batches(run.examples, model=run.model, config=config)
+    batches = fit_loop.fit_batches(run)
     turns.done()
     turns.wait()
     window_times = WindowTimes()

@@ -9,6 +9,14 @@ One run on one device, from Python, with no absl:
     from mto_tf.config import TrainConfig
     from mto_tf.trainer import train
     train(TrainConfig(model_dir="/tmp/run", train_steps=100))
+
+From Python, `model` may also be a builder (a function returning a
+`keras.Model`) and `dataset` a `tf.data.Dataset` of unbatched
+`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts.
+
+A config holds settings and checks what the settings alone decide. Checks
+that need the built model (output names, shapes) run where it is built,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -16,12 +24,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
+DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSION]'"
+
+# A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
+# or from Python a function or `keras.losses.Loss`. A metric likewise.
+LossSpec = Any
+MetricSpec = Any
 
 
 class ConfigError(ValueError):
@@ -36,45 +51,41 @@ class ConfigError(ValueError):
         self.flag = flag
 
 
-def _default_losses() -> dict[str, str]:
-    return {"main_output": "binary_crossentropy", "aux_output": "binary_crossentropy"}
-
-
-def _default_loss_weights() -> dict[str, float]:
-    # The Keras functional-API guide's weights: the auxiliary head is a
-    # regularizer for the shared trunk, so it counts for a fifth.
-    return {"main_output": 1.0, "aux_output": 0.2}
-
-
-def _default_metrics() -> dict[str, tuple[str, ...]]:
-    return {"main_output": ("binary_accuracy",), "aux_output": ("binary_accuracy",)}
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. Field names are the flag names of `mto-train`."""
 
-    # Model (sizes are settings so that tests can make the model small).
-    model: str = "headline"
+    # Model: a built-in name, `MODULE:FUNCTION`, or (from Python) a builder.
+    # Sizes of the built-in models are settings so that tests can make them small.
+    model: str | Callable[[], Any] = "headline"
     vocab_size: int = 10000
     sequence_length: int = 100
     embedding_dim: int = 512
     lstm_units: int = 32
     dense_units: int = 64
     aux_input_dim: int = 5
+    conv_filters: int = 32
+    dropout_rate: float = 0.25
+    sync_batchnorm: bool = False
     l2: float = 0.0
 
-    # Data.
-    dataset: str = "synthetic_headlines"
+    # Data: a source name (or, from Python, a tf.data.Dataset).
+    dataset: Any = "synthetic_headlines"
     data_dir: str | None = None
+    train_split: str = "train"
+    # Model input, output or `sample_weight/<output>` -> dataset feature.
+    feature_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
     synthetic_train_examples: int = 10000
     synthetic_validation_examples: int = 1000
     shuffle_buffer: int = 0
 
-    # Losses: one loss per output, one weight per output, metrics per output.
-    losses: Mapping[str, str] = dataclasses.field(default_factory=_default_losses)
-    loss_weights: Mapping[str, float] = dataclasses.field(default_factory=_default_loss_weights)
-    metrics: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=_default_metrics)
+    # Losses: one per output, one weight per output, metrics per output.
+    # None: the built-in model's own (for `MODULE:FUNCTION` models: losses
+    # must be given, weights default to 1.0, no metrics).
+    losses: Mapping[str, LossSpec] | None = None
+    loss_weights: Mapping[str, float] | None = None
+    metrics: Mapping[str, tuple[MetricSpec, ...]] | None = None
 
     # Optimization.
     optimizer: str = "rmsprop"
@@ -99,7 +110,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_positive(self, "vocab_size", "sequence_length", "embedding_dim",
-                        "lstm_units", "dense_units", "aux_input_dim", "batch_size",
+                        "lstm_units", "dense_units", "aux_input_dim", "conv_filters", "batch_size",
                         "train_steps", "steps_per_loop", "log_every", "checkpoint_every",
                         "num_cpu_devices", "synthetic_train_examples",
                         "synthetic_validation_examples")
@@ -108,6 +119,8 @@ class TrainConfig:
                                             f"got {self.vocab_size}")
         if self.l2 < 0:
             raise ConfigError("l2", f"expected a factor >= 0, got {self.l2}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ConfigError("dropout_rate", f"expected a rate in [0, 1), got {self.dropout_rate}")
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"expected >= 0 (0 keeps file order), got {self.shuffle_buffer}")
         if not self.learning_rate > 0:
@@ -133,47 +146,79 @@ class TrainConfig:
         if self.loop == "fit" and self.strategy == "multi_worker":
             raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
                                       "(keras-team/keras#20585); use --loop=custom")
-        if not (self.dataset == "synthetic_headlines" or self.dataset.startswith("npz:")):
-            raise ConfigError("dataset", f"expected 'synthetic_headlines' or 'npz:PATH', got {self.dataset!r}")
-        if self.dataset.startswith("npz:") and not os.path.isfile(self.dataset[4:]):
-            raise ConfigError("dataset", f"npz file not found: {self.dataset[4:]!r}")
+        self._check_model()
+        self._check_dataset()
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise ConfigError("init_weights", f"file not found: {self.init_weights!r}")
         if self.init_weights is not None and not self.init_weights.endswith(".weights.h5"):
             raise ConfigError("init_weights", f"expected a Keras weights file PATH.weights.h5, got {self.init_weights!r}")
         if self.loop == "fit":
             _check_fit_loop_windows(self)
-        self._check_outputs()
-
-    def _check_outputs(self):
-        # Imported here: those modules import this one for `ConfigError`.
-        from mto_tf import losses, models
-        spec = models.get_spec(self.model)  # Raises a ConfigError naming --model.
-        expected = sorted(spec.output_names)
-        for flag in ("losses", "loss_weights"):
-            given = dict(getattr(self, flag))
-            unknown = sorted(set(given) - set(expected))
-            if unknown:
-                raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {self.model!r} has outputs {expected}")
-            missing = sorted(set(expected) - set(given))
-            if missing:
-                raise ConfigError(flag, f"no entry for output {missing[0]!r}; expected one for each of {expected}")
-        for output, weight in self.loss_weights.items():
-            if not (math.isfinite(weight) and weight >= 0):
+        for output, weight in (self.loss_weights or {}).items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0, got {weight}")
-        unknown = sorted(set(self.metrics) - set(expected))
-        if unknown:
-            raise ConfigError("metrics", f"unknown output {unknown[0]!r}; model {self.model!r} has outputs {expected}")
-        for loss_name in self.losses.values():
-            losses.get_loss_fn(loss_name)
-        # Metric names are checked when the metrics are made (before anything
-        # is written): making one creates variables, which would start the
-        # TensorFlow runtime before the CPU can be split into devices.
 
-    @property
-    def output_names(self) -> list[str]:
-        """The model's output names, in the order losses are summed."""
-        return list(self.losses)
+    def _check_model(self):
+        if callable(self.model):
+            return
+        if not (isinstance(self.model, str) and self.model):
+            raise ConfigError("model", f"expected a built-in model name, MODULE:FUNCTION or a builder, "
+                                       f"got {self.model!r}")
+        if ":" in self.model and not is_module_function(self.model):
+            raise ConfigError("model", f"expected MODULE:FUNCTION (e.g. my_models:build), got {self.model!r}")
+        if self.sync_batchnorm and self.model != "shapes3d_cnn":
+            raise ConfigError("sync_batchnorm", f"only the built-in shapes3d_cnn has BatchNormalization layers "
+                                                f"mto_tf builds; got --model={self.model} (build your own with "
+                                                f"BatchNormalization(synchronized=True))")
+
+    def _check_dataset(self):
+        if not isinstance(self.dataset, str):
+            if not hasattr(self.dataset, "element_spec"):  # Duck-typed: this module imports no TensorFlow.
+                raise ConfigError("dataset", f"expected {DATASET_FORMS}, or a tf.data.Dataset, "
+                                             f"got {type(self.dataset).__name__}")
+            return
+        if self.dataset.startswith("npz:"):
+            if not os.path.isfile(self.dataset[4:]):
+                raise ConfigError("dataset", f"npz file not found: {self.dataset[4:]!r}")
+        elif self.dataset.startswith("tfds:"):
+            if not self.dataset[5:]:
+                raise ConfigError("dataset", "expected tfds:NAME[/CONFIG][:VERSION], got no NAME")
+        elif self.dataset != "synthetic_headlines":
+            raise ConfigError("dataset", f"expected {DATASET_FORMS}, got {self.dataset!r}")
+        if self.feature_map and not self.dataset.startswith("tfds:"):
+            raise ConfigError("feature_map", f"maps features of a tfds: dataset; --dataset={self.dataset} "
+                                             f"names its arrays by the model's inputs and outputs")
+        if self.train_split != "train" and not self.dataset.startswith("tfds:"):
+            raise ConfigError("train_split", f"chooses a split of a tfds: dataset, not of --dataset={self.dataset}")
+
+    def describe(self) -> dict:
+        """The settings as JSON values (what `config.json` records, and a resumed run must repeat).
+
+        What was given from Python is recorded by name, the same in every
+        process: a builder or loss function as `module:name`, a dataset or a
+        Keras object by its type.
+        """
+        def by_name(value):
+            if isinstance(value, str | int | float | bool) or value is None:
+                return value
+            if isinstance(value, Mapping):
+                return {str(key): by_name(item) for key, item in value.items()}
+            if isinstance(value, list | tuple):
+                return [by_name(item) for item in value]
+            if hasattr(value, "__qualname__"):  # A function.
+                return f"{value.__module__}:{value.__qualname__}"
+            return f"python:{type(value).__name__}"
+
+        return {field.name: by_name(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def is_module_function(text: object) -> bool:
+    """True for a string of the form `MODULE:FUNCTION` (a dotted module path, a colon, a name)."""
+    if not isinstance(text, str):
+        return False
+    module, _, function = text.partition(":")
+    return bool(module and function and all(part.isidentifier() for part in module.split("."))
+                and function.isidentifier())
 
 
 def _check_positive(config: TrainConfig, *fields: str):

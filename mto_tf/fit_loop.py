@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 
 import keras
+import tensorflow as tf
 
-from mto_tf import data
+from mto_tf import data, models
 from mto_tf.trainer import Run
 
 
@@ -22,7 +23,7 @@ class _WriteOutputs(keras.callbacks.Callback):
     def __init__(self, run: Run):
         super().__init__()
         self._run = run
-        self._log_names = ["loss", *(f"{name}_loss" for name in run.config.losses), *run.output_metrics]
+        self._log_names = ["loss", *(f"{name}_loss" for name in run.losses), *run.output_metrics]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window_start = time.perf_counter()
@@ -49,11 +50,40 @@ def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
     with run.strategy.scope():
         run.model.compile(
             optimizer=run.optimizer,
-            loss=dict(config.losses),
-            loss_weights=dict(config.loss_weights),
-            metrics={name: list(metric_names) for name, metric_names in config.metrics.items()},
+            loss={name: _configured(identifier, keras.losses.get) for name, identifier in run.losses.items()},
+            loss_weights=run.loss_weights,
+            metrics={name: [_configured(identifier, keras.metrics.get) for identifier in identifiers]
+                     for name, identifiers in run.metrics.items()},
             **settings,
         )
+
+
+def _configured(identifier, get):
+    """A Keras config (a dict) as the object it describes: `compile` would read a dict as one entry per key."""
+    return get(identifier) if isinstance(identifier, dict) else identifier
+
+
+def fit_batches(run: Run, *, skip_batches: int = 0) -> tf.data.Dataset:
+    """The run's global batches, shaped for `fit`.
+
+    A model built with list outputs takes labels and sample weights as
+    tuples in output order: Keras 3.15's `fit` fails on dict sample weights
+    there (`KeyError: 0` in `compile_utils`). Outputs without sample weights
+    then get ones, which leave their losses as they are.
+    """
+    batches = data.global_batches(run.examples, model=run.model, config=run.config, skip_batches=skip_batches)
+    if isinstance(run.model.output, dict):
+        return batches
+    names = models.output_names(run.model)
+
+    def as_tuples(inputs, labels, sample_weights=None):
+        labels = tuple(labels[name] for name in names)
+        if sample_weights is None:
+            return inputs, labels
+        ones = tf.ones_like(next(iter(sample_weights.values())))
+        return inputs, labels, tuple(sample_weights.get(name, ones) for name in names)
+
+    return batches.map(as_tuples)
 
 
 def run_fit(run: Run) -> None:
@@ -64,7 +94,7 @@ def run_fit(run: Run) -> None:
     # of log_every (so a restored step is on a window boundary), and
     # log_every a multiple of steps_per_loop (so executions fill a window).
     run.model.fit(
-        data.global_batches(run.examples, model=run.model, config=config, skip_batches=run.start_step),
+        fit_batches(run, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,
         epochs=config.train_steps // config.log_every,
         steps_per_epoch=config.log_every,

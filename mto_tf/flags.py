@@ -7,6 +7,7 @@ Defaults come from `TrainConfig`, so the library and the command line agree.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from absl import flags
 
@@ -21,40 +22,52 @@ def _default(name: str):
     return getattr(_DEFAULTS, name)
 
 
-def _format_pairs(mapping) -> str:
-    return ",".join(f"{key}={value}" for key, value in mapping.items())
-
-
-def _format_metrics(metrics) -> str:
-    return ",".join(f"{output}={name}" for output, names in metrics.items() for name in names)
-
-
 # Model.
-flags.DEFINE_string("model", _default("model"), "Registered model builder (mto_tf/models.py).")
-flags.DEFINE_integer("vocab_size", _default("vocab_size"), "Token ids are in [0, vocab_size).")
-flags.DEFINE_integer("sequence_length", _default("sequence_length"), "Tokens per headline (main_input).")
-flags.DEFINE_integer("embedding_dim", _default("embedding_dim"), "Embedding width.")
-flags.DEFINE_integer("lstm_units", _default("lstm_units"), "LSTM units (the shared trunk's output width).")
-flags.DEFINE_integer("dense_units", _default("dense_units"), "Width of the main head's three Dense layers.")
-flags.DEFINE_integer("aux_input_dim", _default("aux_input_dim"), "Floats in aux_input.")
-flags.DEFINE_float("l2", _default("l2"), "L2 factor on every kernel; 0 for none.")
+flags.DEFINE_string("model", _default("model"),
+                    "A built-in model (headline, shapes3d_cnn) or MODULE:FUNCTION, a function of yours "
+                    "(importable from the current directory or PYTHONPATH) returning an uncompiled "
+                    "multi-output keras.Model.")
+flags.DEFINE_integer("vocab_size", _default("vocab_size"), "headline: token ids are in [0, vocab_size).")
+flags.DEFINE_integer("sequence_length", _default("sequence_length"), "headline: tokens per headline (main_input).")
+flags.DEFINE_integer("embedding_dim", _default("embedding_dim"), "headline: embedding width.")
+flags.DEFINE_integer("lstm_units", _default("lstm_units"), "headline: LSTM units (the shared trunk's width).")
+flags.DEFINE_integer("dense_units", _default("dense_units"),
+                     "headline: width of the main head's three Dense layers; shapes3d_cnn: of the shared Dense.")
+flags.DEFINE_integer("aux_input_dim", _default("aux_input_dim"), "headline: floats in aux_input.")
+flags.DEFINE_integer("conv_filters", _default("conv_filters"),
+                     "shapes3d_cnn: filters of the first convolution (the second has twice as many).")
+flags.DEFINE_float("dropout_rate", _default("dropout_rate"), "shapes3d_cnn: Dropout rate before the shared Dense.")
+flags.DEFINE_boolean("sync_batchnorm", _default("sync_batchnorm"),
+                     "shapes3d_cnn: BatchNormalization(synchronized=True): batch statistics over all replicas.")
+flags.DEFINE_float("l2", _default("l2"), "Built-in models: L2 factor on every kernel; 0 for none.")
 
 # Data.
-flags.DEFINE_string("dataset", _default("dataset"), "'synthetic_headlines' (generated locally) or 'npz:PATH'.")
+flags.DEFINE_string("dataset", _default("dataset"),
+                    "'synthetic_headlines' (generated locally), 'npz:PATH', or 'tfds:NAME[/CONFIG][:VERSION]' "
+                    "(a TFDS dataset prepared in --data_dir).")
 flags.DEFINE_string("data_dir", _default("data_dir"), "TFDS data directory (default: TFDS's own).")
+flags.DEFINE_string("train_split", _default("train_split"), "tfds: the split to train on.")
+flags.DEFINE_string("feature_map", "",
+                    "tfds: NAME=FEATURE,... maps a model input, output or sample_weight/<output> to a dataset "
+                    "feature (nested: parent/child); unmapped inputs and outputs read the feature of their name.")
 flags.DEFINE_integer("synthetic_train_examples", _default("synthetic_train_examples"),
                      "Size of synthetic_headlines' train split.")
 flags.DEFINE_integer("synthetic_validation_examples", _default("synthetic_validation_examples"),
                      "Size of synthetic_headlines' validation split.")
 flags.DEFINE_integer("shuffle_buffer", _default("shuffle_buffer"), "Shuffle buffer in examples; 0 keeps file order.")
 
-# Losses.
-flags.DEFINE_string("losses", _format_pairs(_default("losses")),
-                    "OUTPUT=LOSS for every output; LOSS is a Keras loss function name.")
-flags.DEFINE_string("loss_weights", _format_pairs(_default("loss_weights")),
-                    "OUTPUT=WEIGHT for every output: the total loss is sum(weight * loss).")
-flags.DEFINE_string("metrics", _format_metrics(_default("metrics")),
-                    "OUTPUT=METRIC pairs (repeat an output for several metrics); empty for none.")
+# Losses. Unset: the built-in model's own.
+flags.DEFINE_string("losses", None,
+                    "OUTPUT=LOSS,... (a Keras loss name or MODULE:FUNCTION), or a JSON object mapping each "
+                    "output to a Keras loss name, a Keras loss config ({\"class_name\": ..., \"config\": ...}) "
+                    "or MODULE:FUNCTION. Unset: the built-in model's own.")
+flags.DEFINE_string("loss_weights", None,
+                    "OUTPUT=WEIGHT,... (or a JSON object) for every output: the total loss is sum(weight * loss). "
+                    "Unset: the built-in model's own, else 1.0 each.")
+flags.DEFINE_string("metrics", None,
+                    "OUTPUT=METRIC,... (repeat an output for several), or a JSON object mapping each output to "
+                    "a list of Keras metric names, configs or MODULE:FUNCTION; empty for none. "
+                    "Unset: the built-in model's own.")
 
 # Optimization.
 flags.DEFINE_enum("optimizer", _default("optimizer"), list(config_lib.OPTIMIZERS), "Keras optimizer.")
@@ -87,30 +100,61 @@ flags.DEFINE_enum("loop", _default("loop"), list(config_lib.LOOPS),
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     """Builds and validates a `TrainConfig` from parsed flags; raises `ConfigError`."""
     values = {field.name: flag_values[field.name].value for field in dataclasses.fields(TrainConfig)}
-    values["losses"] = _parse_pairs("losses", values["losses"], str)
-    values["loss_weights"] = _parse_pairs("loss_weights", values["loss_weights"], float)
-    values["metrics"] = _parse_metrics(values["metrics"])
+    if values["losses"] is not None:
+        values["losses"] = _parse_mapping("losses", values["losses"], _loss_from_text)
+    if values["loss_weights"] is not None:
+        values["loss_weights"] = _parse_mapping("loss_weights", values["loss_weights"], _weight_from_text)
+    if values["metrics"] is not None:
+        values["metrics"] = _parse_metrics(values["metrics"])
+    values["feature_map"] = _parse_mapping("feature_map", values["feature_map"], _feature_from_text, json_ok=False)
     return TrainConfig(**values)
 
 
-def _parse_pairs(flag: str, text: str, value_type: type) -> dict:
-    pairs = {}
+def _parse_mapping(flag: str, text: str, parse_value, *, json_ok: bool = True) -> dict:
+    """`KEY=VALUE,...` or (if `json_ok`) a JSON object; each value through `parse_value(flag, key, value)`."""
+    if json_ok and text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(flag, f"not valid JSON ({error})") from None
+        return {str(key): parse_value(flag, str(key), value) for key, value in mapping.items()}
+    pairs: dict = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        key, separator, value = item.partition("=")
-        key, value = key.strip(), value.strip()
+        key, separator, value = (part.strip() for part in item.partition("="))
         if not separator or not key or not value:
             raise ConfigError(flag, f"expected OUTPUT=VALUE pairs separated by commas, got {item!r}")
         if key in pairs:
             raise ConfigError(flag, f"output {key!r} given twice")
-        try:
-            pairs[key] = value_type(value)
-        except ValueError:
-            raise ConfigError(flag, f"expected a number for {key!r}, got {value!r}") from None
+        pairs[key] = parse_value(flag, key, value)
     return pairs
 
 
-def _parse_metrics(text: str) -> dict[str, tuple[str, ...]]:
-    metrics: dict[str, tuple[str, ...]] = {}
+def _loss_from_text(flag: str, key: str, value):
+    if not (isinstance(value, str) or (isinstance(value, dict) and "class_name" in value)):
+        raise ConfigError(flag, f"output {key!r}: expected a Keras loss name, MODULE:FUNCTION or "
+                                f"{{\"class_name\": ..., \"config\": ...}}, got {value!r}")
+    return value
+
+
+def _weight_from_text(flag: str, key: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(flag, f"expected a number for {key!r}, got {value!r}") from None
+
+
+def _feature_from_text(flag: str, key: str, value: str) -> str:
+    return value
+
+
+def _parse_metrics(text: str) -> dict[str, tuple]:
+    if text.lstrip().startswith("{"):
+        def metric_list(flag, key, value):
+            values = value if isinstance(value, list) else [value]
+            return tuple(_loss_from_text(flag, key, item) for item in values)
+
+        return _parse_mapping("metrics", text, metric_list)
+    metrics: dict[str, tuple] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         output, separator, metric = (part.strip() for part in item.partition("="))
         if not separator or not output or not metric:

@@ -1,32 +1,35 @@
-"""Per-output Keras metrics, named as `model.fit` names them (`<output>_<metric>`)."""
+"""Per-output Keras metrics, resolved and named as `compile` and `fit` do.
+
+`compile`'s own `get_metric` (keras/src/trainers/compile_utils.py) makes each
+metric: `"accuracy"` and `"acc"` become Binary, SparseCategorical or
+Categorical accuracy from the label and prediction shapes, and keep the name
+the user wrote. `fit`'s history then calls it `<output>_<name>`
+(`main_output_accuracy`, `priority_mae`); so does `metrics.jsonl`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import keras
+import tensorflow as tf
+from keras.src.trainers import compile_utils  # get_metric: exactly compile()'s resolution.
 
+from mto_tf import user_code
 from mto_tf.config import ConfigError
 
-# compile() turns these into a metric that depends on the output's shape;
-# a custom loop has to be told which one it means.
-_AMBIGUOUS = ("accuracy", "acc", "crossentropy", "ce")
+
+def resolve_identifiers(metrics: Mapping[str, tuple], *, output_names: list[str]) -> dict[str, list]:
+    """Each output's metric identifiers, `MODULE:FUNCTION` imported: what `compile(metrics=...)` takes."""
+    unknown = sorted(set(metrics) - set(output_names))
+    if unknown:
+        raise ConfigError("metrics", f"unknown output {unknown[0]!r}; the model has outputs {output_names}")
+    return {output: [user_code.resolve_identifier(spec, output=output, flag="metrics") for spec in specs]
+            for output, specs in metrics.items()}
 
 
-def get_metric(name: str) -> keras.metrics.Metric:
-    """Returns a new Keras metric object called `name`, or a `ConfigError` naming --metrics."""
-    if name in _AMBIGUOUS:
-        raise ConfigError("metrics", f"{name!r} is ambiguous; name the metric, e.g. 'binary_accuracy'")
-    try:
-        metric = keras.metrics.get(name)
-    except ValueError:
-        metric = None
-    if not isinstance(metric, keras.metrics.Metric):
-        raise ConfigError("metrics", f"expected a Keras metric name such as 'binary_accuracy' or 'auc', got {name!r}")
-    return metric
-
-
-def make_output_metrics(metrics: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, keras.metrics.Metric]]:
+def make_output_metrics(identifiers: Mapping[str, list], *, y_true: Mapping[str, tf.TensorSpec],
+                        y_pred: Mapping[str, tf.TensorSpec]) -> dict[str, tuple[str, keras.metrics.Metric]]:
     """Creates the metrics; call inside `strategy.scope()` so their variables are distributed.
 
     Returns:
@@ -34,8 +37,15 @@ def make_output_metrics(metrics: Mapping[str, tuple[str, ...]]) -> dict[str, tup
       e.g. `main_output_binary_accuracy`.
     """
     output_metrics = {}
-    for output_name, metric_names in metrics.items():
-        for metric_name in metric_names:
-            metric = get_metric(metric_name)
-            output_metrics[f"{output_name}_{metric.name}"] = (output_name, metric)
+    for output, output_identifiers in identifiers.items():
+        for identifier in output_identifiers:
+            try:
+                metric = compile_utils.get_metric(identifier, y_true[output], y_pred[output])
+            except Exception as error:  # Keras raises ValueError, TypeError, ... for unknown names.
+                raise ConfigError("metrics", f"output {output!r}: Keras cannot make a metric of {identifier!r} "
+                                             f"({user_code.describe_error(error)})") from None
+            log_name = f"{output}_{metric.name}"
+            if log_name in output_metrics:
+                raise ConfigError("metrics", f"output {output!r}: metric {metric.name!r} given twice")
+            output_metrics[log_name] = (output, metric)
     return output_metrics

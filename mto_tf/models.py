@@ -1,28 +1,41 @@
-"""Registry of multi-output model builders.
+"""Multi-output models: the built-in ones, a user's `MODULE:FUNCTION`, and what mto_tf reads off a built model.
 
-A builder takes a `TrainConfig` and returns a Keras functional model whose
-inputs and outputs are dicts keyed by name. Dict outputs matter: Keras 3
-resolves per-output losses, loss weights and sample weights by output name,
-and with list outputs dict sample weights fail inside `compile_utils`.
+A builder is called with no arguments and returns an uncompiled functional
+`keras.Model` with two or more outputs. Inputs may be a dict or a list (a
+list input is named by its `keras.Input(name=...)`), outputs a dict or a list
+(a list output is named by its layer, as `model.output_names` names it;
+a dict output by its key, as `fit` names it).
+mto_tf never rebuilds the user's model: the weights file and `model.keras` it
+writes are the user's model's own, and `--init_weights` reads a file saved
+from the same builder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 
 import keras
 
-from mto_tf.config import ConfigError, TrainConfig
+from mto_tf import user_code
+from mto_tf.config import ConfigError, TrainConfig, is_module_function
+
+SHAPES3D_IMAGE_SHAPE = (64, 64, 3)
+# TFDS shapes3d's labels and their number of classes.
+SHAPES3D_LABELS = {"label_floor_hue": 10, "label_wall_hue": 10, "label_object_hue": 10, "label_scale": 8,
+                   "label_shape": 4, "label_orientation": 15}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What the rest of mto_tf needs to know about a model before building it."""
+    """A built-in model: its builder, the settings it reads, and its losses, weights and metrics."""
 
     build: Callable[[TrainConfig], keras.Model]
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
+    settings: tuple[str, ...]  # The TrainConfig fields the builder reads.
+    losses: Mapping[str, str]
+    loss_weights: Mapping[str, float]
+    metrics: Mapping[str, tuple[str, ...]]
 
 
 def build_headline(config: TrainConfig) -> keras.Model:
@@ -57,25 +70,143 @@ def build_headline(config: TrainConfig) -> keras.Model:
     )
 
 
+def build_shapes3d_cnn(config: TrainConfig) -> keras.Model:
+    """A small CNN for TFDS `shapes3d`: one softmax head per label on a shared trunk.
+
+    The trunk has BatchNormalization (moving statistics that training
+    updates, per replica unless `--sync_batchnorm`) and Dropout (random, so
+    parity with `fit` needs the same seed): the two layers that behave
+    differently in training and inference.
+    """
+    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    image = keras.Input(shape=SHAPES3D_IMAGE_SHAPE, dtype="float32", name="image")
+    hidden = keras.layers.Rescaling(1 / 255, name="rescale")(image)
+    for index, filters in enumerate((config.conv_filters, 2 * config.conv_filters)):
+        hidden = keras.layers.Conv2D(filters, 3, strides=2, use_bias=False, kernel_regularizer=regularizer,
+                                     name=f"conv_{index}")(hidden)
+        hidden = keras.layers.BatchNormalization(synchronized=config.sync_batchnorm, name=f"batchnorm_{index}")(hidden)
+        hidden = keras.layers.ReLU(name=f"relu_{index}")(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="pool")(hidden)
+    hidden = keras.layers.Dropout(config.dropout_rate, name="dropout")(hidden)
+    hidden = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer,
+                                name="shared_dense")(hidden)
+    return keras.Model(
+        inputs={"image": image},
+        outputs={label: keras.layers.Dense(classes, activation="softmax", kernel_regularizer=regularizer,
+                                           name=label)(hidden)
+                 for label, classes in SHAPES3D_LABELS.items()},
+        name="shapes3d_cnn",
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     "headline": ModelSpec(
         build=build_headline,
-        input_names=("main_input", "aux_input"),
-        output_names=("main_output", "aux_output"),
+        settings=("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
+                  "l2"),
+        losses={"main_output": "binary_crossentropy", "aux_output": "binary_crossentropy"},
+        # The guide's weights: the auxiliary head is a regularizer for the
+        # shared trunk, so it counts for a fifth.
+        loss_weights={"main_output": 1.0, "aux_output": 0.2},
+        metrics={"main_output": ("binary_accuracy",), "aux_output": ("binary_accuracy",)},
+    ),
+    "shapes3d_cnn": ModelSpec(
+        build=build_shapes3d_cnn,
+        settings=("conv_filters", "dense_units", "dropout_rate", "sync_batchnorm", "l2"),
+        losses={label: "sparse_categorical_crossentropy" for label in SHAPES3D_LABELS},
+        loss_weights={label: 1.0 for label in SHAPES3D_LABELS},
+        metrics={label: ("accuracy",) for label in SHAPES3D_LABELS},
     ),
 }
 
 
-def get_spec(name: str) -> ModelSpec:
-    """Returns the registered `ModelSpec` called `name`."""
-    if name not in MODELS:
-        raise ConfigError("model", f"expected one of {', '.join(MODELS)}; got {name!r}")
-    return MODELS[name]
+def builtin_spec(model: object) -> ModelSpec | None:
+    """The built-in model's spec, or None for a user's model."""
+    return MODELS.get(model) if isinstance(model, str) else None
 
 
 def build_model(config: TrainConfig) -> keras.Model:
-    """Builds `config.model` with weights seeded by `config.seed`."""
+    """Builds `config.model` once, seeded by `config.seed`; call inside `strategy.scope()`.
+
+    Raises:
+      ConfigError: naming --model, for a builder that cannot be found, raises,
+        or returns something other than a functional model with two or more outputs.
+    """
+    name = config.model if isinstance(config.model, str) else getattr(config.model, "__name__", repr(config.model))
+    builder = _builder(config)
     # Seeds Python, NumPy and Keras together, so the same --seed gives the
     # same initial weights in the custom loop and in model.fit.
     keras.utils.set_random_seed(config.seed)
-    return get_spec(config.model).build(config)
+    try:
+        model = builder()
+    except Exception as error:  # The user's code: anything can go wrong.
+        raise ConfigError("model", f"{name} raised {user_code.describe_error(error)}") from None
+    _check_model(model, name)
+    return model
+
+
+def _builder(config: TrainConfig) -> Callable[[], keras.Model]:
+    if callable(config.model):
+        return config.model
+    if is_module_function(config.model):
+        return user_code.load_function(config.model, flag="model")
+    spec = builtin_spec(config.model)
+    if spec is None:
+        raise ConfigError("model", f"expected one of {', '.join(MODELS)} or MODULE:FUNCTION; got {config.model!r}")
+    return functools.partial(spec.build, config)
+
+
+def _check_model(model: object, name: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise ConfigError("model", f"{name} returned a {type(model).__name__}, expected a keras.Model")
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        outputs = None
+    if not outputs:
+        raise ConfigError("model", f"{name} returned a model whose outputs are unknown before it is called; "
+                                   f"expected a functional keras.Model built from keras.Input")
+    names = output_names(model)
+    if len(names) < 2:
+        raise ConfigError("model", f"{name} returned a model with one output {names}; expected two or more "
+                                   f"named outputs (mto_tf trains multi-output models)")
+    if len(set(names)) != len(names) or len(set(input_names(model))) != len(input_names(model)):
+        raise ConfigError("model", f"{name} returned a model whose inputs or outputs share a name "
+                                   f"(inputs {input_names(model)}, outputs {names}); give each its own")
+
+
+def input_names(model: keras.Model) -> list[str]:
+    """The names the data must use for the model's inputs: dict keys, or each `keras.Input`'s name."""
+    if isinstance(model.input, dict):
+        return list(model.input)
+    return [tensor.name for tensor in model.inputs]
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """The model's output names as `fit`'s history names them.
+
+    A dict output is named by its key (sorted, as Keras flattens dicts), not
+    by its layer: `model.output_names` gives the layers' names there.
+    """
+    if isinstance(model.output, dict):
+        return sorted(model.output)
+    return list(model.output_names)
+
+
+def input_tensors(model: keras.Model) -> dict[str, keras.KerasTensor]:
+    """Each input's symbolic tensor (shape with None where any size is accepted, dtype), by name."""
+    if isinstance(model.input, dict):
+        return dict(model.input)
+    return dict(zip(input_names(model), model.inputs, strict=True))
+
+
+def output_tensors(model: keras.Model) -> dict[str, keras.KerasTensor]:
+    """Each output's symbolic tensor, by name."""
+    return as_output_dict(model, model.output)
+
+
+def as_output_dict(model: keras.Model, outputs) -> dict:
+    """A model's outputs (dict or list, as it was built) as a dict keyed by output name."""
+    if isinstance(outputs, dict):
+        return dict(outputs)
+    return dict(zip(output_names(model), outputs, strict=True))

@@ -13,14 +13,14 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf import losses
+from mto_tf import losses, models
 
 
 def make_train_step(
     *,
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    loss_fns: Mapping[str, losses.LossFn],
+    loss_fns: Mapping[str, keras.losses.Loss],
     loss_weights: Mapping[str, float],
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
     global_batch_size: int,
@@ -31,14 +31,16 @@ def make_train_step(
 
     It returns the step's measurements: `loss` (the weighted total, as `fit`
     reports it) and `<output>_loss` (unweighted). Metrics accumulate in
-    `output_metrics`; the caller reads and resets them.
+    `output_metrics`; the caller reads and resets them. `loss_fns` return
+    per-example losses (Keras losses with reduction "none").
     """
 
     def one_step_on_batch(batch):
         """Forward, weighted loss, one gradient, one update: on one replica's slice."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         with tf.GradientTape() as tape:
-            predictions = model(inputs, training=True)
+            # training=True: Dropout drops, BatchNorm normalizes by the batch and updates its moving statistics.
+            predictions = models.as_output_dict(model, model(inputs, training=True))
             output_losses = losses.per_output_losses(
                 loss_fns=loss_fns, labels=labels, predictions=predictions,
                 sample_weights=sample_weights, global_batch_size=global_batch_size)

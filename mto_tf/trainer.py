@@ -16,9 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import data, losses, models, outputs, step
+from mto_tf import data, losses, metrics, models, outputs, step, user_code
 from mto_tf.config import ConfigError, TrainConfig
-from mto_tf.metrics import make_output_metrics
 from mto_tf.preemption import Preempted, PreemptionWatcher
 from mto_tf.strategy import check_batch_split, is_chief, make_strategy
 
@@ -28,6 +27,11 @@ CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
 _RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
                       "model_dir", "data_dir", "loop", "jit_compile")
+# Settings only some models or datasets read; any other must keep its default.
+_MODEL_SETTINGS = ("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
+                   "conv_filters", "dropout_rate", "sync_batchnorm", "l2")
+_SYNTHETIC_HEADLINES_SETTINGS = ("vocab_size", "sequence_length", "aux_input_dim", "synthetic_train_examples",
+                                 "synthetic_validation_examples")
 
 
 @dataclasses.dataclass
@@ -46,7 +50,11 @@ class Run:
     strategy: tf.distribute.Strategy
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    output_metrics: dict[str, tuple[str, keras.metrics.Metric]]
+    losses: dict[str, object]  # Each output's loss as `compile` takes it (name, config or function).
+    loss_fns: dict[str, keras.losses.Loss]  # The same losses, per example, for the custom step.
+    loss_weights: dict[str, float]
+    metrics: dict[str, list]  # Each output's metrics as `compile` takes them.
+    output_metrics: dict[str, tuple[str, keras.metrics.Metric]]  # Made from them, named as `fit` names them.
     checkpoints: outputs.Checkpoints
     metrics_log: outputs.MetricsLog
     examples: data.Examples  # In file order.
@@ -78,18 +86,28 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
 
 
 def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
-    """Builds model, optimizer, metrics and data; checks them all before writing anything."""
+    """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
     check_batch_split(config, strategy)
-    # Variables created in the scope are mirrored on every replica. Adam's
-    # slots must exist before the first distributed step, hence build().
+    # Variables created in the scope are mirrored on every replica.
     with strategy.scope():
         model = models.build_model(config)
+        _check_settings_are_used(config)  # Now that --model is known to name a model.
         if config.init_weights:
             _load_init_weights(model, config.init_weights)
+    examples = data.load_examples(config, model)  # Checks the data against the model.
+    inputs_spec, labels_spec, *_ = data.global_batches(examples, model=model, config=config).element_spec
+    predictions_spec = models.output_tensors(model)
+    output_names = models.output_names(model)
+
+    loss_identifiers, loss_weights = _resolve_losses(config, model)
+    loss_fns = {name: losses.per_example_loss(loss_identifiers[name], output=name, y_true=labels_spec[name],
+                                              y_pred=predictions_spec[name]) for name in output_names}
+    metric_identifiers = metrics.resolve_identifiers(_default_for(config, "metrics", {}), output_names=output_names)
+    with strategy.scope():
+        # Adam's slots must exist before the first distributed step, hence build().
         optimizer = make_optimizer(config)
         optimizer.build(model.trainable_variables)
-        output_metrics = make_output_metrics(config.metrics)
-    examples = data.load_examples(config, model)  # Checks an npz file against the model.
+        output_metrics = metrics.make_output_metrics(metric_identifiers, y_true=labels_spec, y_pred=predictions_spec)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone; the other workers read its checkpoints).
@@ -99,16 +117,59 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief)
     start_step = checkpoints.restore_latest()
     return Run(
-        config=config, strategy=strategy, model=model, optimizer=optimizer, output_metrics=output_metrics,
+        config=config, strategy=strategy, model=model, optimizer=optimizer, losses=loss_identifiers,
+        loss_fns=loss_fns, loss_weights=loss_weights, metrics=metric_identifiers, output_metrics=output_metrics,
         checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
         examples=examples, start_step=start_step)
 
 
+def _default_for(config: TrainConfig, field: str, user_model_default):
+    """`config.<field>`, or the built-in model's own when it is None."""
+    value = getattr(config, field)
+    if value is not None:
+        return value
+    spec = models.builtin_spec(config.model)
+    return getattr(spec, field) if spec else user_model_default
+
+
+def _resolve_losses(config: TrainConfig, model: keras.Model) -> tuple[dict[str, object], dict[str, float]]:
+    """Each output's loss (as `compile` takes it) and weight; every output must have both."""
+    output_names = models.output_names(model)
+    given = {"losses": _default_for(config, "losses", {}),
+             # Keras's default: every output counts once.
+             "loss_weights": _default_for(config, "loss_weights", {name: 1.0 for name in output_names})}
+    for flag, mapping in given.items():
+        unknown = sorted(set(mapping) - set(output_names))
+        if unknown:
+            raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {model.name!r} has outputs "
+                                    f"{sorted(output_names)}")
+        missing = [name for name in output_names if name not in mapping]
+        if missing:
+            raise ConfigError(flag, f"no entry for output {missing[0]!r}; expected one for each of "
+                                    f"{sorted(output_names)}")
+    loss_identifiers = {name: user_code.resolve_identifier(given["losses"][name], output=name, flag="losses")
+                        for name in output_names}
+    return loss_identifiers, {name: float(given["loss_weights"][name]) for name in output_names}
+
+
+def _check_settings_are_used(config: TrainConfig) -> None:
+    """A setting that neither the model nor the dataset reads must keep its default (it would be ignored)."""
+    spec = models.builtin_spec(config.model)
+    read = set(spec.settings if spec else ())
+    if config.dataset == "synthetic_headlines":
+        read |= set(_SYNTHETIC_HEADLINES_SETTINGS)
+    defaults = TrainConfig.__dataclass_fields__
+    for name in (*_MODEL_SETTINGS, *_SYNTHETIC_HEADLINES_SETTINGS):
+        if name not in read and getattr(config, name) != defaults[name].default:
+            raise ConfigError(name, f"--model={config.describe()['model']} with --dataset="
+                                    f"{config.describe()['dataset']} does not read it; leave it unset")
+
+
 def run_custom_loop(run: Run) -> None:
     """Drives the explicit train step from `run.start_step` to `train_steps`."""
     config, strategy = run.config, run.strategy
-    train_loop = step.make_train_loop(make_train_step(run), measurement_names(config))
+    train_loop = step.make_train_loop(make_train_step(run), measurement_names(run))
     iterator = iter(data.distributed_batches(strategy, run.examples, model=run.model, config=config,
                                              skip_steps=run.start_step))
     preemption = PreemptionWatcher(strategy)
@@ -138,17 +199,15 @@ def run_custom_loop(run: Run) -> None:
 
 def make_train_step(run: Run):
     """The run's `step.make_train_step`, with its losses, weights and settings."""
-    config = run.config
     return step.make_train_step(
-        model=run.model, optimizer=run.optimizer,
-        loss_fns={name: losses.get_loss_fn(loss) for name, loss in config.losses.items()},
-        loss_weights=config.loss_weights, output_metrics=run.output_metrics,
-        global_batch_size=config.batch_size, strategy=run.strategy, jit_compile=config.jit_compile)
+        model=run.model, optimizer=run.optimizer, loss_fns=run.loss_fns, loss_weights=run.loss_weights,
+        output_metrics=run.output_metrics, global_batch_size=run.config.batch_size, strategy=run.strategy,
+        jit_compile=run.config.jit_compile)
 
 
-def measurement_names(config: TrainConfig) -> list[str]:
+def measurement_names(run: Run) -> list[str]:
     """What the train step measures: the total loss, then each output's loss."""
-    return ["loss", *(f"{name}_loss" for name in config.losses)]
+    return ["loss", *(f"{name}_loss" for name in run.loss_fns)]
 
 
 class _Window:
@@ -198,8 +257,8 @@ def _load_init_weights(model: keras.Model, path: str) -> None:
 def _prepare_model_dir(config: TrainConfig) -> None:
     """Creates `--model_dir`, or checks that the run it holds is this run, so resuming is safe."""
     config_path = os.path.join(config.model_dir, CONFIG_FILE)
-    settings = {name: value for name, value in dataclasses.asdict(config).items() if name not in _RESUMABLE_CHANGES}
-    settings = json.loads(json.dumps(settings))  # Tuples -> lists, as read back.
+    settings = {name: value for name, value in config.describe().items() if name not in _RESUMABLE_CHANGES}
+    settings = json.loads(json.dumps(settings))  # As read back.
     if os.path.exists(config_path):
         with open(config_path) as config_file:
             saved = json.load(config_file)

@@ -172,3 +172,9 @@ def read_split(builder: SyntheticHeadlines, split: str):
 
     files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
     return Examples(records=tf.data.TFRecordDataset(files), parse_batch=parse_batch)
+
+
+def feature_specs(config) -> dict[str, tf.TensorSpec]:
+    """Each feature's per-example shape and dtype, as the builder declares them."""
+    return {name: tf.TensorSpec(feature.shape, feature.tf_dtype)
+            for name, feature in make_builder(config).info.features.items()}

@@ -1,0 +1,108 @@
+"""`--dataset=tfds:NAME[/CONFIG][:VERSION]`: any dataset prepared in `--data_dir`, read by TFDS.
+
+TFDS reads a prepared dataset from its files even when its builder cannot be
+imported (it makes a read-only builder from the dataset's metadata), so a
+dataset prepared by another program trains as well as a catalogue one.
+Nothing is downloaded: a dataset that is not in `--data_dir` is an error.
+
+`--feature_map=NAME=FEATURE,...` says which feature feeds each model input,
+output (labels) and `sample_weight/<output>`; by default a feature named like
+the input or output. Nested features are `parent/child`. Only those features
+are decoded (`tfds.decode.PartialDecoding`); `ClassLabel` features arrive as
+integer class ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mto_tf import models, user_code
+from mto_tf.config import ConfigError
+from mto_tf.data import features
+
+
+def load(name: str, *, data_dir: str | None, split: str, split_flag: str, feature_map: Mapping[str, str],
+         model) -> tuple[tf.data.Dataset, dict[str, str]]:
+    """Reads split `split` of TFDS dataset `name`, checked against `model`.
+
+    Returns:
+      The split's examples in file order, each a dict of the decoded features
+      the model needs; and `{model name: feature path}` for each of them.
+    """
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        info = builder.info
+    except Exception as error:  # TFDS raises its own errors for unknown names, versions and configs.
+        raise ConfigError("dataset", f"TFDS cannot open {name!r} in --data_dir={data_dir} "
+                                     f"({user_code.describe_error(error)}); prepare it there first") from None
+    if info.splits and split not in info.splits:
+        raise ConfigError(split_flag, f"dataset {name!r} has no split {split!r}; it has {sorted(info.splits)}")
+
+    feature_paths = _feature_paths(feature_map, model)
+    available = dict(_all_features(info.features))
+    for key, path in feature_paths.items():
+        if path not in available:
+            flag = "feature_map" if key in feature_map else "dataset"
+            raise ConfigError(flag, f"{_describe(key, path)}: dataset {name!r} has no feature {path!r} "
+                                    f"(it has {sorted(available)}); map it with --feature_map={key}=FEATURE")
+    features.check({key: tf.TensorSpec(available[path].shape, available[path].tf_dtype)
+                    for key, path in feature_paths.items()},
+                   model, flag="feature_map", where=lambda key: _describe(key, feature_paths[key]))
+    try:
+        records = builder.as_dataset(split=split, shuffle_files=False,
+                                     decoders=tfds.decode.PartialDecoding(_nested(feature_paths.values())))
+    except Exception as error:  # Not prepared, or files missing.
+        raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
+                                     f"({user_code.describe_error(error)})") from None
+    return records, feature_paths
+
+
+def select(batch: dict, feature_paths: Mapping[str, str]) -> dict[str, tf.Tensor]:
+    """A batch of decoded examples -> `{model name: tensor}`."""
+    selected = {}
+    for key, path in feature_paths.items():
+        value = batch
+        for part in path.split("/"):
+            value = value[part]
+        selected[key] = value
+    return selected
+
+
+def _feature_paths(feature_map: Mapping[str, str], model) -> dict[str, str]:
+    known = features.expected_keys(model)
+    unknown = sorted(set(feature_map) - set(known))
+    if unknown:
+        raise ConfigError("feature_map", f"{unknown[0]!r} is not an input, an output or "
+                                         f"{features.SAMPLE_WEIGHT_PREFIX}<output> of model {model.name!r} "
+                                         f"(inputs {models.input_names(model)}, outputs {models.output_names(model)})")
+    wanted = [*models.input_names(model), *models.output_names(model),
+              *(key for key in feature_map if key.startswith(features.SAMPLE_WEIGHT_PREFIX))]
+    return {key: feature_map.get(key, key) for key in wanted}
+
+
+def _all_features(feature_dict, prefix: str = ""):
+    """Yields `(path, feature)` for every leaf feature, nested ones as `parent/child`."""
+    for key, feature in feature_dict.items():
+        if isinstance(feature, tfds.features.FeaturesDict):
+            yield from _all_features(feature, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", feature
+
+
+def _nested(paths) -> dict:
+    """`["a/b", "c"]` -> `{"a": {"b": True}, "c": True}`: what `PartialDecoding` takes."""
+    tree: dict = {}
+    for path in paths:
+        *parents, leaf = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = True
+    return tree
+
+
+def _describe(key: str, path: str) -> str:
+    return f"feature {path!r}" + (f" (for {key!r})" if key != path else "")
