@@ -27,9 +27,20 @@ BATCH_SIZE = 16
 
 
 def small_config(tmp_path, **overrides) -> TrainConfig:
-    """A `TrainConfig` for the small model; `overrides` win."""
+    """A `TrainConfig` for the small headline model; `overrides` win."""
     settings = dict(SMALL_MODEL, batch_size=BATCH_SIZE, train_steps=6, steps_per_loop=1, log_every=1,
-                    checkpoint_every=1000, synthetic_train_examples=128, synthetic_validation_examples=32,
+                    checkpoint_every=1000, data_dir=str(tmp_path / "tfds"), model_dir=str(tmp_path / "run"),
+                    optimizer="sgd", learning_rate=0.1)
+    if overrides.get("dataset", "synthetic_headlines") == "synthetic_headlines":
+        # Only synthetic_headlines reads them (mto_tf refuses settings nothing reads).
+        settings.update(synthetic_train_examples=128, synthetic_validation_examples=32)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def run_config(tmp_path, **overrides) -> TrainConfig:
+    """A short run's `TrainConfig` with no model sizes (for a user's or a built-in model at its own sizes)."""
+    settings = dict(batch_size=BATCH_SIZE, train_steps=6, steps_per_loop=1, log_every=1, checkpoint_every=1000,
                     data_dir=str(tmp_path / "tfds"), model_dir=str(tmp_path / "run"), optimizer="sgd",
                     learning_rate=0.1)
     settings.update(overrides)

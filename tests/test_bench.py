@@ -70,3 +70,21 @@ def test_repeats_pool_the_windows_of_every_process():
     assert combined["spread"] == pytest.approx((200.0 - 90.0) / 155.0)
     assert combined["peak_rss_mb"] == 700.0 and combined["process_medians"] == [100.0, 200.0]
     assert combined["turns"] == [[1.0, 2.0], [5.0, 6.0]]
+
+
+@pytest.mark.slow
+def test_benchmark_takes_a_user_model_and_dataset_like_mto_train(tmp_path):
+    from test_user_models import LOSSES, MODULE_NAME, MODULE_SOURCE, write_ticket_npz
+    (tmp_path / f"{MODULE_NAME}.py").write_text(MODULE_SOURCE)
+    write_ticket_npz(tmp_path / "tickets.npz")
+    output = tmp_path / "bench.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "mto_tf.bench", f"--model={MODULE_NAME}:build", "--dataset=npz:tickets.npz",
+         f"--losses={json.dumps(LOSSES)}", "--batch_size=16", "--steps_per_loop=5", "--windows=1",
+         "--window_steps=5", "--variants=custom_default,fit_default", f"--output_json={output}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert process.returncode == 0, process.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert list(report["variants"]) == ["custom_default", "fit_default"]
+    assert all(result["examples_per_sec"] > 0 for result in report["variants"].values())
+    assert f"--model={MODULE_NAME}:build" in report["machine"]["command"]

@@ -14,16 +14,16 @@ from mto_tf.models import build_headline
 
 pytestmark = pytest.mark.slow
 
-SMALL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
-    "--synthetic_train_examples=128", "--synthetic_validation_examples=32", "--batch_size=16"]
+MODEL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + ["--batch_size=16"]
+SMALL_FLAGS = MODEL_FLAGS + ["--synthetic_train_examples=128", "--synthetic_validation_examples=32"]
 TIMEOUT_SECONDS = 180
 
 
-def run_cli(*args, entry_point=("mto-train",)):
+def run_cli(*args, entry_point=("mto-train",), cwd=None):
     """Runs the command line; returns the finished process (stdout and stderr as text)."""
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([*entry_point, *args], capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
-                          env=environment)
+                          env=environment, cwd=cwd)
 
 
 def test_short_run_from_a_flagfile_writes_metrics_weights_model_checkpoints_and_tensorboard(tmp_path):
@@ -76,8 +76,10 @@ def _npz_without(tmp_path, key):
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, make_args, expected_error):
     model_dir = tmp_path / "never_written"
-    process = run_cli(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}",
-                      *make_args(tmp_path))
+    args = make_args(tmp_path)
+    # Synthetic sizes only with the synthetic dataset: a setting nothing reads is refused.
+    base_flags = MODEL_FLAGS if any(arg.startswith("--dataset=") for arg in args) else SMALL_FLAGS
+    process = run_cli(*base_flags, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}", *args)
     assert process.returncode == 2
     assert f"mto-train: error: " in process.stderr and expected_error in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr

@@ -30,6 +30,25 @@ def test_per_output_flags_parse_into_mappings():
     assert config.losses == {"main_output": "binary_crossentropy", "aux_output": "mean_squared_error"}
     assert config.metrics == {"main_output": ("binary_accuracy", "auc"), "aux_output": ("binary_accuracy",)}
     assert config_from_args("--metrics=").metrics == {}
+    # Unset: the built-in model's own (resolved once the model is built).
+    assert (config_from_args().losses, config_from_args().loss_weights, config_from_args().metrics) == (None,) * 3
+
+
+def test_json_losses_and_metrics_keep_keras_configs_and_module_functions():
+    config = config_from_args(
+        '--losses={"main_output": {"class_name": "BinaryCrossentropy", "config": {"from_logits": true}},'
+        ' "aux_output": "my_losses:focal"}',
+        '--metrics={"main_output": ["accuracy", {"class_name": "AUC", "config": {"name": "pr", "curve": "PR"}}],'
+        ' "aux_output": "mae"}',
+        '--loss_weights={"main_output": 1, "aux_output": 0.5}',
+        "--model=my_models:build", "--dataset=tfds:my_data/small:1.0.0",
+        "--feature_map=main_input=text/tokens,sample_weight/main_output=weight")
+    assert config.losses == {"main_output": {"class_name": "BinaryCrossentropy", "config": {"from_logits": True}},
+                             "aux_output": "my_losses:focal"}
+    assert config.metrics == {"main_output": ("accuracy", {"class_name": "AUC", "config": {"name": "pr", "curve": "PR"}}),
+                              "aux_output": ("mae",)}
+    assert config.loss_weights == {"main_output": 1.0, "aux_output": 0.5}
+    assert config.feature_map == {"main_input": "text/tokens", "sample_weight/main_output": "weight"}
 
 
 def test_flagfile_sets_flags(tmp_path):
@@ -44,11 +63,15 @@ def test_flagfile_sets_flags(tmp_path):
     (["--loss_weights=main_output=1,main_output=2"], "^--loss_weights: output 'main_output' given twice"),
     (["--loss_weights=main_output=nan,aux_output=1"], "^--loss_weights: weight of 'main_output' must be a finite"),
     (["--loss_weights=main_output=inf,aux_output=1"], "^--loss_weights: weight of 'main_output' must be a finite"),
-    (["--losses=main_output=binary_crossentropy"], "^--losses: no entry for output 'aux_output'"),
-    (["--losses=main_output=hinge_it,aux_output=binary_crossentropy"], "^--losses: expected a Keras loss function"),
-    (["--metrics=side_output=auc"], "^--metrics: unknown output 'side_output'"),
+    (["--losses={main_output: 1}"], "^--losses: not valid JSON"),
+    (['--losses={"main_output": 3}'], "^--losses: output 'main_output': expected a Keras loss name"),
     (["--metrics=main_output"], "^--metrics: expected OUTPUT=METRIC pairs"),
-    (["--model=resnet"], "^--model: expected one of headline"),
+    (["--model=my models:build"], "^--model: expected MODULE:FUNCTION"),
+    (["--sync_batchnorm"], "^--sync_batchnorm: only the built-in shapes3d_cnn"),
+    (["--dropout_rate=1"], r"^--dropout_rate: expected a rate in \[0, 1\)"),
+    (["--feature_map=image=pixels"], "^--feature_map: maps features of a tfds: dataset"),
+    (["--train_split=test"], "^--train_split: chooses a split of a tfds: dataset"),
+    (["--dataset=tfds:"], "^--dataset: expected tfds:NAME"),
     (["--batch_size=0"], "^--batch_size: expected an integer > 0"),
     (["--steps_per_loop=-1"], "^--steps_per_loop: expected an integer > 0"),
     (["--learning_rate=0"], "^--learning_rate: expected a number > 0"),
@@ -58,7 +81,7 @@ def test_flagfile_sets_flags(tmp_path):
     (["--loop=fit", "--log_every=25"], "^--log_every: with --loop=fit, must be a multiple of --steps_per_loop=10"),
     (["--loop=fit", "--strategy=mirrored", "--num_cpu_devices=2"], "^--steps_per_loop: with --loop=fit under "),
     (["--loop=fit", "--strategy=multi_worker"], "^--loop: model.fit does not run under MultiWorkerMirroredStrategy"),
-    (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines' or 'npz:PATH'"),
+    (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines', 'npz:PATH' or 'tfds:NAME"),
     (["--dataset=npz:/no/such/file.npz"], "^--dataset: npz file not found"),
     (["--init_weights=/no/such.weights.h5"], "^--init_weights: file not found"),
     (["--loop=fit", "--train_steps=7", "--log_every=5"], "^--train_steps: with --loop=fit, must be a multiple"),
@@ -68,13 +91,24 @@ def test_bad_settings_raise_config_error_naming_the_flag(args, message):
         config_from_args(*args)
 
 
-def test_unknown_metric_is_rejected_when_metrics_are_made_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    (dict(losses={"main_output": "binary_crossentropy"}), "^--losses: no entry for output 'aux_output'"),
+    (dict(losses={"main_output": "hinge_it", "aux_output": "binary_crossentropy"}),
+     "^--losses: output 'main_output': Keras cannot make a loss of 'hinge_it'"),
+    (dict(losses={"main_output": {"class_name": "BinaryCrossentropy", "config": {"from_logit": True}},
+                  "aux_output": "binary_crossentropy"}),
+     "^--losses: output 'main_output': Keras cannot make a loss of .*from_logit"),
+    (dict(loss_weights={"main_output": 1.0, "aux": 0.2}),
+     r"^--loss_weights: unknown output 'aux'; model 'headline' has outputs \['aux_output', 'main_output'\]"),
+    (dict(metrics={"side_output": ("auc",)}), "^--metrics: unknown output 'side_output'"),
+    (dict(metrics={"main_output": ("accuracyy",)}), "^--metrics: output 'main_output': Keras cannot make a metric"),
+    (dict(model="resnet"), "^--model: expected one of headline, shapes3d_cnn or MODULE:FUNCTION; got 'resnet'"),
+    (dict(conv_filters=8), "^--conv_filters: --model=headline with --dataset=synthetic_headlines does not read it"),
+])
+def test_settings_checked_against_the_built_model_fail_before_anything_is_written(tmp_path, overrides, message):
     from mto_tf.trainer import train
-    config = small_config(tmp_path, metrics={"main_output": ("accuracy",)})
-    with pytest.raises(ConfigError, match="^--metrics: 'accuracy' is ambiguous"):
-        train(config)
-    with pytest.raises(ConfigError, match="^--metrics: expected a Keras metric name"):
-        train(dataclasses.replace(config, metrics={"main_output": ("accuracyy",)}))
+    with pytest.raises(ConfigError, match=message):
+        train(small_config(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
 
 
@@ -88,3 +122,18 @@ def test_init_weights_of_another_model_is_rejected_naming_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="^--init_weights: .*other.weights.h5' does not fit model 'headline'"):
         train(small_config(tmp_path, init_weights=str(tmp_path / "other.weights.h5")))
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_given_from_python_are_recorded_by_name_the_same_in_every_process():
+    import keras
+
+    def build():
+        raise AssertionError("never called")
+
+    described = TrainConfig(model=build, losses={"a": keras.losses.Huber(), "b": keras.losses.mean_squared_error},
+                            metrics={"a": ("mae",)}).describe()
+    assert described["model"] == f"{__name__}:test_settings_given_from_python_are_recorded_by_name_the_same_in_" \
+                                 f"every_process.<locals>.build"
+    assert described["losses"] == {"a": "python:Huber", "b": "keras.src.losses.losses:mean_squared_error"}
+    assert described["metrics"] == {"a": ["mae"]}
+    assert "0x" not in repr(described)  # No memory address: a resumed run must describe itself alike.

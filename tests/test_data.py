@@ -108,8 +108,12 @@ def test_npz_file_order_and_sample_weights_reach_the_batches(tmp_path):
 
 @pytest.mark.parametrize("corrupt, message", [
     (lambda a: a.pop("aux_output"), r"key 'aux_output': missing"),
-    (lambda a: a.update(aux_input=a["aux_input"][:, :4]), r"key 'aux_input': expected shape \(N, 5\)"),
-    (lambda a: a.update(main_input=a["main_input"].astype(np.float32)), r"key 'main_input': expected integer"),
+    (lambda a: a.update(aux_input=a["aux_input"][:, :4]),
+     r"key 'aux_input': expected per-example shape \(5,\) for input 'aux_input', got \(4,\)"),
+    (lambda a: a.update(main_input=a["main_input"].astype(np.float32)),
+     r"key 'main_input': expected integers for input 'main_input' \(int32\), got float32"),
+    (lambda a: a.update(main_output=np.zeros((20, 2))),
+     r"key 'main_output': expected labels of per-example shape \(1,\) for output 'main_output'"),
     (lambda a: a.update(main_output=a["main_output"][:10]), r"key 'main_output': has 10 rows"),
     (lambda a: a.update(labels=a["main_output"]), r"key 'labels': not an input, an output"),
     (lambda a: a.update({"sample_weight/main_output": -a["main_output"] - 1}), r"key 'sample_weight/main_output': expected finite sample weights"),

@@ -28,9 +28,15 @@ def _batch(batch_size=16, seed=0):
     return inputs, labels
 
 
+def _per_example_bce(model, output):
+    spec = tf.TensorSpec((16, 1), tf.float32)
+    return losses.per_example_loss("binary_crossentropy", output=output, y_true=spec,
+                                   y_pred=model.output[output])
+
+
 def _gradients(model, inputs, labels, loss_weights):
     """Gradient of sum_i w_i * loss_i, through the library's own loss functions."""
-    loss_fns = {name: losses.get_loss_fn("binary_crossentropy") for name in labels}
+    loss_fns = {name: _per_example_bce(model, name) for name in labels}
     with tf.GradientTape() as tape:
         predictions = model(inputs, training=True)
         output_losses = losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
@@ -82,8 +88,10 @@ def test_weighted_loss_equals_hand_computed_binary_crossentropy():
     global_batch_size = 12  # As if another replica held the other half of the batch.
     weights = {"main_output": 1.0, "aux_output": 0.2}
 
+    spec = tf.TensorSpec((batch, 1), tf.float32)
     output_losses = losses.per_output_losses(
-        loss_fns={name: losses.get_loss_fn("binary_crossentropy") for name in labels},
+        loss_fns={name: losses.per_example_loss("binary_crossentropy", output=name, y_true=spec, y_pred=spec)
+                  for name in labels},
         labels={k: tf.constant(v) for k, v in labels.items()},
         predictions={k: tf.constant(v) for k, v in predictions.items()},
         sample_weights={k: tf.constant(v) for k, v in sample_weights.items()},
@@ -116,11 +124,18 @@ def test_regularization_is_divided_by_the_number_of_replicas(mirrored_strategy):
     assert [float(share) for share in shares] == [0.25, 0.25]
 
 
-def test_unknown_loss_name_is_rejected_naming_the_flag():
-    with pytest.raises(ValueError, match="^--losses: .*'not_a_loss'"):
-        losses.get_loss_fn("not_a_loss")
-    # A Loss class name resolves to an object with its own reduction, not
-    # a per-example function: rejected too.
-    with pytest.raises(ValueError, match="^--losses: "):
-        losses.get_loss_fn("BinaryCrossentropy")
-    assert losses.get_loss_fn("binary_crossentropy") is keras.losses.binary_crossentropy
+def test_losses_are_keras_own_objects_per_example_and_refused_naming_the_flag_and_output():
+    spec = tf.TensorSpec((4, 1), tf.float32)
+    with pytest.raises(ValueError, match="^--losses: output 'main_output': Keras cannot make a loss of 'not_a_loss'"):
+        losses.per_example_loss("not_a_loss", output="main_output", y_true=spec, y_pred=spec)
+    # Any Keras loss, by name or config, gives per-example values: the
+    # custom loop reduces them itself, over the global batch.
+    config = {"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}
+    from_logits = losses.per_example_loss(config, output="main_output", y_true=spec, y_pred=spec)
+    labels, logits = tf.constant([[1.0], [0.0], [1.0], [0.0]]), tf.constant([[2.0], [-1.0], [-0.5], [0.3]])
+    expected = np.log1p(np.exp(-np.array([2.0, 1.0, -0.5, -0.3])))  # -log(sigmoid(+-z)), by hand.
+    np.testing.assert_allclose(from_logits(labels, logits).numpy(), expected, rtol=1e-6)
+    # "crossentropy" is resolved from the shapes, as compile() resolves it.
+    sparse = losses.per_example_loss("crossentropy", output="kind", y_true=tf.TensorSpec((4,), tf.int32),
+                                     y_pred=tf.TensorSpec((4, 3), tf.float32))
+    assert sparse.fn is keras.losses.sparse_categorical_crossentropy

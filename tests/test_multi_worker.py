@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from conftest import BATCH_SIZE, SMALL_MODEL, small_config, write_npz
 from mto_tf.models import build_headline
-from test_parity_with_fit import _optimizer, max_weight_difference
+from test_parity_with_fit import HEADLINE, _optimizer, max_weight_difference
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def single_process_fit(tmp_path, arrays, *, steps, workers, replicas_per_worker)
     config = small_config(tmp_path, optimizer="adam", learning_rate=0.01)
     model = build_headline(config)
     model.load_weights(tmp_path / "init.weights.h5")
-    model.compile(optimizer=_optimizer(config), loss=dict(config.losses), loss_weights=dict(config.loss_weights))
+    model.compile(optimizer=_optimizer(config), loss=dict(HEADLINE.losses), loss_weights=dict(HEADLINE.loss_weights))
     model.fit(tf.data.Dataset.from_tensor_slices((inputs, labels)), epochs=steps, steps_per_epoch=1,
               shuffle=False, verbose=0)
     return model.get_weights()

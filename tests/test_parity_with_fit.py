@@ -17,12 +17,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf.models import build_headline
+from mto_tf.models import MODELS, build_headline
 from mto_tf.trainer import train
 
 pytestmark = pytest.mark.slow
 
 LOGGED_LOSSES = ("loss", "main_output_loss", "aux_output_loss")
+HEADLINE = MODELS["headline"]  # Its own losses and weights: what mto-train uses unless told otherwise.
 
 CASES = {
     "sgd": dict(optimizer="sgd", learning_rate=0.1),
@@ -60,8 +61,8 @@ def reference_fit(config, arrays, init_weights, strategy, jit_compile=False):
     with strategy.scope():
         model = build_headline(config)
         model.load_weights(init_weights)
-        model.compile(optimizer=_optimizer(config), loss=dict(config.losses),
-                      loss_weights=dict(config.loss_weights), jit_compile=jit_compile)
+        model.compile(optimizer=_optimizer(config), loss=dict(HEADLINE.losses),
+                      loss_weights=dict(config.loss_weights or HEADLINE.loss_weights), jit_compile=jit_compile)
     history = model.fit(dataset, epochs=config.train_steps // config.log_every, steps_per_epoch=config.log_every,
                         shuffle=False, verbose=0)
     return history.history, model.get_weights()

@@ -1,0 +1,125 @@
+"""`--dataset=tfds:NAME`: a dataset prepared in `--data_dir`, its features mapped to the model.
+
+The test prepares a small dataset with a builder defined here, so a
+`mto-train` subprocess cannot import it: TFDS reads it from its files, as it
+would read a dataset prepared by any other program. Its features are named
+unlike the model's, one is nested, and the main label is a `ClassLabel`.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import BATCH_SIZE, SMALL_MODEL, small_config
+from mto_tf import data
+from mto_tf.config import ConfigError
+from mto_tf.models import build_headline
+from mto_tf.trainer import train
+from test_cli import MODEL_FLAGS, run_cli
+
+NUM_TRAIN = 48
+FEATURE_MAP = {"main_input": "text/token_ids", "aux_input": "side_info", "main_output": "is_main",
+               "aux_output": "topic", "sample_weight/main_output": "weight"}
+FEATURE_MAP_FLAG = "--feature_map=" + ",".join(f"{key}={value}" for key, value in FEATURE_MAP.items())
+
+
+class SupportTickets(tfds.core.GeneratorBasedBuilder):
+    """Deterministic examples for the small headline model, under other feature names."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "text": tfds.features.FeaturesDict({
+                "token_ids": tfds.features.Tensor(shape=(SMALL_MODEL["sequence_length"],), dtype=np.int32)}),
+            "side_info": tfds.features.Tensor(shape=(5,), dtype=np.float32),
+            "is_main": tfds.features.ClassLabel(names=["no", "yes"]),
+            "topic": tfds.features.Tensor(shape=(1,), dtype=np.float32),
+            "weight": tfds.features.Tensor(shape=(), dtype=np.float32),
+            "notes": tfds.features.Text(),  # Not read: never decoded.
+        }), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(seed=0, count=NUM_TRAIN),
+                "holdout": self._generate_examples(seed=1, count=16)}
+
+    def _generate_examples(self, *, seed, count):
+        for index, example in enumerate(ticket_examples(seed, count)):
+            yield index, example
+
+
+def ticket_examples(seed, count):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield {"text": {"token_ids": rng.integers(0, SMALL_MODEL["vocab_size"], SMALL_MODEL["sequence_length"])
+                        .astype(np.int32)},
+               "side_info": rng.standard_normal(5).astype(np.float32),
+               "is_main": int(rng.integers(2)), "topic": rng.integers(0, 2, 1).astype(np.float32),
+               "weight": np.float32(rng.choice([0.5, 1.0, 2.0])), "notes": "text nobody reads"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tfds")
+    SupportTickets(data_dir=str(directory)).download_and_prepare()
+    return directory
+
+
+def _config(tmp_path, data_dir, **overrides):
+    settings = dict(dataset="tfds:support_tickets", data_dir=str(data_dir), feature_map=FEATURE_MAP)
+    return small_config(tmp_path, **{**settings, **overrides})
+
+
+def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
+    config = _config(tmp_path, data_dir)
+    model = build_headline(config)
+    inputs, labels, sample_weights = next(iter(data.global_batches(data.load_examples(config, model),
+                                                                   model=model, config=config)))
+    expected = list(ticket_examples(0, BATCH_SIZE))
+    np.testing.assert_array_equal(inputs["main_input"], [e["text"]["token_ids"] for e in expected])
+    np.testing.assert_array_equal(inputs["aux_input"], [e["side_info"] for e in expected])
+    # The ClassLabel arrives as integer class ids; the weight as one float per example.
+    np.testing.assert_array_equal(labels["main_output"], [e["is_main"] for e in expected])
+    np.testing.assert_array_equal(labels["aux_output"], [e["topic"] for e in expected])
+    np.testing.assert_array_equal(sample_weights["main_output"], [e["weight"] for e in expected])
+    assert set(sample_weights) == {"main_output"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(feature_map={**FEATURE_MAP, "aux_input": "side"}),
+     r"^--feature_map: feature 'side' \(for 'aux_input'\): dataset 'support_tickets' has no feature 'side'"),
+    (dict(feature_map={key: value for key, value in FEATURE_MAP.items() if key != "aux_output"}),
+     r"^--dataset: feature 'aux_output': dataset 'support_tickets' has no feature 'aux_output' .* "
+     r"map it with --feature_map=aux_output=FEATURE"),
+    (dict(feature_map={**FEATURE_MAP, "aux_input": "text/token_ids"}),
+     r"^--feature_map: feature 'text/token_ids' \(for 'aux_input'\): expected per-example shape \(5,\)"),
+    (dict(feature_map={**FEATURE_MAP, "extra": "weight"}), r"^--feature_map: 'extra' is not an input, an output"),
+    (dict(train_split="validation"), r"^--train_split: dataset 'support_tickets' has no split 'validation'; "
+                                     r"it has \['holdout', 'train'\]"),
+    (dict(dataset="tfds:no_such_dataset"), r"^--dataset: TFDS cannot open 'no_such_dataset'"),
+])
+def test_features_the_model_cannot_take_are_refused_naming_the_flag_and_feature(tmp_path, data_dir, overrides,
+                                                                                 message):
+    with pytest.raises(ConfigError, match=message):
+        train(_config(tmp_path, data_dir, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_mto_train_reads_a_dataset_whose_builder_it_cannot_import(tmp_path, data_dir):
+    process = run_cli(*MODEL_FLAGS, "--dataset=tfds:support_tickets:1.0.0", f"--data_dir={data_dir}",
+                      FEATURE_MAP_FLAG, "--train_split=holdout", f"--model_dir={tmp_path / 'run'}",
+                      "--train_steps=4", "--log_every=2")
+    assert process.returncode == 0, process.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+
+    bad = run_cli(*MODEL_FLAGS, "--dataset=tfds:support_tickets", f"--data_dir={data_dir}",
+                  "--feature_map=main_input=text/tokens", f"--model_dir={tmp_path / 'never'}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "mto-train: error: --feature_map: feature 'text/tokens' (for 'main_input'): dataset 'support_tickets' " \
+           "has no feature 'text/tokens'" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "never").exists()
