@@ -46,6 +46,11 @@ MODULE_SOURCE = textwrap.dedent('''
         return keras.ops.sum(keras.ops.square(y_true - y_pred), axis=-1)
 
 
+    def worst_tag_error(y_true, y_pred):
+        """A metric of the user's own: per example, the largest error over its tags."""
+        return keras.ops.max(keras.ops.abs(y_true - y_pred), axis=-1)
+
+
     def not_a_model():
         return "a model"
 
@@ -109,9 +114,10 @@ def _setup(tmp_path, user_module, **overrides):
     arrays = write_ticket_npz(tmp_path / "tickets.npz")
     keras.utils.set_random_seed(0)
     user_module.build().save_weights(tmp_path / "init.weights.h5")
-    config = run_config(tmp_path, model=f"{MODULE_NAME}:build", dataset=f"npz:{tmp_path / 'tickets.npz'}",
-                        init_weights=str(tmp_path / "init.weights.h5"), losses=LOSSES, loss_weights=LOSS_WEIGHTS,
-                        metrics=METRICS, optimizer="adam", learning_rate=0.01, **overrides)
+    settings = dict(model=f"{MODULE_NAME}:build", dataset=f"npz:{tmp_path / 'tickets.npz'}",
+                    init_weights=str(tmp_path / "init.weights.h5"), losses=LOSSES, loss_weights=LOSS_WEIGHTS,
+                    metrics=METRICS, optimizer="adam", learning_rate=0.01)
+    config = run_config(tmp_path, **{**settings, **overrides})
     return config, arrays
 
 
@@ -233,6 +239,20 @@ def test_npz_keys_are_checked_against_the_user_model(tmp_path, user_module, corr
     with pytest.raises(ConfigError, match="^--dataset: npz file .*tickets.npz', " + message):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_metric_functions_of_the_users_own_are_named_after_the_function_as_fit_names_them(tmp_path, user_module):
+    config, arrays = _setup(tmp_path, user_module, metrics={"tags": (f"{MODULE_NAME}:worst_tag_error",)},
+                            train_steps=1)
+    result = train(config)
+    # The step's metric sees the predictions of the initial weights, on the first batch.
+    model = user_module.build()
+    model.load_weights(tmp_path / "init.weights.h5")
+    first_batch = {"tokens": arrays["tokens"][:BATCH_SIZE], "extra": arrays["extra"][:BATCH_SIZE]}
+    predicted_tags = model.predict(first_batch, verbose=0)[OUTPUT_ORDER.index("tags")]
+    expected = np.max(np.abs(arrays["tags"][:BATCH_SIZE] - predicted_tags), axis=-1).mean()
+    # fit names a metric function by its __name__.
+    assert result.history[0]["tags_worst_tag_error"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_command_line_trains_a_user_model_from_its_directory_with_json_losses_and_init_weights(tmp_path,
