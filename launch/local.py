@@ -15,7 +15,8 @@ The command after `--` runs once per worker, each with its own `TF_CONFIG`
   peer died can wait forever, and ignores SIGTERM while it does).
 - With `--restarts=K` all workers are started again, up to K times; they
   resume from the run's latest checkpoint. A worker that exits with status 2
-  (mto-train's "bad setting") is not restarted: that will not fix itself.
+  (mto-train's "bad setting") or 3 (a loss or weight became NaN or
+  infinite) is not restarted: that will not fix itself.
 - SIGTERM or Ctrl-C to the launcher is passed on to the workers (mto-train
   then saves a checkpoint and stops); after `--grace` seconds they are killed.
 
@@ -36,6 +37,7 @@ import threading
 import time
 
 EXIT_BAD_CONFIG = 2  # mto-train's status for a bad setting.
+EXIT_NON_FINITE = 3  # mto-train's status for a loss or weight that became NaN or infinite.
 POLL_SECONDS = 0.1
 
 
@@ -153,7 +155,9 @@ def main(argv: list[str]) -> int:
         print(f"launch: {what_happened}", file=sys.stderr if status else sys.stdout, flush=True)
         if status == 0:
             return 0
-        retryable = status != EXIT_BAD_CONFIG and not stop_requested.is_set() and time.monotonic() < deadline
+        # A bad setting, or a run that diverged, would only do the same again.
+        retryable = (status not in (EXIT_BAD_CONFIG, EXIT_NON_FINITE) and not stop_requested.is_set()
+                     and time.monotonic() < deadline)
         if not retryable or attempt == args.restarts:
             return status
         print("launch: restarting all workers; they resume from the latest checkpoint", flush=True)

@@ -104,9 +104,10 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
     with tempfile.TemporaryDirectory() as model_dir:
         # mto-train's own set-up: model, optimizer (built), metrics, data.
+        # No progress display: stdout is how a variant takes turns with the others.
         run = trainer.build_run(dataclasses.replace(
             config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps,
-            log_every=window_steps), strategy)
+            log_every=window_steps, progress="quiet"), strategy)
         if name.endswith("custom_default") or name == "custom_matched":
             rates = _time_custom_loop(run, turns)
         elif name == "limit":

@@ -31,6 +31,7 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
+PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/progress.py.
 DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSION]'"
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
@@ -49,6 +50,12 @@ class ConfigError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"--{flag}: {message}")
         self.flag = flag
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message cut to one line, for one-line errors that quote TensorFlow or a user's code."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 
@@ -107,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     init_weights: str | None = None
     loop: str = "custom"
+    progress: str = "auto"  # A bar on a terminal, else a line per logging window.
 
     def __post_init__(self):
         _check_positive(self, "vocab_size", "sequence_length", "embedding_dim",
@@ -128,6 +136,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("loop", self.loop, LOOPS)
+        _check_choice("progress", self.progress, PROGRESS_MODES)
         _check_choice("cluster_resolver", self.cluster_resolver, CLUSTER_RESOLVERS)
         if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
             raise ConfigError(

@@ -8,12 +8,13 @@ loop averages over a window.
 
 from __future__ import annotations
 
+import math
 import time
 
 import keras
 import tensorflow as tf
 
-from mto_tf import data, models
+from mto_tf import data, models, outputs
 from mto_tf.trainer import Run
 
 
@@ -27,14 +28,24 @@ class _WriteOutputs(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window_start = time.perf_counter()
+        self._epoch = epoch  # One epoch per window: it starts at step epoch * log_every.
+
+    def on_train_batch_end(self, batch, logs=None):
+        current_step = self._epoch * self._run.config.log_every + batch + 1
+        self._run.progress.update(current_step, {name: logs[name] for name in self._log_names if name in logs})
 
     def on_epoch_end(self, epoch, logs=None):
         config = self._run.config
         current_step = int(self._run.optimizer.iterations.numpy())
+        not_finite = [name for name in self._log_names if not math.isfinite(logs[name])]
+        if not_finite:  # As the custom loop stops: before logging or checkpointing the window.
+            raise outputs.NonFiniteError(f"{', '.join(not_finite)} not finite in the window ending at step "
+                                         f"{current_step}", kept_step=self._run.checkpoints.latest_step)
         measurements = {name: logs[name] for name in self._log_names}
         measurements["examples_per_sec"] = (config.log_every * config.batch_size
                                             / (time.perf_counter() - self._window_start))
-        self._run.metrics_log.write(current_step, measurements)
+        record = self._run.metrics_log.write(current_step, measurements)
+        self._run.progress.window(current_step, record)
         if current_step % config.checkpoint_every == 0 or current_step == config.train_steps:
             self._run.checkpoints.save(current_step)
 

@@ -93,6 +93,9 @@ flags.DEFINE_string("model_dir", _default("model_dir"), "Metrics, checkpoints an
 flags.DEFINE_integer("log_every", _default("log_every"), "Steps per line of metrics.jsonl.")
 flags.DEFINE_integer("checkpoint_every", _default("checkpoint_every"), "Steps between checkpoints.")
 flags.DEFINE_string("init_weights", _default("init_weights"), "PATH.weights.h5 to start from.")
+flags.DEFINE_enum("progress", _default("progress"), list(config_lib.PROGRESS_MODES),
+                  "What the run shows on stdout: 'bar' (a line updated in place), 'lines' (one per logging "
+                  "window), 'quiet'; 'auto': bar on a terminal, else lines. Only the chief worker shows it.")
 flags.DEFINE_enum("loop", _default("loop"), list(config_lib.LOOPS),
                   "'custom' (the explicit GradientTape loop) or 'fit' (model.fit, to compare).")
 

@@ -5,10 +5,16 @@
 - `tensorboard/`: the same numbers as scalars;
 - `checkpoints/`: model and optimizer state, every `--checkpoint_every` steps;
 - `model.weights.h5` and `model.keras` at the end.
+
+Nothing non-finite is kept: a checkpoint is written only when every weight
+and optimizer slot is finite, and a run that stops on a non-finite value
+writes no final model. A checkpoint that cannot be read (a crash or a full
+disk mid-save) is passed over for the newest one that can.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +25,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from mto_tf.config import ConfigError, first_line
+
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.weights.h5"
 MODEL_FILE = "model.keras"
@@ -26,6 +34,16 @@ CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(Exception):
+    """Training produced a non-finite loss or weight; nothing after the last good checkpoint was kept."""
+
+    def __init__(self, what: str, *, kept_step: int | None):
+        kept = f"the checkpoint of step {kept_step} is kept" if kept_step else "no checkpoint was written"
+        super().__init__(f"{what}; {kept}, and no final model. Lower --learning_rate, or look for NaN or "
+                         f"infinite values in the data")
+
 
 
 class MetricsLog:
@@ -60,13 +78,13 @@ class MetricsLog:
         """Writes `measurements` at `step`; returns the record written."""
         record = {"step": int(step), **{name: float(value) for name, value in measurements.items()}}
         if self._write_files:
-            with open(self._path, "a") as metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-            with self._summary_writer.as_default(step=record["step"]):
-                for name, value in measurements.items():
-                    tf.summary.scalar(name, value)
-            self._summary_writer.flush()
-        logger.info("step %d: %s", record["step"], ", ".join(f"{name}={value:.4g}" for name, value in measurements.items()))
+            with _naming_model_dir(self._path):
+                with open(self._path, "a") as metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                with self._summary_writer.as_default(step=record["step"]):
+                    for name, value in measurements.items():
+                        tf.summary.scalar(name, value)
+                self._summary_writer.flush()
         self.records.append(record)
         return record
 
@@ -87,31 +105,80 @@ class Checkpoints:
         self.directory = os.path.join(model_dir, CHECKPOINT_DIR)
         self._chief_manager = (tf.train.CheckpointManager(self._checkpoint, self.directory, max_to_keep=3)
                                if is_chief else None)
+        variables = [variable for variable in [*model.weights, *optimizer.variables]
+                     if keras.backend.is_float_dtype(variable.dtype)]
+
+        @tf.function
+        def all_finite():
+            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(variable)) for variable in variables])
+
+        self._all_finite = all_finite
 
     def restore_latest(self) -> int:
-        """Restores the latest checkpoint, if any; returns the step it was taken at (0 if none)."""
-        latest = tf.train.latest_checkpoint(self.directory)
-        if latest:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
-            logger.info("Restored %s", latest)
-        return int(self._optimizer.iterations.numpy())
+        """Restores the newest checkpoint that can be read; returns its step (0 if none).
+
+        Raises:
+          ConfigError: naming --model_dir, when checkpoints exist and none can be read.
+        """
+        state = tf.train.get_checkpoint_state(self.directory)
+        paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        for path in paths:
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            # A damaged file fails however the reader meets it: DataLossError,
+            # NotFoundError, IndexError ("Read less bytes than requested"), ...
+            except Exception as error:
+                logger.warning("Checkpoint %s cannot be read (%s); trying the one before it", path,
+                               first_line(error))
+                continue
+            logger.info("Restored %s", path)
+            return int(self._optimizer.iterations.numpy())
+        if paths:
+            raise ConfigError("model_dir", f"no checkpoint in {self.directory} can be read (newest: {paths[0]}); "
+                                           f"move the directory away to start afresh")
+        return 0
 
     def save(self, step: int) -> None:
-        """Saves at `step` (every worker must call this)."""
-        if self._chief_manager:
-            self._chief_manager.save(checkpoint_number=step)
-            return
-        scratch = tempfile.mkdtemp(prefix="mto_tf_worker_checkpoint_")
-        try:
-            tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        """Saves at `step` (every worker must call this), if every value is finite.
+
+        Raises:
+          NonFiniteError: a weight or optimizer slot is NaN or infinite; the
+            previous checkpoints are left as they are.
+        """
+        if not bool(self._all_finite()):
+            raise NonFiniteError(f"weights or optimizer state became NaN or infinite by step {step}, while the "
+                                 f"losses were finite", kept_step=self.latest_step)
+        with _naming_model_dir(self.directory):
+            if self._chief_manager:
+                self._chief_manager.save(checkpoint_number=step)
+                return
+            scratch = tempfile.mkdtemp(prefix="mto_tf_worker_checkpoint_")
+            try:
+                tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    @property
+    def latest_step(self) -> int | None:
+        """The step of the newest checkpoint on disk (None if there is none)."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        return int(latest.rsplit("-", 1)[1]) if latest else None
+
+
+@contextlib.contextmanager
+def _naming_model_dir(path: str):
+    """An unwritable or full --model_dir is a one-line error naming the flag and the path."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as error:
+        raise ConfigError("model_dir", f"cannot write {path}: {first_line(error)}") from None
 
 
 def save_final_model(model_dir: str, model: keras.Model) -> None:
     """Writes the final weights (`model.load_weights` reads them) and the whole model."""
-    model.save_weights(os.path.join(model_dir, WEIGHTS_FILE))
-    model.save(os.path.join(model_dir, MODEL_FILE))
+    with _naming_model_dir(model_dir):
+        model.save_weights(os.path.join(model_dir, WEIGHTS_FILE))
+        model.save(os.path.join(model_dir, MODEL_FILE))
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import data, losses, metrics, models, outputs, step, user_code
-from mto_tf.config import ConfigError, TrainConfig
+from mto_tf import data, losses, metrics, models, outputs, progress, step, user_code
+from mto_tf.config import ConfigError, TrainConfig, first_line
 from mto_tf.preemption import Preempted, PreemptionWatcher
 from mto_tf.strategy import check_batch_split, is_chief, make_strategy
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
 _RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
-                      "model_dir", "data_dir", "loop", "jit_compile")
+                      "model_dir", "data_dir", "loop", "jit_compile", "progress")
 # Settings only some models or datasets read; any other must keep its default.
 _MODEL_SETTINGS = ("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
                    "conv_filters", "dropout_rate", "sync_batchnorm", "l2")
@@ -59,6 +59,7 @@ class Run:
     metrics_log: outputs.MetricsLog
     examples: data.Examples  # In file order.
     start_step: int  # Where a restored run stopped; 0 for a new run.
+    progress: progress.Progress  # What the person watching sees (the chief's only).
 
 
 def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
@@ -70,10 +71,14 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
         (a process should hold one MirroredStrategy only).
 
     Raises:
-      ConfigError: a setting that cannot work, before anything is written.
+      ConfigError: a setting that cannot work (before anything is written), or
+        a --model_dir that cannot be written or resumed from.
       Preempted: SIGTERM reached a worker; all saved a checkpoint and stopped.
+      NonFiniteError: a loss or weight became NaN or infinite; all workers
+        stopped, no final model was written, the last good checkpoint is kept.
     """
     run = build_run(config, strategy or make_strategy(config))
+    started = time.perf_counter()
     if config.loop == "fit":
         from mto_tf import fit_loop  # The comparison path, only when asked for.
         fit_loop.run_fit(run)
@@ -82,6 +87,12 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
     if is_chief(run.strategy):
         outputs.save_final_model(config.model_dir, run.model)
     logger.info("Final weights fingerprint: %s", outputs.weights_fingerprint(run.model))
+    run.progress.summary(progress.summary_lines(
+        step=config.train_steps, seconds=time.perf_counter() - started,
+        record=run.metrics_log.records[-1] if run.metrics_log.records else None,
+        output_names=list(run.loss_fns), model_dir=config.model_dir,
+        files=[outputs.MODEL_FILE, outputs.WEIGHTS_FILE, outputs.METRICS_FILE, f"{outputs.CHECKPOINT_DIR}/",
+               f"{outputs.TENSORBOARD_DIR}/", CONFIG_FILE]))
     return TrainResult(model=run.model, history=run.metrics_log.records)
 
 
@@ -121,7 +132,9 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         loss_fns=loss_fns, loss_weights=loss_weights, metrics=metric_identifiers, output_metrics=output_metrics,
         checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
-        examples=examples, start_step=start_step)
+        examples=examples, start_step=start_step,
+        progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
+                                   total_steps=config.train_steps))
 
 
 def _default_for(config: TrainConfig, field: str, user_model_default):
@@ -182,12 +195,20 @@ def run_custom_loop(run: Run) -> None:
                             _steps_to_next(current_step, config.log_every),
                             _steps_to_next(current_step, config.checkpoint_every))
             # A tensor, not a Python int: a new count must not retrace the loop.
-            window.add(train_loop(iterator, tf.constant(num_steps)), num_steps)
+            loop_totals = {name: value.numpy() for name, value in train_loop(iterator, tf.constant(num_steps)).items()}
+            # The sums were fetched anyway: checking them costs no extra sync.
+            # They are all-reduced, so every worker stops at the same call.
+            _check_finite(loop_totals, first_step=current_step + 1, last_step=current_step + num_steps,
+                          checkpoints=run.checkpoints)
+            window.add(loop_totals, num_steps)
             current_step += num_steps
+            run.progress.update(current_step, {name: value / num_steps for name, value in loop_totals.items()})
             finished = current_step == config.train_steps
             preempted = not finished and preemption.stop_agreed()
             if current_step % config.log_every == 0 or finished or preempted:
-                run.metrics_log.write(current_step, window.measurements(run.output_metrics, config.batch_size))
+                record = run.metrics_log.write(current_step, window.measurements(run.output_metrics,
+                                                                                  config.batch_size))
+                run.progress.window(current_step, record)
                 window = _Window()
             if current_step % config.checkpoint_every == 0 or finished or preempted:
                 run.checkpoints.save(current_step)
@@ -195,6 +216,16 @@ def run_custom_loop(run: Run) -> None:
                 raise Preempted(current_step)
     finally:
         preemption.close()
+
+
+def _check_finite(loop_totals: dict[str, np.float32], *, first_step: int, last_step: int,
+                  checkpoints: outputs.Checkpoints) -> None:
+    """Raises `NonFiniteError` naming the steps and the losses that were NaN or infinite."""
+    not_finite = [name for name, total in loop_totals.items() if not np.isfinite(total)]
+    if not_finite:
+        steps = f"step {first_step}" if first_step == last_step else f"steps {first_step} to {last_step}"
+        raise outputs.NonFiniteError(f"{', '.join(not_finite)} not finite in {steps}",
+                                     kept_step=checkpoints.latest_step)
 
 
 def make_train_step(run: Run):
@@ -218,11 +249,10 @@ class _Window:
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, loop_totals: dict[str, tf.Tensor], num_steps: int) -> None:
+    def add(self, loop_totals: dict[str, np.float32], num_steps: int) -> None:
         # Added in float32, as inside the loop, so that how steps are
         # grouped into loops does not change the logged numbers.
-        self.totals = {name: self.totals.get(name, np.float32(0)) + value.numpy()
-                       for name, value in loop_totals.items()}
+        self.totals = {name: self.totals.get(name, np.float32(0)) + value for name, value in loop_totals.items()}
         self.steps += num_steps
 
     def measurements(self, output_metrics, global_batch_size: int) -> dict[str, float]:
@@ -250,8 +280,7 @@ def _load_init_weights(model: keras.Model, path: str) -> None:
     try:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError("init_weights", f"{path!r} does not fit model {model.name!r}: {first_line}") from None
+        raise ConfigError("init_weights", f"{path!r} does not fit model {model.name!r}: {first_line(error)}") from None
 
 
 def _prepare_model_dir(config: TrainConfig) -> None:
@@ -270,6 +299,9 @@ def _prepare_model_dir(config: TrainConfig) -> None:
     if os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
         raise ConfigError("model_dir", f"{config.model_dir!r} is not empty and holds no mto_tf run; "
                                        f"use a new or empty directory")
-    os.makedirs(config.model_dir, exist_ok=True)
-    with open(config_path, "w") as config_file:
-        json.dump(settings, config_file, indent=2, sort_keys=True)
+    try:
+        os.makedirs(config.model_dir, exist_ok=True)
+        with open(config_path, "w") as config_file:
+            json.dump(settings, config_file, indent=2, sort_keys=True)
+    except OSError as error:
+        raise ConfigError("model_dir", f"cannot write {config_path}: {first_line(error)}") from None

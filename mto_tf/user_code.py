@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from mto_tf.config import ConfigError, is_module_function
+from mto_tf.config import ConfigError, first_line, is_module_function
 
 
 def load_function(reference: str, *, flag: str) -> Callable:
@@ -27,7 +27,7 @@ def load_function(reference: str, *, flag: str) -> Callable:
         module = importlib.import_module(module_name)
     except Exception as error:  # An import runs the user's code: anything can go wrong.
         raise ConfigError(flag, f"cannot import module {module_name!r} of {reference!r} "
-                                f"({type(error).__name__}: {_first_line(error)}); expected MODULE:FUNCTION "
+                                f"({type(error).__name__}: {first_line(error)}); expected MODULE:FUNCTION "
                                 f"with MODULE importable from the current directory or PYTHONPATH") from None
     function = getattr(module, function_name, None)
     if function is None:
@@ -37,14 +37,9 @@ def load_function(reference: str, *, flag: str) -> Callable:
     return function
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
-
-
 def describe_error(error: BaseException) -> str:
     """`TypeName: first line of the message`, for one-line errors about a user's code."""
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def resolve_identifier(spec: object, *, output: str, flag: str):

@@ -17,8 +17,11 @@ order (`disable_shuffling=True`), so runs are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import io
+import logging
 import os
 
 import numpy as np
@@ -28,6 +31,17 @@ import tensorflow_datasets as tfds
 # How far each unit of `aux_input` moves the main label's logit.
 _AUX_INPUT_COEFFICIENTS = (1.5, -1.0, 0.5, 0.0, 1.0)
 _SENTIMENT_TOKEN_FRACTION = 0.3
+
+
+class _OurConfigsAreNotNews(logging.Filter):
+    """Drops TFDS's warning "Using custom data configuration" about these configs: one per size, on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Using custom data configuration: SyntheticHeadlinesConfig" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_OurConfigsAreNotNews())
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -140,7 +154,13 @@ def load(config, split: str):
     with open(os.path.join(config_dir, ".generate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         builder = make_builder(config)
-        builder.download_and_prepare()
+        # (Not builder.is_prepared(): TFDS warns about the empty folder it looks in.)
+        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+            logger.info("Generating synthetic_headlines (%d train, %d validation examples) in %s",
+                        config.synthetic_train_examples, config.synthetic_validation_examples, builder.data_dir)
+            # TFDS prints its own "Downloading and preparing dataset ..." (in bold) on stdout.
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare()
     return read_split(builder, split)
 
 

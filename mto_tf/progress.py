@@ -1,0 +1,99 @@
+"""What a person watching a run sees: a line updated in place on a terminal, plain lines elsewhere, a summary.
+
+- `bar` (a terminal): one line redrawn after every `tf.function` call (step
+  / total, a bar, elapsed time, ETA, steps per second, the latest losses);
+  each logging window's line is printed above it and stays.
+- `lines` (a file, CI, a launcher that prefixes lines): one plain line per
+  logging window, no control characters.
+- `quiet`: nothing; warnings and errors still show (on stderr).
+`auto` picks `bar` when stdout is a terminal, else `lines`.
+
+Keras's `Progbar` is not used: it times steps from the first step of its
+own count, so a resumed run's ETA would be wrong, and shows either the ETA
+or the elapsed time, not both.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+
+_BAR_WIDTH = 20
+
+
+class Progress:
+    """Shows a run's progress from `start_step` to `total_steps` on `stream`."""
+
+    def __init__(self, mode: str, *, start_step: int, total_steps: int, stream=None):
+        self._stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if self._stream.isatty() else "lines"
+        self.mode = mode
+        self._start_step, self._total_steps = start_step, total_steps
+        self._start_time = time.perf_counter()
+        self._line_width = 0  # Of the line drawn in place, to clear it.
+
+    def update(self, step: int, latest_losses: Mapping[str, float]) -> None:
+        """After each call of the train loop: redraws the line in place (bar mode only)."""
+        if self.mode != "bar":
+            return
+        done = (step - self._start_step) / max(1, self._total_steps - self._start_step)
+        filled = int(_BAR_WIDTH * min(1.0, done))
+        elapsed = time.perf_counter() - self._start_time
+        rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+        eta = (self._total_steps - step) / rate if rate > 0 else 0.0
+        losses = " ".join(f"{name} {value:.4f}" for name, value in latest_losses.items())
+        line = (f"step {step}/{self._total_steps} [{'=' * filled}{'.' * (_BAR_WIDTH - filled)}] "
+                f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}, {rate:.1f} steps/s | {losses}")
+        self._draw(line[:shutil.get_terminal_size().columns - 1])
+
+    def window(self, step: int, record: Mapping[str, float]) -> None:
+        """At the end of each logging window: a line that stays."""
+        if self.mode == "quiet":
+            return
+        values = ", ".join(f"{name}={value:.4g}" for name, value in record.items() if name != "step")
+        self._print_line(f"step {step}/{self._total_steps}: {values}")
+
+    def summary(self, lines: list[str]) -> None:
+        """At the end of the run."""
+        if self.mode != "quiet":
+            for line in lines:
+                self._print_line(line)
+
+    def _draw(self, line: str) -> None:
+        self._stream.write("\r" + line + " " * max(0, self._line_width - len(line)))
+        self._stream.flush()
+        self._line_width = len(line)
+
+    def _print_line(self, line: str) -> None:
+        if self._line_width:  # Replace the line drawn in place; it is drawn again on the next update.
+            self._stream.write("\r" + " " * self._line_width + "\r")
+            self._line_width = 0
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+def summary_lines(*, step: int, seconds: float, record: Mapping[str, float] | None, output_names: list[str],
+                  model_dir: str, files: list[str]) -> list[str]:
+    """The end of a run in a few lines: the last window's losses and metrics by output, and where the files are."""
+    lines = [f"Trained to step {step} in {_clock(seconds)}."]
+    if record:
+        by_output = {name: [] for name in output_names}
+        for key, value in record.items():
+            # Longest output name first: an output may be named like the start of another.
+            owner = next((name for name in sorted(output_names, key=len, reverse=True)
+                          if key.startswith(name + "_")), None)
+            if owner:
+                by_output[owner].append(f"{key.removeprefix(owner + '_')} {value:.4g}")
+        parts = [f"loss {record['loss']:.4g}"] + [f"{name}: {', '.join(values)}" for name, values in by_output.items()]
+        lines.append("  last window: " + " | ".join(parts))
+    lines.append(f"  files in {model_dir}: {', '.join(files)}")
+    return lines
