@@ -120,3 +120,12 @@ def test_sync_batchnorm_under_mirrored_equals_one_device_fit(tmp_path, mirrored_
     unsynchronized = train(dataclasses.replace(config, sync_batchnorm=False, model_dir=str(tmp_path / "unsynced")),
                            strategy=mirrored_strategy)
     assert max_weight_difference(unsynchronized.model.get_weights(), one_device_fit.get_weights()) > 100 * difference
+
+
+def test_loop_fit_trains_shapes3d_cnn_as_the_custom_loop_does(tmp_path):
+    config = _config(tmp_path, loop="fit")
+    fit_result = train(config)
+    custom_result = train(dataclasses.replace(config, loop="custom", model_dir=str(tmp_path / "custom")))
+    assert set(fit_result.history[0]) == set(custom_result.history[0])  # Same names, fit's.
+    assert max_weight_difference(fit_result.model.get_weights(), custom_result.model.get_weights()) <= \
+        SAME_OPERATIONS_ATOL
