@@ -105,9 +105,11 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
     with tempfile.TemporaryDirectory() as model_dir:
         # mto-train's own set-up: model, optimizer (built), metrics, data.
         # No progress display: stdout is how a variant takes turns with the others.
+        # Training alone is measured: no validation.
         run = trainer.build_run(dataclasses.replace(
-            config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps,
-            log_every=window_steps, progress="quiet"), strategy)
+            config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps, epochs=None,
+            log_every=window_steps, progress="quiet", validation_data=None, validation_split="", eval_every=0,
+            eval_steps=None, save_best=None, early_stopping_patience=None), strategy)
         if name.endswith("custom_default") or name == "custom_matched":
             rates = _time_custom_loop(run, turns)
         elif name == "limit":
@@ -183,7 +185,8 @@ def _time_limit(run, turns: Turns, *, batches_in_memory: int = 16) -> list[float
     from mto_tf import data, trainer
 
     config = run.config
-    batches = list(data.global_batches(run.examples, model=run.model, config=config).take(batches_in_memory))
+    batches = list(data.global_batches(run.examples, model=run.model, batching=data.Batching.for_training(config))
+                   .take(batches_in_memory))
     in_memory = tf.nest.map_structure(lambda *parts: tf.stack(parts), *batches)
     train_step = trainer.make_train_step(run)
 

@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+_DEFAULT_TRAIN_STEPS = 500
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
@@ -83,6 +84,13 @@ class TrainConfig:
     train_split: str = "train"
     # Model input, output or `sample_weight/<output>` -> dataset feature.
     feature_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Validation: `npz:PATH` (from Python also a tf.data.Dataset like `dataset`),
+    # or a split of the training dataset (synthetic_headlines, tfds:); None:
+    # its `validation` split if it has one; "" for no validation.
+    validation_data: Any = None
+    validation_split: str | None = None
+    eval_every: int = 0  # Steps between evaluations; 0: only at the end.
+    eval_steps: int | None = None  # Global batches per evaluation; None: all, the last partial one included.
     synthetic_train_examples: int = 10000
     synthetic_validation_examples: int = 1000
     shuffle_buffer: int = 0
@@ -93,12 +101,15 @@ class TrainConfig:
     losses: Mapping[str, LossSpec] | None = None
     loss_weights: Mapping[str, float] | None = None
     metrics: Mapping[str, tuple[MetricSpec, ...]] | None = None
+    # Output -> {class id: weight}; multiplies the sample weights of training examples.
+    class_weights: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
 
     # Optimization.
     optimizer: str = "rmsprop"
     learning_rate: float = 0.001
     batch_size: int = 64  # GLOBAL batch size: split evenly across replicas.
-    train_steps: int = 500
+    train_steps: int | None = _DEFAULT_TRAIN_STEPS  # Replaced by `epochs` when that is set.
+    epochs: int | None = None  # Passes over the training data, each ending with its partial batch.
     steps_per_loop: int = 10
     jit_compile: bool = False  # XLA for the train step, in both loops.
     seed: int = 0
@@ -115,11 +126,21 @@ class TrainConfig:
     init_weights: str | None = None
     loop: str = "custom"
     progress: str = "auto"  # A bar on a terminal, else a line per logging window.
+    save_best: str | None = None  # A `val_` value: best.weights.h5 whenever it improves.
+    early_stopping_patience: int | None = None  # Evaluations without improvement of `save_best` before stopping.
 
     def __post_init__(self):
+        if self.epochs is not None:
+            if self.train_steps not in (None, _DEFAULT_TRAIN_STEPS):
+                raise ConfigError("epochs", f"counts the run in passes over the data; leave --train_steps "
+                                            f"unset, got --train_steps={self.train_steps}")
+            _check_positive(self, "epochs")
+            object.__setattr__(self, "train_steps", None)  # Known once the data is counted.
+        else:
+            _check_positive(self, "train_steps")
         _check_positive(self, "vocab_size", "sequence_length", "embedding_dim",
                         "lstm_units", "dense_units", "aux_input_dim", "conv_filters", "batch_size",
-                        "train_steps", "steps_per_loop", "log_every", "checkpoint_every",
+                        "steps_per_loop", "log_every", "checkpoint_every",
                         "num_cpu_devices", "synthetic_train_examples",
                         "synthetic_validation_examples")
         if self.vocab_size < 3:
@@ -157,6 +178,8 @@ class TrainConfig:
                                       "(keras-team/keras#20585); use --loop=custom")
         self._check_model()
         self._check_dataset()
+        self._check_validation()
+        _check_class_weights(self.class_weights)
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise ConfigError("init_weights", f"file not found: {self.init_weights!r}")
         if self.init_weights is not None and not self.init_weights.endswith(".weights.h5"):
@@ -199,6 +222,42 @@ class TrainConfig:
                                              f"names its arrays by the model's inputs and outputs")
         if self.train_split != "train" and not self.dataset.startswith("tfds:"):
             raise ConfigError("train_split", f"chooses a split of a tfds: dataset, not of --dataset={self.dataset}")
+        if self.validation_split and self.dataset.startswith("npz:"):
+            raise ConfigError("validation_split", f"chooses a split of a TFDS dataset; --dataset={self.dataset} "
+                                                  f"has none: give --validation_data=npz:PATH")
+
+    def _check_validation(self):
+        if self.eval_every < 0:
+            raise ConfigError("eval_every", f"expected steps >= 0 (0: only at the end), got {self.eval_every}")
+        if self.eval_steps is not None:
+            _check_positive(self, "eval_steps")
+        if self.early_stopping_patience is not None:
+            _check_positive(self, "early_stopping_patience")
+            if self.save_best is None:
+                raise ConfigError("early_stopping_patience", "watches the value that --save_best names; "
+                                                             "set --save_best=VAL_NAME too")
+        if self.save_best is not None and not self.save_best.startswith("val_"):
+            raise ConfigError("save_best", f"expected a validation value such as val_loss or "
+                                           f"val_<output>_loss, got {self.save_best!r}")
+        if self.validation_data is None:
+            return
+        if self.validation_split is not None:
+            raise ConfigError("validation_data", "give --validation_data or --validation_split, not both")
+        if isinstance(self.validation_data, str):
+            if not self.validation_data.startswith("npz:"):
+                raise ConfigError("validation_data", f"expected npz:PATH, got {self.validation_data!r}")
+            if not os.path.isfile(self.validation_data[4:]):
+                raise ConfigError("validation_data", f"npz file not found: {self.validation_data[4:]!r}")
+        elif not hasattr(self.validation_data, "element_spec"):
+            raise ConfigError("validation_data", f"expected npz:PATH or a tf.data.Dataset, "
+                                                 f"got {type(self.validation_data).__name__}")
+
+    @property
+    def validation_split_or_default(self) -> str | None:
+        """The split to validate on (None: none), for datasets that have splits."""
+        if self.validation_data is not None or self.validation_split == "":
+            return None
+        return self.validation_split or "validation"
 
     def describe(self) -> dict:
         """The settings as JSON values (what `config.json` records, and a resumed run must repeat).
@@ -237,6 +296,19 @@ def _check_positive(config: TrainConfig, *fields: str):
             raise ConfigError(field, f"expected an integer > 0, got {value!r}")
 
 
+def _check_class_weights(class_weights: Mapping[str, Mapping[int, float]]):
+    """Class ids are integers >= 0, weights finite and >= 0 (checks against the outputs need the model)."""
+    for output, weights in class_weights.items():
+        if not isinstance(weights, Mapping) or not weights:
+            raise ConfigError("class_weights", f"output {output!r}: expected {{CLASS: WEIGHT, ...}}, got {weights!r}")
+        for class_id, weight in weights.items():
+            if not (isinstance(class_id, int) and class_id >= 0):
+                raise ConfigError("class_weights", f"output {output!r}: class {class_id!r} is not a class id >= 0")
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ConfigError("class_weights", f"output {output!r}, class {class_id}: weight must be a finite "
+                                                   f"number >= 0, got {weight!r}")
+
+
 def _check_choice(field: str, value: str, choices: tuple[str, ...]):
     if value not in choices:
         raise ConfigError(field, f"expected one of {', '.join(choices)}; got {value!r}")
@@ -244,9 +316,13 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]):
 
 def _check_fit_loop_windows(config: TrainConfig):
     # model.fit reports and logs per epoch; mto_tf maps one epoch to one
-    # logging window of --log_every steps, so the run and its checkpoints
-    # must fall on window boundaries.
-    for field in ("train_steps", "checkpoint_every"):
+    # logging window of --log_every steps, so the run, its checkpoints and
+    # its evaluations must fall on window boundaries.
+    if config.epochs is not None:
+        raise ConfigError("epochs", "not with --loop=fit: there one fit epoch is one logging window of "
+                                    "--log_every steps, so that a run can resume from any checkpoint; "
+                                    "use --train_steps, or --loop=custom")
+    for field in ("train_steps", "checkpoint_every", "eval_every"):
         if getattr(config, field) % config.log_every:
             raise ConfigError(
                 field, f"with --loop=fit, must be a multiple of --log_every={config.log_every} "

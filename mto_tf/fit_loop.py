@@ -8,6 +8,7 @@ loop averages over a window.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -17,6 +18,7 @@ import tensorflow as tf
 from mto_tf import data, models, outputs
 from mto_tf.trainer import Run
 
+logger = logging.getLogger(__name__)
 
 class _WriteOutputs(keras.callbacks.Callback):
     """Logs each window and checkpoints like the custom loop does."""
@@ -25,6 +27,7 @@ class _WriteOutputs(keras.callbacks.Callback):
         super().__init__()
         self._run = run
         self._log_names = ["loss", *(f"{name}_loss" for name in run.losses), *run.output_metrics]
+        self._val_names = [f"val_{name}" for name in self._log_names]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window_start = time.perf_counter()
@@ -44,10 +47,19 @@ class _WriteOutputs(keras.callbacks.Callback):
         measurements = {name: logs[name] for name in self._log_names}
         measurements["examples_per_sec"] = (config.log_every * config.batch_size
                                             / (time.perf_counter() - self._window_start))
+        stop_early = False
+        if "val_loss" in logs:  # fit evaluated after this window.
+            measurements.update({name: logs[name] for name in self._val_names})
+            if self._run.best_value:
+                measurements.update(self._run.best_value.update(current_step, measurements, self.model))
+                stop_early = self._run.best_value.patience_exhausted
         record = self._run.metrics_log.write(current_step, measurements)
         self._run.progress.window(current_step, record)
-        if current_step % config.checkpoint_every == 0 or current_step == config.train_steps:
+        if current_step % config.checkpoint_every == 0 or current_step == self._run.total_steps or stop_early:
             self._run.checkpoints.save(current_step)
+        if stop_early:
+            logger.info("Early stopping at step %d: %s", current_step, self._run.best_value.describe_stop())
+            self.model.stop_training = True
 
 
 def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
@@ -82,7 +94,12 @@ def fit_batches(run: Run, *, skip_batches: int = 0) -> tf.data.Dataset:
     there (`KeyError: 0` in `compile_utils`). Outputs without sample weights
     then get ones, which leave their losses as they are.
     """
-    batches = data.global_batches(run.examples, model=run.model, config=run.config, skip_batches=skip_batches)
+    return _as_fit_takes(run, data.global_batches(run.examples, model=run.model,
+                                                  batching=data.Batching.for_training(run.config),
+                                                  skip_batches=skip_batches))
+
+
+def _as_fit_takes(run: Run, batches: tf.data.Dataset) -> tf.data.Dataset:
     if isinstance(run.model.output, dict):
         return batches
     names = models.output_names(run.model)
@@ -97,19 +114,33 @@ def fit_batches(run: Run, *, skip_batches: int = 0) -> tf.data.Dataset:
     return batches.map(as_tuples)
 
 
-def run_fit(run: Run) -> None:
-    """Trains `run.model` with `model.fit` from `run.start_step` to `train_steps`."""
+def run_fit(run: Run) -> int:
+    """Trains `run.model` with `model.fit` from `run.start_step` to `total_steps`; returns the step it ended at."""
     config = run.config
     compile_model(run)
-    # TrainConfig checks that train_steps and checkpoint_every are multiples
-    # of log_every (so a restored step is on a window boundary), and
-    # log_every a multiple of steps_per_loop (so executions fill a window).
+    if run.best_value and run.best_value.patience_exhausted:
+        logger.info("Stopped early before: %s", run.best_value.describe_stop())
+        return run.start_step
+    # TrainConfig checks that train_steps, checkpoint_every and eval_every
+    # are multiples of log_every (so a restored step is on a window
+    # boundary), and log_every a multiple of steps_per_loop (so executions fill a window).
+    windows = run.total_steps // config.log_every
+    validation = {}
+    if run.validation:
+        evaluated_windows = [window for window in range(1, windows + 1) if window == windows or (
+            config.eval_every and window * config.log_every % config.eval_every == 0)]
+        validation = dict(
+            validation_data=_as_fit_takes(run, data.global_batches(
+                run.validation, model=run.model, batching=data.Batching.for_evaluation(config))),
+            validation_steps=config.eval_steps, validation_freq=evaluated_windows)
     run.model.fit(
         fit_batches(run, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,
-        epochs=config.train_steps // config.log_every,
+        epochs=windows,
         steps_per_epoch=config.log_every,
         callbacks=[_WriteOutputs(run)],
         shuffle=False,  # The dataset is already in the order the custom loop reads.
         verbose=0,
+        **validation,
     )
+    return int(run.optimizer.iterations.numpy())

@@ -50,6 +50,18 @@ flags.DEFINE_string("train_split", _default("train_split"), "tfds: the split to 
 flags.DEFINE_string("feature_map", "",
                     "tfds: NAME=FEATURE,... maps a model input, output or sample_weight/<output> to a dataset "
                     "feature (nested: parent/child); unmapped inputs and outputs read the feature of their name.")
+flags.DEFINE_string("validation_data", None,
+                    "npz:PATH of validation examples (keys as for --dataset=npz:). Unset: the dataset's "
+                    "validation split, if it has one.")
+flags.DEFINE_string("validation_split", None,
+                    "synthetic_headlines, tfds: the split to validate on. Unset: 'validation' if the dataset "
+                    "has it; empty: no validation.")
+flags.DEFINE_integer("eval_every", _default("eval_every"),
+                     "Steps between evaluations on the validation data; 0: only at the end (there is always "
+                     "one at the end when there is validation data).")
+flags.DEFINE_integer("eval_steps", None,
+                     "Global batches per evaluation. Unset: the whole validation data, its last partial "
+                     "batch included.")
 flags.DEFINE_integer("synthetic_train_examples", _default("synthetic_train_examples"),
                      "Size of synthetic_headlines' train split.")
 flags.DEFINE_integer("synthetic_validation_examples", _default("synthetic_validation_examples"),
@@ -69,12 +81,20 @@ flags.DEFINE_string("metrics", None,
                     "a list of Keras metric names, configs or MODULE:FUNCTION; empty for none. "
                     "Unset: the built-in model's own.")
 
+flags.DEFINE_string("class_weights", "",
+                    "JSON {\"OUTPUT\": {\"CLASS\": WEIGHT, ...}, ...}: each training example's loss for that "
+                    "output is multiplied by the weight of its class (binary labels: 0 and 1; one-hot: the "
+                    "argmax), and by its sample weight. Unnamed outputs and classes: 1.0.")
+
 # Optimization.
 flags.DEFINE_enum("optimizer", _default("optimizer"), list(config_lib.OPTIMIZERS), "Keras optimizer.")
 flags.DEFINE_float("learning_rate", _default("learning_rate"), "Learning rate.")
 flags.DEFINE_integer("batch_size", _default("batch_size"),
                      "GLOBAL batch size; each replica gets batch_size / replicas examples.")
 flags.DEFINE_integer("train_steps", _default("train_steps"), "Total steps; a resumed run continues up to it.")
+flags.DEFINE_integer("epochs", None,
+                     "Instead of --train_steps: passes over the training data, each ending with its partial "
+                     "last batch (as model.fit's epochs).")
 flags.DEFINE_integer("steps_per_loop", _default("steps_per_loop"), "Steps inside one tf.function call.")
 flags.DEFINE_boolean("jit_compile", _default("jit_compile"),
                      "Compile the train step with XLA (custom loop; compile(jit_compile=...) with --loop=fit).")
@@ -96,6 +116,11 @@ flags.DEFINE_string("init_weights", _default("init_weights"), "PATH.weights.h5 t
 flags.DEFINE_enum("progress", _default("progress"), list(config_lib.PROGRESS_MODES),
                   "What the run shows on stdout: 'bar' (a line updated in place), 'lines' (one per logging "
                   "window), 'quiet'; 'auto': bar on a terminal, else lines. Only the chief worker shows it.")
+flags.DEFINE_string("save_best", None,
+                    "A validation value (val_loss, val_<output>_loss, val_<output>_<metric>): write "
+                    "best.weights.h5 whenever it improves (lower for losses, higher otherwise).")
+flags.DEFINE_integer("early_stopping_patience", None,
+                     "Stop after this many evaluations without improvement of --save_best's value.")
 flags.DEFINE_enum("loop", _default("loop"), list(config_lib.LOOPS),
                   "'custom' (the explicit GradientTape loop) or 'fit' (model.fit, to compare).")
 
@@ -109,6 +134,9 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
         values["loss_weights"] = _parse_mapping("loss_weights", values["loss_weights"], _weight_from_text)
     if values["metrics"] is not None:
         values["metrics"] = _parse_metrics(values["metrics"])
+    if values["epochs"] is not None and flag_values["train_steps"].present:
+        raise ConfigError("epochs", "give --epochs or --train_steps, not both")
+    values["class_weights"] = _parse_class_weights(values["class_weights"])
     values["feature_map"] = _parse_mapping("feature_map", values["feature_map"], _feature_from_text, json_ok=False)
     return TrainConfig(**values)
 
@@ -148,6 +176,33 @@ def _weight_from_text(flag: str, key: str, value) -> float:
 
 def _feature_from_text(flag: str, key: str, value: str) -> str:
     return value
+
+
+def _parse_class_weights(text: str) -> dict[str, dict[int, float]]:
+    """`{"OUTPUT": {"CLASS": WEIGHT}}` with class ids as JSON strings (JSON keys are strings)."""
+    if not text.strip():
+        return {}
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError("class_weights", f"not valid JSON ({error})") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError("class_weights", f"expected a JSON object {{\"OUTPUT\": {{\"CLASS\": WEIGHT}}}}, "
+                                           f"got {text!r}")
+    class_weights = {}
+    for output, weights in mapping.items():
+        if not isinstance(weights, dict):
+            raise ConfigError("class_weights", f"output {output!r}: expected {{\"CLASS\": WEIGHT, ...}}, "
+                                               f"got {weights!r}")
+        parsed = {}
+        for class_id, weight in weights.items():
+            try:
+                parsed[int(class_id)] = weight
+            except ValueError:
+                raise ConfigError("class_weights", f"output {output!r}: class {class_id!r} is not an "
+                                                   f"integer class id") from None
+        class_weights[output] = parsed
+    return class_weights
 
 
 def _parse_metrics(text: str) -> dict[str, tuple]:

@@ -49,6 +49,35 @@ def per_example_loss(identifier, *, output: str, y_true: tf.TensorSpec, y_pred: 
     return loss
 
 
+def class_weight_table(class_weights: Mapping[int, float], *, output: str, prediction) -> tf.Tensor:
+    """Output `output`'s weight of each class it can produce (1.0 where not given), indexed by class id.
+
+    A `(batch, K)` output produces classes 0..K-1; a `(batch, 1)` or
+    `(batch,)` output (one sigmoid or logit) classes 0 and 1.
+    """
+    shape = tuple(prediction.shape)  # A KerasTensor's shape is a tuple.
+    num_classes = shape[-1] if len(shape) > 1 and shape[-1] not in (None, 1) else 2
+    for class_id in class_weights:
+        if class_id >= num_classes:
+            raise ConfigError("class_weights", f"output {output!r} produces classes 0 to {num_classes - 1} "
+                                               f"(predictions of shape {tuple(shape)}), not class {class_id}")
+    return tf.constant([float(class_weights.get(class_id, 1.0)) for class_id in range(num_classes)], tf.float32)
+
+
+def class_weights_of(labels: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+    """Each example's class weight, its class read from its label as Keras reads it for `class_weight`.
+
+    One-hot labels `(batch, K)`: the argmax; a single column `(batch, 1)` or
+    `(batch,)` (binary labels or class ids): the rounded value
+    (keras/src/trainers/data_adapters/tf_dataset_adapter.py, `make_class_weight_map_fn`).
+    """
+    if labels.shape.rank >= 2 and labels.shape[-1] != 1:
+        class_ids = tf.argmax(labels, axis=-1, output_type=tf.int32)
+    else:
+        class_ids = tf.cast(tf.round(tf.reshape(labels, [-1])), tf.int32)
+    return tf.gather(table, class_ids)
+
+
 def per_output_losses(
     *,
     loss_fns: Mapping[str, keras.losses.Loss],
@@ -81,12 +110,14 @@ def weighted_total_loss(
     output_losses: Mapping[str, tf.Tensor],
     loss_weights: Mapping[str, float],
     regularization_losses: list[tf.Tensor],
+    replicas_share: bool = True,
 ) -> tf.Tensor:
     """sum_i w_i * loss_i, plus this replica's share of the regularization.
 
     Every replica computes the same regularization from the same (mirrored)
     weights; dividing it by the number of replicas makes the summed gradient
-    count it once.
+    count it once. `replicas_share=False` (losses already summed over
+    replicas) adds it whole.
     """
     # Summed one by one in output order, as `CompileLoss` sums its flat
     # losses (`sum(loss_values)`); an order that differs changes rounding only.
@@ -94,5 +125,6 @@ def weighted_total_loss(
     for name, output_loss in output_losses.items():
         total += loss_weights[name] * output_loss
     if regularization_losses:
-        total += tf.nn.scale_regularization_loss(tf.add_n(regularization_losses))
+        regularization = tf.add_n(regularization_losses)
+        total += tf.nn.scale_regularization_loss(regularization) if replicas_share else regularization
     return total

@@ -76,7 +76,8 @@ class MetricsLog:
 
     def write(self, step: int, measurements: dict[str, float]) -> dict:
         """Writes `measurements` at `step`; returns the record written."""
-        record = {"step": int(step), **{name: float(value) for name, value in measurements.items()}}
+        record = {"step": int(step), **{name: value if isinstance(value, int) else float(value)
+                                        for name, value in measurements.items()}}
         if self._write_files:
             with _naming_model_dir(self._path):
                 with open(self._path, "a") as metrics_file:
@@ -99,8 +100,9 @@ class Checkpoints:
     """
 
     def __init__(self, model_dir: str, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                 is_chief: bool):
-        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+                 is_chief: bool, **more_state: tf.Module):
+        # `more_state`: other trackables a resumed run needs (e.g. the best validation value).
+        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, **more_state)
         self._optimizer = optimizer
         self.directory = os.path.join(model_dir, CHECKPOINT_DIR)
         self._chief_manager = (tf.train.CheckpointManager(self._checkpoint, self.directory, max_to_keep=3)

@@ -81,19 +81,33 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
 
 
-def summary_lines(*, step: int, seconds: float, record: Mapping[str, float] | None, output_names: list[str],
+def summary_lines(*, step: int, seconds: float, records: list[Mapping[str, float]], output_names: list[str],
                   model_dir: str, files: list[str]) -> list[str]:
-    """The end of a run in a few lines: the last window's losses and metrics by output, and where the files are."""
+    """The end of a run in a few lines: the last training window's and evaluation's values by output, and the files."""
     lines = [f"Trained to step {step} in {_clock(seconds)}."]
-    if record:
-        by_output = {name: [] for name in output_names}
-        for key, value in record.items():
-            # Longest output name first: an output may be named like the start of another.
-            owner = next((name for name in sorted(output_names, key=len, reverse=True)
-                          if key.startswith(name + "_")), None)
-            if owner:
-                by_output[owner].append(f"{key.removeprefix(owner + '_')} {value:.4g}")
-        parts = [f"loss {record['loss']:.4g}"] + [f"{name}: {', '.join(values)}" for name, values in by_output.items()]
-        lines.append("  last window: " + " | ".join(parts))
+    last_window = next((record for record in reversed(records) if "loss" in record), None)
+    last_evaluation = next((record for record in reversed(records) if "val_loss" in record), None)
+    if last_window:
+        lines.append("  last window: " + _by_output(last_window, output_names, prefix=""))
+    if last_evaluation:
+        lines.append(f"  validation at step {last_evaluation['step']}: "
+                     + _by_output(last_evaluation, output_names, prefix="val_"))
     lines.append(f"  files in {model_dir}: {', '.join(files)}")
     return lines
+
+
+def _by_output(record: Mapping[str, float], output_names: list[str], *, prefix: str) -> str:
+    """`loss 0.5 | aux_output: loss 0.6, binary_accuracy 0.7 | ...` from the keys that start with `prefix`."""
+    by_output = {name: [] for name in output_names}
+    for key, value in record.items():
+        if not key.startswith(prefix):
+            continue
+        key = key.removeprefix(prefix)
+        # Longest output name first: an output may be named like the start of another.
+        owner = next((name for name in sorted(output_names, key=len, reverse=True) if key.startswith(name + "_")),
+                     None)
+        if owner:
+            by_output[owner].append(f"{key.removeprefix(owner + '_')} {value:.4g}")
+    parts = [f"loss {record[prefix + 'loss']:.4g}"] + [f"{name}: {', '.join(values)}"
+                                                      for name, values in by_output.items()]
+    return " | ".join(parts)

@@ -1,9 +1,10 @@
-"""The train step: how a multi-output model is trained, in one screen.
+"""The train step: how a multi-output model is trained, in one screen; and the evaluation step.
 
 One total loss (the weighted sum of the per-output losses, plus
 regularization), one gradient of it with respect to every trainable weight,
 one optimizer update. Layered as Keras's own trainer is: one batch on one
 replica -> one step across replicas -> N steps in one `tf.function` call.
+Evaluation computes the same losses and metrics and updates nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def make_train_step(
     loss_fns: Mapping[str, keras.losses.Loss],
     loss_weights: Mapping[str, float],
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
-    global_batch_size: int,
+    global_batch_size: int | None,
     strategy: tf.distribute.Strategy,
     jit_compile: bool = False,
 ) -> Callable[[object], dict[str, tf.Tensor]]:
@@ -33,17 +34,24 @@ def make_train_step(
     reports it) and `<output>_loss` (unweighted). Metrics accumulate in
     `output_metrics`; the caller reads and resets them. `loss_fns` return
     per-example losses (Keras losses with reduction "none").
+    `global_batch_size` None: batches may hold fewer examples (a pass's last
+    one), so each step counts them.
     """
 
     def one_step_on_batch(batch):
         """Forward, weighted loss, one gradient, one update: on one replica's slice."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
+        # A pass's last batch may be partial and split unevenly across
+        # replicas: dividing by the examples the WHOLE global batch holds
+        # keeps the exact single-device mean (Keras's fit divides each
+        # replica's local mean by the number of replicas instead).
+        examples_in_batch = global_batch_size or examples_across_replicas(labels)
         with tf.GradientTape() as tape:
             # training=True: Dropout drops, BatchNorm normalizes by the batch and updates its moving statistics.
             predictions = models.as_output_dict(model, model(inputs, training=True))
             output_losses = losses.per_output_losses(
                 loss_fns=loss_fns, labels=labels, predictions=predictions,
-                sample_weights=sample_weights, global_batch_size=global_batch_size)
+                sample_weights=sample_weights, global_batch_size=examples_in_batch)
             # model.losses recomputes the regularizers from the current
             # weights, so it must be read inside the tape.
             loss = losses.weighted_total_loss(
@@ -70,6 +78,54 @@ def make_train_step(
     # XLA compiles one step (as `compile(jit_compile=True)` does in Keras);
     # reading the iterator stays outside, where XLA cannot go.
     return tf.function(one_step_on_data, jit_compile=jit_compile)
+
+
+def examples_across_replicas(labels) -> tf.Tensor:
+    """The number of examples in the global batch: this replica's, summed over every replica."""
+    examples_here = tf.shape(tf.nest.flatten(labels)[0], out_type=tf.int64)[0]
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, examples_here)
+
+
+def make_evaluate(
+    *,
+    model: keras.Model,
+    loss_fns: Mapping[str, keras.losses.Loss],
+    loss_weights: Mapping[str, float],
+    output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
+    strategy: tf.distribute.Strategy,
+) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+    """Returns `evaluate(iterator, num_steps, num_examples)`: the losses over `num_steps` global batches.
+
+    The batches hold `num_examples` examples in all (the last batch may be
+    partial, split unevenly across replicas or workers). Each output's loss
+    is the exact mean over those examples of sample weight times loss, as
+    `fit`'s `val_loss` is; `loss` weighs them and adds the regularization.
+    Metrics accumulate in `output_metrics`. Nothing is trained.
+    """
+
+    def one_step_on_batch(batch, num_examples):
+        """This replica's share of each output's mean over all evaluated examples."""
+        inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
+        # training=False: Dropout off, BatchNorm by its moving statistics, nothing updated.
+        predictions = models.as_output_dict(model, model(inputs, training=False))
+        for output_name, metric in output_metrics.values():
+            metric.update_state(labels[output_name], predictions[output_name])
+        return losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
+                                        sample_weights=sample_weights, global_batch_size=num_examples)
+
+    @tf.function
+    def evaluate(iterator, num_steps, num_examples):
+        """Shares summed over replicas and batches: the means over all `num_examples`."""
+        output_losses = {name: tf.constant(0.0) for name in loss_fns}
+        for _ in tf.range(num_steps):
+            shares = strategy.run(one_step_on_batch, args=(next(iterator), num_examples))
+            output_losses = {name: output_losses[name] + strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
+                             for name, share in shares.items()}
+        loss = losses.weighted_total_loss(output_losses=output_losses, loss_weights=loss_weights,
+                                          regularization_losses=model.losses, replicas_share=False)
+        return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+
+    return evaluate
 
 
 def make_train_loop(train_step: Callable[[object], dict[str, tf.Tensor]],

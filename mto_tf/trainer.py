@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import data, losses, metrics, models, outputs, progress, step, user_code
+from mto_tf import best, data, losses, metrics, models, outputs, progress, step, user_code
 from mto_tf.config import ConfigError, TrainConfig, first_line
 from mto_tf.preemption import Preempted, PreemptionWatcher
 from mto_tf.strategy import check_batch_split, is_chief, make_strategy
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
-_RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
-                      "model_dir", "data_dir", "loop", "jit_compile", "progress")
+_RESUMABLE_CHANGES = ("train_steps", "epochs", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
+                      "model_dir", "data_dir", "loop", "jit_compile", "progress", "eval_every", "eval_steps",
+                      "early_stopping_patience")
 # Settings only some models or datasets read; any other must keep its default.
 _MODEL_SETTINGS = ("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
                    "conv_filters", "dropout_rate", "sync_batchnorm", "l2")
@@ -58,12 +60,17 @@ class Run:
     checkpoints: outputs.Checkpoints
     metrics_log: outputs.MetricsLog
     examples: data.Examples  # In file order.
+    total_steps: int  # --train_steps, or --epochs passes of steps_per_epoch.
+    steps_per_epoch: int | None  # With --epochs: global batches per pass, the partial one included.
+    validation: data.Examples | None
+    val_output_metrics: dict[str, tuple[str, keras.metrics.Metric]]  # Named `val_<output>_<metric>`.
+    best_value: best.BestValue | None  # With --save_best.
     start_step: int  # Where a restored run stopped; 0 for a new run.
     progress: progress.Progress  # What the person watching sees (the chief's only).
 
 
 def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
-    """Trains `config.model` on `config.dataset` to `config.train_steps`, resuming if it can.
+    """Trains `config.model` on `config.dataset` for `config.train_steps` or `config.epochs`, resuming if it can.
 
     Args:
       config: the run.
@@ -81,18 +88,17 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
     started = time.perf_counter()
     if config.loop == "fit":
         from mto_tf import fit_loop  # The comparison path, only when asked for.
-        fit_loop.run_fit(run)
+        final_step = fit_loop.run_fit(run)
     else:
-        run_custom_loop(run)
+        final_step = run_custom_loop(run)
     if is_chief(run.strategy):
         outputs.save_final_model(config.model_dir, run.model)
     logger.info("Final weights fingerprint: %s", outputs.weights_fingerprint(run.model))
     run.progress.summary(progress.summary_lines(
-        step=config.train_steps, seconds=time.perf_counter() - started,
-        record=run.metrics_log.records[-1] if run.metrics_log.records else None,
+        step=final_step, seconds=time.perf_counter() - started, records=run.metrics_log.records,
         output_names=list(run.loss_fns), model_dir=config.model_dir,
-        files=[outputs.MODEL_FILE, outputs.WEIGHTS_FILE, outputs.METRICS_FILE, f"{outputs.CHECKPOINT_DIR}/",
-               f"{outputs.TENSORBOARD_DIR}/", CONFIG_FILE]))
+        files=[outputs.MODEL_FILE, outputs.WEIGHTS_FILE, *([best.BEST_WEIGHTS_FILE] if run.best_value else []),
+               outputs.METRICS_FILE, f"{outputs.CHECKPOINT_DIR}/", f"{outputs.TENSORBOARD_DIR}/", CONFIG_FILE]))
     return TrainResult(model=run.model, history=run.metrics_log.records)
 
 
@@ -105,10 +111,19 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         _check_settings_are_used(config)  # Now that --model is known to name a model.
         if config.init_weights:
             _load_init_weights(model, config.init_weights)
-    examples = data.load_examples(config, model)  # Checks the data against the model.
-    inputs_spec, labels_spec, *_ = data.global_batches(examples, model=model, config=config).element_spec
-    predictions_spec = models.output_tensors(model)
     output_names = models.output_names(model)
+    _check_class_weight_outputs(config, output_names)
+    examples = data.load_examples(config, model)  # Checks the data against the model.
+    # Building the batches checks the class weights against the outputs' shapes.
+    inputs_spec, labels_spec, *_ = data.global_batches(
+        examples, model=model, batching=data.Batching.for_training(config)).element_spec
+    predictions_spec = models.output_tensors(model)
+    validation = data.load_validation_examples(config, model)
+    for flag in ("eval_every", "eval_steps"):
+        if getattr(config, flag) and validation is None:
+            raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
+                                    "with a validation split")
+    steps_per_epoch = data.steps_per_pass(examples, config.batch_size) if config.epochs else None
 
     loss_identifiers, loss_weights = _resolve_losses(config, model)
     loss_fns = {name: losses.per_example_loss(loss_identifiers[name], output=name, y_true=labels_spec[name],
@@ -119,22 +134,50 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         optimizer = make_optimizer(config)
         optimizer.build(model.trainable_variables)
         output_metrics = metrics.make_output_metrics(metric_identifiers, y_true=labels_spec, y_pred=predictions_spec)
+        val_output_metrics = {f"val_{name}": output_metric for name, output_metric in metrics.make_output_metrics(
+            metric_identifiers, y_true=labels_spec, y_pred=predictions_spec).items()} if validation else {}
+    best_value = _make_best_value(config, strategy, validation=validation, val_output_metrics=val_output_metrics,
+                                  output_names=output_names)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone; the other workers read its checkpoints).
     chief = is_chief(strategy)
     if chief:
         _prepare_model_dir(config)
-    checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief)
+    checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief,
+                                      **({"best_value": best_value} if best_value else {}))
     start_step = checkpoints.restore_latest()
+    total_steps = config.epochs * steps_per_epoch if config.epochs else config.train_steps
     return Run(
         config=config, strategy=strategy, model=model, optimizer=optimizer, losses=loss_identifiers,
         loss_fns=loss_fns, loss_weights=loss_weights, metrics=metric_identifiers, output_metrics=output_metrics,
         checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
-        examples=examples, start_step=start_step,
+        examples=examples, total_steps=total_steps, steps_per_epoch=steps_per_epoch, validation=validation,
+        val_output_metrics=val_output_metrics, best_value=best_value, start_step=start_step,
         progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
-                                   total_steps=config.train_steps))
+                                   total_steps=total_steps))
+
+
+def _check_class_weight_outputs(config: TrainConfig, output_names: list[str]) -> None:
+    unknown = sorted(set(config.class_weights) - set(output_names))
+    if unknown:
+        raise ConfigError("class_weights", f"unknown output {unknown[0]!r}; the model has outputs {output_names}")
+
+
+def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validation, val_output_metrics,
+                     output_names: list[str]) -> best.BestValue | None:
+    """`--save_best`'s tracker, checked against what the evaluation reports."""
+    if config.save_best is None:
+        return None
+    if validation is None:
+        raise ConfigError("save_best", "needs validation data: --validation_data=npz:PATH, or a dataset with a "
+                                       "validation split (--validation_split)")
+    higher = best.higher_is_better(
+        config.save_best, val_loss_names=["val_loss", *(f"val_{name}_loss" for name in output_names)],
+        val_metrics={name: metric for name, (_, metric) in val_output_metrics.items()})
+    return best.BestValue(config.save_best, higher_is_better=higher, patience=config.early_stopping_patience,
+                          model_dir=config.model_dir, is_chief=is_chief(strategy))
 
 
 def _default_for(config: TrainConfig, field: str, user_model_default):
@@ -179,21 +222,31 @@ def _check_settings_are_used(config: TrainConfig) -> None:
                                     f"{config.describe()['dataset']} does not read it; leave it unset")
 
 
-def run_custom_loop(run: Run) -> None:
-    """Drives the explicit train step from `run.start_step` to `train_steps`."""
+def run_custom_loop(run: Run) -> int:
+    """Drives the explicit train step from `run.start_step` to `run.total_steps`; returns the step it ended at.
+
+    It ends early, with a checkpoint, once `--early_stopping_patience`
+    evaluations have not improved `--save_best`'s value.
+    """
     config, strategy = run.config, run.strategy
     train_loop = step.make_train_loop(make_train_step(run), measurement_names(run))
-    iterator = iter(data.distributed_batches(strategy, run.examples, model=run.model, config=config,
-                                             skip_steps=run.start_step))
+    iterator = iter(data.distributed_batches(strategy, run.examples, model=run.model,
+                                             batching=data.Batching.for_training(config),
+                                             skip_batches=run.start_step))
+    evaluate = make_evaluation(run) if run.validation else None
+    if run.best_value and run.best_value.patience_exhausted:
+        logger.info("Stopped early before: %s", run.best_value.describe_stop())
+        return run.start_step
     preemption = PreemptionWatcher(strategy)
     try:
         current_step = run.start_step
         window = _Window()
-        while current_step < config.train_steps:
-            # Stop a loop at the next log, checkpoint or the end, whichever is first.
-            num_steps = min(config.steps_per_loop, config.train_steps - current_step,
+        while current_step < run.total_steps:
+            # Stop a loop at the next log, checkpoint, evaluation or the end, whichever is first.
+            num_steps = min(config.steps_per_loop, run.total_steps - current_step,
                             _steps_to_next(current_step, config.log_every),
-                            _steps_to_next(current_step, config.checkpoint_every))
+                            _steps_to_next(current_step, config.checkpoint_every),
+                            _steps_to_next(current_step, config.eval_every or run.total_steps))
             # A tensor, not a Python int: a new count must not retrace the loop.
             loop_totals = {name: value.numpy() for name, value in train_loop(iterator, tf.constant(num_steps)).items()}
             # The sums were fetched anyway: checking them costs no extra sync.
@@ -203,19 +256,53 @@ def run_custom_loop(run: Run) -> None:
             window.add(loop_totals, num_steps)
             current_step += num_steps
             run.progress.update(current_step, {name: value / num_steps for name, value in loop_totals.items()})
-            finished = current_step == config.train_steps
+            finished = current_step == run.total_steps
             preempted = not finished and preemption.stop_agreed()
+            record = {}
             if current_step % config.log_every == 0 or finished or preempted:
-                record = run.metrics_log.write(current_step, window.measurements(run.output_metrics,
-                                                                                  config.batch_size))
-                run.progress.window(current_step, record)
+                record.update(window.measurements(run.output_metrics, config.batch_size))
                 window = _Window()
-            if current_step % config.checkpoint_every == 0 or finished or preempted:
+            stop_early = False
+            if evaluate and (finished or (config.eval_every and current_step % config.eval_every == 0)):
+                record.update(evaluate())
+                if run.best_value:
+                    record.update(run.best_value.update(current_step, record, run.model))
+                    stop_early = run.best_value.patience_exhausted
+            if record:
+                run.progress.window(current_step, run.metrics_log.write(current_step, record))
+            if current_step % config.checkpoint_every == 0 or finished or preempted or stop_early:
                 run.checkpoints.save(current_step)
             if preempted:
                 raise Preempted(current_step)
+            if stop_early:
+                logger.info("Early stopping at step %d: %s", current_step, run.best_value.describe_stop())
+                break
+        return current_step
     finally:
         preemption.close()
+
+
+def make_evaluation(run: Run) -> Callable[[], dict[str, float]]:
+    """Returns `evaluate()`: the run's losses and metrics on its validation data, named `val_...` as `fit` names them."""
+    config = run.config
+    evaluate = step.make_evaluate(model=run.model, loss_fns=run.loss_fns, loss_weights=run.loss_weights,
+                                  output_metrics=run.val_output_metrics, strategy=run.strategy)
+    batches = data.distributed_batches(run.strategy, run.validation, model=run.model,
+                                       batching=data.Batching.for_evaluation(config))
+    num_examples = run.validation.count()
+    num_steps = -(-num_examples // config.batch_size)
+    if config.eval_steps is not None and config.eval_steps < num_steps:
+        num_steps, num_examples = config.eval_steps, config.eval_steps * config.batch_size
+
+    def evaluate_once() -> dict[str, float]:
+        values = evaluate(iter(batches), tf.constant(num_steps), tf.constant(num_examples, tf.int64))
+        measurements = {f"val_{name}": float(value) for name, value in values.items()}
+        for log_name, (_, metric) in run.val_output_metrics.items():
+            measurements[log_name] = float(metric.result())
+            metric.reset_state()
+        return measurements
+
+    return evaluate_once
 
 
 def _check_finite(loop_totals: dict[str, np.float32], *, first_step: int, last_step: int,
@@ -232,7 +319,9 @@ def make_train_step(run: Run):
     """The run's `step.make_train_step`, with its losses, weights and settings."""
     return step.make_train_step(
         model=run.model, optimizer=run.optimizer, loss_fns=run.loss_fns, loss_weights=run.loss_weights,
-        output_metrics=run.output_metrics, global_batch_size=run.config.batch_size, strategy=run.strategy,
+        output_metrics=run.output_metrics, strategy=run.strategy,
+        # By --epochs, each pass ends with a partial batch: the step counts its examples.
+        global_batch_size=None if run.config.epochs else run.config.batch_size,
         jit_compile=run.config.jit_compile)
 
 

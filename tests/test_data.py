@@ -75,7 +75,8 @@ def test_batches_have_a_static_shape_for_the_train_step_to_trace(tmp_path, sourc
     config = small_config(tmp_path, dataset=dataset, synthetic_train_examples=100)
     model = build_headline(config)
     examples = data.load_examples(config, model)
-    for spec in tf.nest.flatten(data.global_batches(examples, model=model, config=config).element_spec):
+    batches = data.global_batches(examples, model=model, batching=data.Batching.for_training(config))
+    for spec in tf.nest.flatten(batches.element_spec):
         assert spec.shape[0] == BATCH_SIZE and spec.shape.is_fully_defined(), spec
 
 
@@ -95,13 +96,14 @@ def test_npz_file_order_and_sample_weights_reach_the_batches(tmp_path):
     arrays = write_npz(tmp_path / "d.npz", num_examples=40, with_sample_weights=True)
     config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'd.npz'}")
     model = build_headline(config)
-    batches = data.global_batches(data.load_examples(config, model), model=model, config=config)
+    batching = data.Batching.for_training(config)
+    batches = data.global_batches(data.load_examples(config, model), model=model, batching=batching)
     inputs, labels, sample_weights = next(iter(batches))
     np.testing.assert_array_equal(inputs["main_input"], arrays["main_input"][:BATCH_SIZE])
     np.testing.assert_array_equal(labels["main_output"][:, 0], arrays["main_output"][:BATCH_SIZE])
     np.testing.assert_array_equal(sample_weights["aux_output"], arrays["sample_weight/aux_output"][:BATCH_SIZE])
     # skip_batches resumes further down the same endless stream (40 rows, batch 16: wraps around).
-    skipped = data.global_batches(data.load_examples(config, model), model=model, config=config, skip_batches=2)
+    skipped = data.global_batches(data.load_examples(config, model), model=model, batching=batching, skip_batches=2)
     np.testing.assert_array_equal(next(iter(skipped))[0]["main_input"],
                                   np.concatenate([arrays["main_input"][32:], arrays["main_input"][:8]]))
 

@@ -16,14 +16,17 @@ from mto_tf.config import ConfigError
 from mto_tf.data import features
 
 
-def load(path: str, model) -> tf.data.Dataset:
-    """Reads `path` and checks it against `model`; returns a dataset of feature dicts, one per example (in memory)."""
+def load(path: str, model, *, flag: str = "dataset") -> tf.data.Dataset:
+    """Reads `path` and checks it against `model`; returns a dataset of feature dicts, one per example (in memory).
+
+    `flag` (`dataset` or `validation_data`) is what an error names.
+    """
     # Float arrays as float32, what Keras computes in (NumPy would give float64).
     arrays = {key: array.astype(np.float32) if array.dtype.kind == "f" else array
-              for key, array in _read(path).items()}
+              for key, array in _read(path, flag).items()}
 
     def fail(key: str, message: str):
-        raise ConfigError("dataset", f"npz file {path!r}, key {key!r}: {message}")
+        raise ConfigError(flag, f"npz file {path!r}, key {key!r}: {message}")
 
     rows = {key: len(array) if array.ndim else 0 for key, array in arrays.items()}
     first = next(iter(rows), None)
@@ -34,7 +37,7 @@ def load(path: str, model) -> tf.data.Dataset:
             fail(key, f"has {count} rows but {first!r} has {rows[first]}")
     features.check({key: tf.TensorSpec(array.shape[1:], tf.as_dtype(array.dtype) if array.dtype.kind in "biuf"
                                        else tf.string) for key, array in arrays.items()},
-                   model, flag="dataset", where=lambda key: f"npz file {path!r}, key {key!r}")
+                   model, flag=flag, where=lambda key: f"npz file {path!r}, key {key!r}")
     for name, tensor in models.output_tensors(model).items():
         # Labels (N,) for a (batch, 1) output become (N, 1), like the
         # predictions, so that per-example losses are computed row by row.
@@ -48,9 +51,9 @@ def load(path: str, model) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(arrays)
 
 
-def _read(path: str) -> dict[str, np.ndarray]:
+def _read(path: str, flag: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as error:
-        raise ConfigError("dataset", f"cannot read npz file {path!r}: {error}") from None
+        raise ConfigError(flag, f"cannot read npz file {path!r}: {error}") from None

@@ -191,7 +191,8 @@ def read_split(builder: SyntheticHeadlines, split: str):
         return batch
 
     files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
-    return Examples(records=tf.data.TFRecordDataset(files), parse_batch=parse_batch)
+    return Examples(records=tf.data.TFRecordDataset(files), parse_batch=parse_batch,
+                    num_examples=builder.info.splits[split].num_examples)
 
 
 def feature_specs(config) -> dict[str, tf.TensorSpec]:

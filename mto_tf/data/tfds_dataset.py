@@ -25,19 +25,16 @@ from mto_tf.data import features
 
 
 def load(name: str, *, data_dir: str | None, split: str, split_flag: str, feature_map: Mapping[str, str],
-         model) -> tuple[tf.data.Dataset, dict[str, str]]:
+         model) -> tuple[tf.data.Dataset, dict[str, str], int | None]:
     """Reads split `split` of TFDS dataset `name`, checked against `model`.
 
     Returns:
       The split's examples in file order, each a dict of the decoded features
-      the model needs; and `{model name: feature path}` for each of them.
+      the model needs; `{model name: feature path}` for each of them; and
+      the split's number of examples, if its metadata says.
     """
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        info = builder.info
-    except Exception as error:  # TFDS raises its own errors for unknown names, versions and configs.
-        raise ConfigError("dataset", f"TFDS cannot open {name!r} in --data_dir={data_dir} "
-                                     f"({user_code.describe_error(error)}); prepare it there first") from None
+    builder = _builder(name, data_dir)
+    info = builder.info
     if info.splits and split not in info.splits:
         raise ConfigError(split_flag, f"dataset {name!r} has no split {split!r}; it has {sorted(info.splits)}")
 
@@ -57,7 +54,21 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
     except Exception as error:  # Not prepared, or files missing.
         raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
                                      f"({user_code.describe_error(error)})") from None
-    return records, feature_paths
+    num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
+    return records, feature_paths, num_examples or None
+
+
+def split_names(name: str, *, data_dir: str | None) -> list[str]:
+    """The splits of TFDS dataset `name` prepared in `data_dir`."""
+    return sorted(_builder(name, data_dir).info.splits)
+
+
+def _builder(name: str, data_dir: str | None):
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # TFDS raises its own errors for unknown names, versions and configs.
+        raise ConfigError("dataset", f"TFDS cannot open {name!r} in --data_dir={data_dir} "
+                                     f"({user_code.describe_error(error)}); prepare it there first") from None
 
 
 def select(batch: dict, feature_paths: Mapping[str, str]) -> dict[str, tf.Tensor]:
