@@ -85,6 +85,17 @@ def test_flagfile_sets_flags(tmp_path):
     (["--dataset=npz:/no/such/file.npz"], "^--dataset: npz file not found"),
     (["--init_weights=/no/such.weights.h5"], "^--init_weights: file not found"),
     (["--loop=fit", "--train_steps=7", "--log_every=5"], "^--train_steps: with --loop=fit, must be a multiple"),
+    (["--epochs=2", "--train_steps=500"], "^--epochs: give --epochs or --train_steps, not both"),
+    (["--epochs=0"], "^--epochs: expected an integer > 0"),
+    (["--loop=fit", "--epochs=2"], "^--epochs: not with --loop=fit"),
+    (["--loop=fit", "--eval_every=25"], "^--eval_every: with --loop=fit, must be a multiple of --log_every=50"),
+    (["--eval_every=-1"], r"^--eval_every: expected steps >= 0"),
+    (["--eval_steps=0"], "^--eval_steps: expected an integer > 0"),
+    (["--early_stopping_patience=3"], "^--early_stopping_patience: watches the value that --save_best names"),
+    (["--save_best=main_output_loss"], "^--save_best: expected a validation value such as val_loss"),
+    (["--validation_data=/tmp/v.npz"], "^--validation_data: expected npz:PATH"),
+    (["--validation_data=npz:/no/v.npz"], "^--validation_data: npz file not found"),
+    (["--validation_split=validation", f"--dataset=npz:{__file__}"], "^--validation_split: chooses a split of a TFDS"),
 ])
 def test_bad_settings_raise_config_error_naming_the_flag(args, message):
     with pytest.raises(ConfigError, match=message):

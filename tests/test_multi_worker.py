@@ -4,6 +4,7 @@ Keras 3.15's `fit` cannot run under this strategy (keras-team/keras#20585),
 so the reference is single-process `fit` on the same global batches.
 """
 
+import json
 import os
 import re
 import signal
@@ -217,3 +218,22 @@ def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_
     pids = [int(pid) for pid in re.findall(r"launch: worker \d started, pid (\d+)", launch.output)]
     assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert not model_dir.exists()
+
+
+def test_validation_under_two_workers_evaluates_every_example_once_as_one_device_would(tmp_path):
+    from test_validation import OUTPUTS, VALUE_RTOL, _evaluate, _exact_means
+
+    _, data_flags = _data(tmp_path)
+    # 37 examples, batches of 16: the last holds 5, split 3 + 2 across the two workers.
+    arrays = write_npz(tmp_path / "validation.npz", num_examples=37, with_sample_weights=True, seed=1)
+    launch = Launch(*data_flags, f"--model_dir={tmp_path / 'run'}", "--train_steps=4", "--log_every=2",
+                    "--eval_every=2", f"--validation_data=npz:{tmp_path / 'validation.npz'}")
+    assert launch.wait() == 0, launch.output[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "val_loss" in record] == [2, 4]
+    model = build_headline(small_config(tmp_path))
+    model.load_weights(tmp_path / "run" / "model.weights.h5")
+    exact = _exact_means(model, arrays)
+    for name in OUTPUTS:
+        np.testing.assert_allclose(records[-1][f"val_{name}_loss"], exact[name], rtol=VALUE_RTOL, err_msg=name)
+    np.testing.assert_allclose(records[-1]["val_loss"], _evaluate(model, arrays)["loss"], rtol=VALUE_RTOL)

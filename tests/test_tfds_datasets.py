@@ -76,8 +76,8 @@ def _config(tmp_path, data_dir, **overrides):
 def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
     config = _config(tmp_path, data_dir)
     model = build_headline(config)
-    inputs, labels, sample_weights = next(iter(data.global_batches(data.load_examples(config, model),
-                                                                   model=model, config=config)))
+    inputs, labels, sample_weights = next(iter(data.global_batches(
+        data.load_examples(config, model), model=model, batching=data.Batching.for_training(config))))
     expected = list(ticket_examples(0, BATCH_SIZE))
     np.testing.assert_array_equal(inputs["main_input"], [e["text"]["token_ids"] for e in expected])
     np.testing.assert_array_equal(inputs["aux_input"], [e["side_info"] for e in expected])
@@ -88,7 +88,15 @@ def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
     assert set(sample_weights) == {"main_output"}
 
 
+def test_validation_reads_the_split_named_or_none_when_the_dataset_has_no_validation_split(tmp_path, data_dir):
+    model = build_headline(_config(tmp_path, data_dir))
+    assert data.load_validation_examples(_config(tmp_path, data_dir), model) is None  # Only a train split.
+    named = data.load_validation_examples(_config(tmp_path, data_dir, validation_split="train"), model)
+    assert named.count() == data.load_examples(_config(tmp_path, data_dir), model).count()
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (dict(validation_split="test"), r"^--validation_split: dataset 'support_tickets' has no split 'test'"),
     (dict(feature_map={**FEATURE_MAP, "aux_input": "side"}),
      r"^--feature_map: feature 'side' \(for 'aux_input'\): dataset 'support_tickets' has no feature 'side'"),
     (dict(feature_map={key: value for key, value in FEATURE_MAP.items() if key != "aux_output"}),
