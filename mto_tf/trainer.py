@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
-_RESUMABLE_CHANGES = ("train_steps", "epochs", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
+# Not --epochs: a run by epochs reads its batches in another order than one by steps.
+_RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
                       "model_dir", "data_dir", "loop", "jit_compile", "progress", "eval_every", "eval_steps",
                       "early_stopping_patience")
 # Settings only some models or datasets read; any other must keep its default.

@@ -105,7 +105,8 @@ def test_with_an_even_last_batch_every_value_equals_evaluate(tmp_path):
 
 def test_validation_names_are_fits_and_eval_steps_and_eval_every_choose_what_and_when(tmp_path):
     config, arrays = _setup(tmp_path, num_validation=32, train_steps=4, log_every=2, eval_every=2,
-                            metrics={name: ("binary_accuracy",) for name in OUTPUTS})
+                            metrics={name: ("binary_accuracy",) for name in OUTPUTS}, save_best="val_loss",
+                            class_weights={"main_output": {1: 2.0}})
     custom = train(config).history
     fit = train(dataclasses.replace(config, loop="fit", model_dir=str(tmp_path / "fit"))).history
     custom_val = [record for record in custom if "val_loss" in record]
@@ -116,8 +117,10 @@ def test_validation_names_are_fits_and_eval_steps_and_eval_every_choose_what_and
                          "val_main_output_binary_accuracy", "val_aux_output_binary_accuracy"}
     assert {name for name in custom_val[0] if name.startswith("val_")} == val_names
     for custom_record, fit_record in zip(custom_val, fit_val):
-        for name in val_names:  # Same weights (parity), same examples, full batches.
+        for name in val_names:  # Same weights (parity, class weights included), same examples, full batches.
             np.testing.assert_allclose(custom_record[name], fit_record[name], rtol=VALUE_RTOL, err_msg=name)
+    assert [record["best_step"] for record in custom_val] == [record["best_step"] for record in fit_val]
+    assert (tmp_path / "fit" / best.BEST_WEIGHTS_FILE).exists()
 
     # --eval_steps=1: the first batch's 16 examples only.
     one_batch = train(dataclasses.replace(config, eval_steps=1, eval_every=0, model_dir=str(tmp_path / "one_batch")))
