@@ -68,8 +68,11 @@ def test_on_a_terminal_the_progress_line_updates_in_place_and_the_run_ends_with_
     # Each window's line stays, and the summary ends it.
     lines = [line.split("\r")[-1] for line in screen.replace("\r\n", "\n").split("\n")]
     assert [line.split(":")[0] for line in lines if re.match(r"step \d+/40:", line)] == ["step 20/40", "step 40/40"]
+    # synthetic_headlines has a validation split: the run ends with an evaluation on it.
     assert re.search(r"Trained to step 40 in \d\d:\d\d\.\n  last window: loss [\d.]+ \| aux_output: loss [\d.]+, "
-                     r"binary_accuracy [\d.]+ \| main_output: loss [\d.]+, binary_accuracy [\d.]+\n  files in .*run: "
+                     r"binary_accuracy [\d.]+ \| main_output: loss [\d.]+, binary_accuracy [\d.]+\n"
+                     r"  validation at step 40: loss [\d.]+ \| aux_output: loss [\d.]+, binary_accuracy [\d.]+ \| "
+                     r"main_output: loss [\d.]+, binary_accuracy [\d.]+\n  files in .*run: "
                      r"model.keras, model.weights.h5, metrics.jsonl, checkpoints/, tensorboard/, config.json\n$",
                      screen.replace("\r\n", "\n")), screen[-600:]
 
