@@ -11,7 +11,6 @@ its step, and how many evaluations have passed without improvement.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
@@ -21,8 +20,6 @@ import tensorflow as tf
 from mto_tf.config import ConfigError
 
 BEST_WEIGHTS_FILE = "best.weights.h5"
-
-logger = logging.getLogger(__name__)
 
 
 def higher_is_better(val_name: str, *, val_loss_names: list[str], val_metrics: dict[str, keras.metrics.Metric]) -> bool:

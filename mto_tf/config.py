@@ -210,8 +210,7 @@ class TrainConfig:
                                              f"got {type(self.dataset).__name__}")
             return
         if self.dataset.startswith("npz:"):
-            if not os.path.isfile(self.dataset[4:]):
-                raise ConfigError("dataset", f"npz file not found: {self.dataset[4:]!r}")
+            _check_npz_file("dataset", self.dataset)
         elif self.dataset.startswith("tfds:"):
             if not self.dataset[5:]:
                 raise ConfigError("dataset", "expected tfds:NAME[/CONFIG][:VERSION], got no NAME")
@@ -246,8 +245,7 @@ class TrainConfig:
         if isinstance(self.validation_data, str):
             if not self.validation_data.startswith("npz:"):
                 raise ConfigError("validation_data", f"expected npz:PATH, got {self.validation_data!r}")
-            if not os.path.isfile(self.validation_data[4:]):
-                raise ConfigError("validation_data", f"npz file not found: {self.validation_data[4:]!r}")
+            _check_npz_file("validation_data", self.validation_data)
         elif not hasattr(self.validation_data, "element_spec"):
             raise ConfigError("validation_data", f"expected npz:PATH or a tf.data.Dataset, "
                                                  f"got {type(self.validation_data).__name__}")
@@ -294,6 +292,12 @@ def _check_positive(config: TrainConfig, *fields: str):
         value = getattr(config, field)
         if not (isinstance(value, int) and value > 0):
             raise ConfigError(field, f"expected an integer > 0, got {value!r}")
+
+
+def _check_npz_file(field: str, source: str):
+    """`source` is `npz:PATH`; PATH must be a file."""
+    if not os.path.isfile(source.removeprefix("npz:")):
+        raise ConfigError(field, f"npz file not found: {source.removeprefix('npz:')!r}")
 
 
 def _check_class_weights(class_weights: Mapping[str, Mapping[int, float]]):

@@ -20,6 +20,7 @@ from mto_tf.trainer import Run
 
 logger = logging.getLogger(__name__)
 
+
 class _WriteOutputs(keras.callbacks.Callback):
     """Logs each window and checkpoints like the custom loop does."""
 
@@ -118,9 +119,6 @@ def run_fit(run: Run) -> int:
     """Trains `run.model` with `model.fit` from `run.start_step` to `total_steps`; returns the step it ended at."""
     config = run.config
     compile_model(run)
-    if run.best_value and run.best_value.patience_exhausted:
-        logger.info("Stopped early before: %s", run.best_value.describe_stop())
-        return run.start_step
     # TrainConfig checks that train_steps, checkpoint_every and eval_every
     # are multiples of log_every (so a restored step is on a window
     # boundary), and log_every a multiple of steps_per_loop (so executions fill a window).

@@ -118,7 +118,8 @@ flags.DEFINE_enum("progress", _default("progress"), list(config_lib.PROGRESS_MOD
                   "window), 'quiet'; 'auto': bar on a terminal, else lines. Only the chief worker shows it.")
 flags.DEFINE_string("save_best", None,
                     "A validation value (val_loss, val_<output>_loss, val_<output>_<metric>): write "
-                    "best.weights.h5 whenever it improves (lower for losses, higher otherwise).")
+                    "best.weights.h5 whenever it improves (as Keras's ModelCheckpoint decides: lower for "
+                    "losses; for a metric, the direction it declares).")
 flags.DEFINE_integer("early_stopping_patience", None,
                      "Stop after this many evaluations without improvement of --save_best's value.")
 flags.DEFINE_enum("loop", _default("loop"), list(config_lib.LOOPS),

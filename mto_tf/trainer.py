@@ -61,8 +61,7 @@ class Run:
     checkpoints: outputs.Checkpoints
     metrics_log: outputs.MetricsLog
     examples: data.Examples  # In file order.
-    total_steps: int  # --train_steps, or --epochs passes of steps_per_epoch.
-    steps_per_epoch: int | None  # With --epochs: global batches per pass, the partial one included.
+    total_steps: int  # --train_steps, or --epochs passes over the data, each ending with its partial batch.
     validation: data.Examples | None
     val_output_metrics: dict[str, tuple[str, keras.metrics.Metric]]  # Named `val_<output>_<metric>`.
     best_value: best.BestValue | None  # With --save_best.
@@ -87,7 +86,10 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
     """
     run = build_run(config, strategy or make_strategy(config))
     started = time.perf_counter()
-    if config.loop == "fit":
+    if run.best_value and run.best_value.patience_exhausted:  # Resumed after it had stopped early.
+        logger.info("Stopped early before: %s", run.best_value.describe_stop())
+        final_step = run.start_step
+    elif config.loop == "fit":
         from mto_tf import fit_loop  # The comparison path, only when asked for.
         final_step = fit_loop.run_fit(run)
     else:
@@ -124,7 +126,6 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         if getattr(config, flag) and validation is None:
             raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
                                     "with a validation split")
-    steps_per_epoch = data.steps_per_pass(examples, config.batch_size) if config.epochs else None
 
     loss_identifiers, loss_weights = _resolve_losses(config, model)
     loss_fns = {name: losses.per_example_loss(loss_identifiers[name], output=name, y_true=labels_spec[name],
@@ -148,13 +149,14 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief,
                                       **({"best_value": best_value} if best_value else {}))
     start_step = checkpoints.restore_latest()
-    total_steps = config.epochs * steps_per_epoch if config.epochs else config.train_steps
+    total_steps = (config.epochs * data.steps_per_pass(examples.count(), config.batch_size) if config.epochs
+                   else config.train_steps)
     return Run(
         config=config, strategy=strategy, model=model, optimizer=optimizer, losses=loss_identifiers,
         loss_fns=loss_fns, loss_weights=loss_weights, metrics=metric_identifiers, output_metrics=output_metrics,
         checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
-        examples=examples, total_steps=total_steps, steps_per_epoch=steps_per_epoch, validation=validation,
+        examples=examples, total_steps=total_steps, validation=validation,
         val_output_metrics=val_output_metrics, best_value=best_value, start_step=start_step,
         progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
                                    total_steps=total_steps))
@@ -235,9 +237,6 @@ def run_custom_loop(run: Run) -> int:
                                              batching=data.Batching.for_training(config),
                                              skip_batches=run.start_step))
     evaluate = make_evaluation(run) if run.validation else None
-    if run.best_value and run.best_value.patience_exhausted:
-        logger.info("Stopped early before: %s", run.best_value.describe_stop())
-        return run.start_step
     preemption = PreemptionWatcher(strategy)
     try:
         current_step = run.start_step
@@ -291,7 +290,7 @@ def make_evaluation(run: Run) -> Callable[[], dict[str, float]]:
     batches = data.distributed_batches(run.strategy, run.validation, model=run.model,
                                        batching=data.Batching.for_evaluation(config))
     num_examples = run.validation.count()
-    num_steps = -(-num_examples // config.batch_size)
+    num_steps = data.steps_per_pass(num_examples, config.batch_size)
     if config.eval_steps is not None and config.eval_steps < num_steps:
         num_steps, num_examples = config.eval_steps, config.eval_steps * config.batch_size
 

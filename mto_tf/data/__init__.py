@@ -214,9 +214,9 @@ def distributed_batches(strategy: tf.distribute.Strategy, examples: Examples, *,
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def steps_per_pass(examples: Examples, batch_size: int) -> int:
-    """Global batches in one pass over `examples`, the partial one included."""
-    return -(-examples.count() // batch_size)
+def steps_per_pass(num_examples: int, batch_size: int) -> int:
+    """Global batches in one pass over `num_examples` examples, the partial one included."""
+    return -(-num_examples // batch_size)
 
 
 def _record_batches(examples: Examples, batching: Batching) -> tf.data.Dataset:
