@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 _DEFAULT_TRAIN_STEPS = 500
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype policies.
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
@@ -104,9 +104,17 @@ class TrainConfig:
     # Output -> {class id: weight}; multiplies the sample weights of training examples.
     class_weights: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
 
-    # Optimization.
-    optimizer: str = "rmsprop"
-    learning_rate: float = 0.001
+    # Optimization, as Keras configures it (see mto_tf/optimization.py).
+    optimizer: str | Mapping[str, Any] = "rmsprop"  # A Keras optimizer name or config.
+    # A number or a Keras schedule config; None: the optimizer's own.
+    learning_rate: float | Mapping[str, Any] | None = None
+    # Keras's clipping (at most one), applied to the gradient summed over every replica.
+    clipnorm: float | None = None
+    global_clipnorm: float | None = None
+    clipvalue: float | None = None
+    grad_accum_steps: int = 1  # Batches per update; each update applies the mean of their gradients.
+    precision: str = "float32"  # A Keras dtype policy: float32, mixed_float16 or mixed_bfloat16.
+    xla_update: bool = False  # XLA for the optimizer's update alone (one replica; see README's Performance).
     batch_size: int = 64  # GLOBAL batch size: split evenly across replicas.
     train_steps: int | None = _DEFAULT_TRAIN_STEPS  # Replaced by `epochs` when that is set.
     epochs: int | None = None  # Passes over the training data, each ending with its partial batch.
@@ -126,6 +134,7 @@ class TrainConfig:
     init_weights: str | None = None
     loop: str = "custom"
     progress: str = "auto"  # A bar on a terminal, else a line per logging window.
+    log_gradient_shares_every: int = 0  # Steps between measurements of each output's share per layer; 0: never.
     save_best: str | None = None  # A `val_` value: best.weights.h5 whenever it improves.
     early_stopping_patience: int | None = None  # Evaluations without improvement of `save_best` before stopping.
 
@@ -152,9 +161,7 @@ class TrainConfig:
             raise ConfigError("dropout_rate", f"expected a rate in [0, 1), got {self.dropout_rate}")
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"expected >= 0 (0 keeps file order), got {self.shuffle_buffer}")
-        if not self.learning_rate > 0:
-            raise ConfigError("learning_rate", f"expected a number > 0, got {self.learning_rate}")
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._check_optimization()
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("loop", self.loop, LOOPS)
         _check_choice("progress", self.progress, PROGRESS_MODES)
@@ -189,6 +196,44 @@ class TrainConfig:
         for output, weight in (self.loss_weights or {}).items():
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0, got {weight}")
+
+    def _check_optimization(self):
+        if not (isinstance(self.optimizer, str) and self.optimizer or _is_keras_config(self.optimizer)):
+            raise ConfigError("optimizer", f"expected a Keras optimizer name or a config "
+                                           f"{{\"class_name\": ..., \"config\": ...}}, got {self.optimizer!r}")
+        rate = self.learning_rate
+        if not (rate is None or _is_keras_config(rate) or _is_number(rate) and rate > 0):
+            raise ConfigError("learning_rate", f"expected a number > 0 or a Keras schedule config "
+                                               f"{{\"class_name\": ..., \"config\": ...}}, got {rate!r}")
+        clipping = [name for name in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(self, name) is not None]
+        for name in clipping:
+            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(name, f"expected a number > 0, got {getattr(self, name)!r}")
+        if len(clipping) > 1:  # As Keras's optimizers decide.
+            raise ConfigError(clipping[1], f"give one of --clipnorm, --global_clipnorm, --clipvalue, "
+                                           f"not also --{clipping[0]}")
+        _check_positive(self, "grad_accum_steps")
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.precision == "mixed_float16" and self.grad_accum_steps > 1:
+            # Keras's loss scaling checks each batch's gradients; accumulated
+            # ones would be checked only at the update.
+            raise ConfigError("grad_accum_steps", "not with --precision=mixed_float16 (loss scaling and "
+                                                  "accumulation together are not supported)")
+        if self.loop == "fit" and self.grad_accum_steps > 1 and self.strategy != "default":
+            raise ConfigError("grad_accum_steps", f"with --loop=fit, only under --strategy=default: Keras 3.15 "
+                                                  f"applies accumulated gradients inside a tf.cond, which "
+                                                  f"{self.strategy} cannot synchronize in; use --loop=custom")
+        if not (isinstance(self.log_gradient_shares_every, int) and self.log_gradient_shares_every >= 0):
+            raise ConfigError("log_gradient_shares_every", f"expected steps >= 0 (0: never), "
+                                                           f"got {self.log_gradient_shares_every!r}")
+        if self.log_gradient_shares_every and self.loop == "fit":
+            raise ConfigError("log_gradient_shares_every", "the custom loop's: not with --loop=fit")
+        if self.xla_update:
+            reason = ("--loop=fit" if self.loop == "fit" else "--jit_compile (it compiles the whole step)"
+                      if self.jit_compile else f"--strategy={self.strategy} (TensorFlow cannot synchronize "
+                      f"replicas inside an XLA function)" if self.strategy in ("mirrored", "multi_worker") else None)
+            if reason:
+                raise ConfigError("xla_update", f"not with {reason}")
 
     def _check_model(self):
         if callable(self.model):
@@ -285,6 +330,14 @@ def is_module_function(text: object) -> bool:
     module, _, function = text.partition(":")
     return bool(module and function and all(part.isidentifier() for part in module.split("."))
                 and function.isidentifier())
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_keras_config(value) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("class_name"), str)
 
 
 def _check_positive(config: TrainConfig, *fields: str):

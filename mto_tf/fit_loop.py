@@ -29,6 +29,7 @@ class _WriteOutputs(keras.callbacks.Callback):
         self._run = run
         self._log_names = ["loss", *(f"{name}_loss" for name in run.losses), *run.output_metrics]
         self._val_names = [f"val_{name}" for name in self._log_names]
+        self.last_step = run.start_step
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window_start = time.perf_counter()
@@ -40,7 +41,8 @@ class _WriteOutputs(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         config = self._run.config
-        current_step = int(self._run.optimizer.iterations.numpy())
+        # Batches, not the optimizer's iterations (fewer with --grad_accum_steps or skipped float16 steps).
+        current_step = self.last_step = (epoch + 1) * config.log_every
         not_finite = [name for name in self._log_names if not math.isfinite(logs[name])]
         if not_finite:  # As the custom loop stops: before logging or checkpointing the window.
             raise outputs.NonFiniteError(f"{', '.join(not_finite)} not finite in the window ending at step "
@@ -131,14 +133,15 @@ def run_fit(run: Run) -> int:
             validation_data=_as_fit_takes(run, data.global_batches(
                 run.validation, model=run.model, batching=data.Batching.for_evaluation(config))),
             validation_steps=config.eval_steps, validation_freq=evaluated_windows)
+    write_outputs = _WriteOutputs(run)
     run.model.fit(
         fit_batches(run, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,
         epochs=windows,
         steps_per_epoch=config.log_every,
-        callbacks=[_WriteOutputs(run)],
+        callbacks=[write_outputs],
         shuffle=False,  # The dataset is already in the order the custom loop reads.
         verbose=0,
         **validation,
     )
-    return int(run.optimizer.iterations.numpy())
+    return write_outputs.last_step

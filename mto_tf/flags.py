@@ -87,8 +87,26 @@ flags.DEFINE_string("class_weights", "",
                     "argmax), and by its sample weight. Unnamed outputs and classes: 1.0.")
 
 # Optimization.
-flags.DEFINE_enum("optimizer", _default("optimizer"), list(config_lib.OPTIMIZERS), "Keras optimizer.")
-flags.DEFINE_float("learning_rate", _default("learning_rate"), "Learning rate.")
+flags.DEFINE_string("optimizer", _default("optimizer"),
+                    "A Keras optimizer name (sgd, adam, adamw, rmsprop, ...) or JSON config "
+                    "({\"class_name\": \"AdamW\", \"config\": {\"weight_decay\": 0.004}}).")
+flags.DEFINE_string("learning_rate", None,
+                    "A number, or a Keras schedule as JSON ({\"class_name\": \"CosineDecay\", \"config\": "
+                    "{...}}; it counts batches). Unset: the optimizer's own.")
+flags.DEFINE_float("clipnorm", None, "Clip each weight's gradient to this norm (Keras's clipnorm), after the "
+                                     "gradients are summed over replicas.")
+flags.DEFINE_float("global_clipnorm", None, "Clip all gradients together to this global norm (Keras's "
+                                            "global_clipnorm), after they are summed over replicas.")
+flags.DEFINE_float("clipvalue", None, "Clip each gradient value to [-clipvalue, clipvalue] (Keras's clipvalue), "
+                                      "after the gradients are summed over replicas.")
+flags.DEFINE_integer("grad_accum_steps", _default("grad_accum_steps"),
+                     "Update once every N batches with the mean of their gradients (Keras's "
+                     "gradient_accumulation_steps); --train_steps counts batches.")
+flags.DEFINE_enum("precision", _default("precision"), list(config_lib.PRECISIONS),
+                  "Keras dtype policy; mixed_float16 adds dynamic loss scaling (LossScaleOptimizer).")
+flags.DEFINE_boolean("xla_update", _default("xla_update"),
+                     "Compile the optimizer's update alone with XLA (custom loop, one replica): the same "
+                     "update, faster for dense gradients; no faster for an embedding's sparse one.")
 flags.DEFINE_integer("batch_size", _default("batch_size"),
                      "GLOBAL batch size; each replica gets batch_size / replicas examples.")
 flags.DEFINE_integer("train_steps", _default("train_steps"), "Total steps; a resumed run continues up to it.")
@@ -116,6 +134,10 @@ flags.DEFINE_string("init_weights", _default("init_weights"), "PATH.weights.h5 t
 flags.DEFINE_enum("progress", _default("progress"), list(config_lib.PROGRESS_MODES),
                   "What the run shows on stdout: 'bar' (a line updated in place), 'lines' (one per logging "
                   "window), 'quiet'; 'auto': bar on a terminal, else lines. Only the chief worker shows it.")
+flags.DEFINE_integer("log_gradient_shares_every", _default("log_gradient_shares_every"),
+                     "Every N steps, measure each output's share of each layer's gradient on a training batch "
+                     "(as mto-explain does) and log it as grad_share/<layer>/<output> and "
+                     "grad_norm/<layer>/<output>; 0: never. Costs a backward pass per output.")
 flags.DEFINE_string("save_best", None,
                     "A validation value (val_loss, val_<output>_loss, val_<output>_<metric>): write "
                     "best.weights.h5 whenever it improves (as Keras's ModelCheckpoint decides: lower for "
@@ -137,6 +159,9 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
         values["metrics"] = _parse_metrics(values["metrics"])
     if values["epochs"] is not None and flag_values["train_steps"].present:
         raise ConfigError("epochs", "give --epochs or --train_steps, not both")
+    values["optimizer"] = _parse_keras_object("optimizer", values["optimizer"])
+    if values["learning_rate"] is not None:
+        values["learning_rate"] = _parse_keras_object("learning_rate", values["learning_rate"], number_ok=True)
     values["class_weights"] = _parse_class_weights(values["class_weights"])
     values["feature_map"] = _parse_mapping("feature_map", values["feature_map"], _feature_from_text, json_ok=False)
     return TrainConfig(**values)
@@ -159,6 +184,21 @@ def _parse_mapping(flag: str, text: str, parse_value, *, json_ok: bool = True) -
             raise ConfigError(flag, f"output {key!r} given twice")
         pairs[key] = parse_value(flag, key, value)
     return pairs
+
+
+def _parse_keras_object(flag: str, text: str, *, number_ok: bool = False):
+    """A JSON config (text starting with "{"), else a number (if `number_ok`), else a name."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(flag, f"not valid JSON ({error})") from None
+    if not number_ok:
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(flag, f"expected a number or a JSON schedule config, got {text!r}") from None
 
 
 def _loss_from_text(flag: str, key: str, value):

@@ -93,8 +93,9 @@ class MetricsLog:
 class Checkpoints:
     """Model and optimizer state under `model_dir/checkpoints`, numbered by step.
 
-    `optimizer.iterations` is the step count (one update per step), so a
-    restored run knows both where it is and Adam's bias correction. Under
+    A checkpoint's number is the step it was saved at, so a restored run
+    knows where it is; the optimizer's own count (Adam's bias correction,
+    a schedule's position) comes back with its state. Under
     MultiWorkerMirroredStrategy every worker must take part in a save; only
     the chief's is kept, the others write to a scratch directory and delete it.
     """
@@ -103,7 +104,6 @@ class Checkpoints:
                  is_chief: bool, **more_state: tf.Module):
         # `more_state`: other trackables a resumed run needs (e.g. the best validation value).
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, **more_state)
-        self._optimizer = optimizer
         self.directory = os.path.join(model_dir, CHECKPOINT_DIR)
         self._chief_manager = (tf.train.CheckpointManager(self._checkpoint, self.directory, max_to_keep=3)
                                if is_chief else None)
@@ -134,7 +134,7 @@ class Checkpoints:
                                first_line(error))
                 continue
             logger.info("Restored %s", path)
-            return int(self._optimizer.iterations.numpy())
+            return _step_of(path)
         if paths:
             raise ConfigError("model_dir", f"no checkpoint in {self.directory} can be read (newest: {paths[0]}); "
                                            f"move the directory away to start afresh")
@@ -164,7 +164,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         """The step of the newest checkpoint on disk (None if there is none)."""
         latest = tf.train.latest_checkpoint(self.directory)
-        return int(latest.rsplit("-", 1)[1]) if latest else None
+        return _step_of(latest) if latest else None
+
+
+def _step_of(checkpoint_path: str) -> int:
+    """The step a checkpoint was saved at: its number (not the optimizer's count, which
+    --grad_accum_steps and skipped float16 steps make smaller)."""
+    return int(checkpoint_path.rsplit("-", 1)[1])
 
 
 @contextlib.contextmanager

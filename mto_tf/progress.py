@@ -53,8 +53,11 @@ class Progress:
         """At the end of each logging window: a line that stays."""
         if self.mode == "quiet":
             return
-        values = ", ".join(f"{name}={value:.4g}" for name, value in record.items() if name != "step")
-        self._print_line(f"step {step}/{self._total_steps}: {values}")
+        # Not the per-layer gradient shares (grad_share/<layer>/<output>): metrics.jsonl and TensorBoard have them.
+        values = ", ".join(f"{name}={value:.4g}" for name, value in record.items()
+                           if name != "step" and "/" not in name)
+        if values:
+            self._print_line(f"step {step}/{self._total_steps}: {values}")
 
     def summary(self, lines: list[str]) -> None:
         """At the end of the run."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf import losses, models
+from mto_tf import losses, models, optimization
 
 
 def make_train_step(
@@ -26,7 +26,9 @@ def make_train_step(
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
     global_batch_size: int | None,
     strategy: tf.distribute.Strategy,
+    accumulation: optimization.GradientAccumulation | None = None,
     jit_compile: bool = False,
+    compile_update: bool = False,
 ) -> Callable[[object], dict[str, tf.Tensor]]:
     """Returns `train_step(batch)`: one step on one global batch, split across replicas.
 
@@ -35,11 +37,12 @@ def make_train_step(
     `output_metrics`; the caller reads and resets them. `loss_fns` return
     per-example losses (Keras losses with reduction "none").
     `global_batch_size` None: batches may hold fewer examples (a pass's last
-    one), so each step counts them.
+    one), so each step counts them. `optimizer` is made by
+    `optimization.make_optimizer(..., takes_all_reduced_gradients=True)`.
     """
 
-    def one_step_on_batch(batch):
-        """Forward, weighted loss, one gradient, one update: on one replica's slice."""
+    def gradient_on_batch(batch):
+        """Forward, weighted loss, one gradient, summed over replicas: on one replica's slice."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         # A pass's last batch may be partial and split unevenly across
         # replicas: dividing by the examples the WHOLE global batch holds
@@ -57,19 +60,38 @@ def make_train_step(
             loss = losses.weighted_total_loss(
                 output_losses=output_losses, loss_weights=loss_weights,
                 regularization_losses=model.losses)
+            # mixed_float16: times the loss scale, so float16 gradients do not underflow; 1 otherwise.
+            scaled_loss = optimizer.scale_loss(loss)
         # One gradient of the total: the auxiliary term reaches the shared
         # trunk here, and no main-only layer (it does not depend on them).
-        gradients = tape.gradient(loss, model.trainable_variables)
-        # The optimizer all-reduces gradients with SUM across replicas; the
-        # loss was scaled so that this sum is the global-batch gradient.
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        # Summed over every replica and worker HERE, before the optimizer
+        # clips, checks for overflow or accumulates: each replica's loss was
+        # its share of the global-batch loss, so the sum is the gradient one
+        # device would compute (Keras's fit clips each replica's part instead).
+        if strategy.num_replicas_in_sync > 1:
+            gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
         for output_name, metric in output_metrics.values():
             metric.update_state(labels[output_name], predictions[output_name])
-        return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+        return gradients, {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+
+    def apply(gradients):
+        """The optimizer's update, identical on every replica: unscale, clip, update, as on one device."""
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+
+    # The update of every weight and slot is many element-wise ops: XLA
+    # fuses them into one pass over memory (the same mathematics, rounded
+    # in another order). Keras's own ops, sparse gradients included: making
+    # an embedding's gradient dense would change what Adam or RMSprop compute.
+    apply = tf.function(apply, jit_compile=True) if compile_update else apply
 
     def one_step_on_data(batch):
-        """One global batch: each replica takes its slice; shares are summed."""
-        per_replica = strategy.run(one_step_on_batch, args=(batch,))
+        """One global batch: each replica takes its slice; one update; the shares of each measurement summed."""
+        gradients, per_replica = strategy.run(gradient_on_batch, args=(batch,))
+        if accumulation:  # Every K-th batch applies the mean of K batches' gradients.
+            accumulation.add_or_apply(strategy, gradients, apply)
+        else:
+            strategy.run(apply, args=(gradients,))
         # Each replica's value is its share of the global-batch value, so the
         # SUM over replicas is the value `fit` reports for the whole batch.
         return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)

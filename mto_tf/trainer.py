@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import best, data, losses, metrics, models, outputs, progress, step, user_code
+from mto_tf import (best, data, gradient_shares, losses, metrics, models, optimization, outputs, progress, step,
+                    user_code)
 from mto_tf.config import ConfigError, TrainConfig, first_line
 from mto_tf.preemption import Preempted, PreemptionWatcher
 from mto_tf.strategy import check_batch_split, is_chief, make_strategy
@@ -28,8 +29,8 @@ CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they say how far and how to drive, not what is trained.
 # Not --epochs: a run by epochs reads its batches in another order than one by steps.
 _RESUMABLE_CHANGES = ("train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights",
-                      "model_dir", "data_dir", "loop", "jit_compile", "progress", "eval_every", "eval_steps",
-                      "early_stopping_patience")
+                      "model_dir", "data_dir", "loop", "jit_compile", "xla_update", "progress", "eval_every",
+                      "eval_steps", "early_stopping_patience", "log_gradient_shares_every")
 # Settings only some models or datasets read; any other must keep its default.
 _MODEL_SETTINGS = ("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
                    "conv_filters", "dropout_rate", "sync_batchnorm", "l2")
@@ -39,9 +40,10 @@ _SYNTHETIC_HEADLINES_SETTINGS = ("vocab_size", "sequence_length", "aux_input_dim
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` hands back: the trained model and every record it logged."""
+    """What `train` hands back: the trained model, its optimizer (state included) and every record it logged."""
 
     model: keras.Model
+    optimizer: keras.optimizers.Optimizer
     history: list[dict]
 
 
@@ -52,7 +54,8 @@ class Run:
     config: TrainConfig
     strategy: tf.distribute.Strategy
     model: keras.Model
-    optimizer: keras.optimizers.Optimizer
+    optimizer: keras.optimizers.Optimizer  # The custom loop's takes gradients already summed over replicas.
+    accumulation: optimization.GradientAccumulation | None  # The custom loop's, with --grad_accum_steps > 1.
     losses: dict[str, object]  # Each output's loss as `compile` takes it (name, config or function).
     loss_fns: dict[str, keras.losses.Loss]  # The same losses, per example, for the custom step.
     loss_weights: dict[str, float]
@@ -102,39 +105,68 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
         output_names=list(run.loss_fns), model_dir=config.model_dir,
         files=[outputs.MODEL_FILE, outputs.WEIGHTS_FILE, *([best.BEST_WEIGHTS_FILE] if run.best_value else []),
                outputs.METRICS_FILE, f"{outputs.CHECKPOINT_DIR}/", f"{outputs.TENSORBOARD_DIR}/", CONFIG_FILE]))
-    return TrainResult(model=run.model, history=run.metrics_log.records)
+    return TrainResult(model=run.model, optimizer=run.optimizer, history=run.metrics_log.records)
 
 
-def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
-    """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
+@dataclasses.dataclass
+class ModelSetup:
+    """The model, its training data and its losses: what training and `mto-explain` share."""
+
+    model: keras.Model
+    examples: data.Examples  # In file order.
+    losses: dict[str, object]  # Each output's loss as `compile` takes it (name, config or function).
+    loss_fns: dict[str, keras.losses.Loss]  # The same losses, per example, for the custom step.
+    loss_weights: dict[str, float]
+    labels_spec: dict[str, tf.TensorSpec]
+    predictions_spec: dict[str, object]
+
+
+def build_model_and_losses(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
+    """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
     check_batch_split(config, strategy)
+    if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
+        raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
+    optimization.set_precision(config)  # Layers take their dtypes when they are built.
     # Variables created in the scope are mirrored on every replica.
     with strategy.scope():
         model = models.build_model(config)
         _check_settings_are_used(config)  # Now that --model is known to name a model.
         if config.init_weights:
-            _load_init_weights(model, config.init_weights)
+            load_weights(model, config.init_weights, flag="init_weights")
     output_names = models.output_names(model)
     _check_class_weight_outputs(config, output_names)
     examples = data.load_examples(config, model)  # Checks the data against the model.
     # Building the batches checks the class weights against the outputs' shapes.
-    inputs_spec, labels_spec, *_ = data.global_batches(
+    _, labels_spec, *_ = data.global_batches(
         examples, model=model, batching=data.Batching.for_training(config)).element_spec
     predictions_spec = models.output_tensors(model)
+    loss_identifiers, loss_weights = _resolve_losses(config, model)
+    loss_fns = {name: losses.per_example_loss(loss_identifiers[name], output=name, y_true=labels_spec[name],
+                                              y_pred=predictions_spec[name]) for name in output_names}
+    return ModelSetup(model=model, examples=examples, losses=loss_identifiers, loss_fns=loss_fns,
+                      loss_weights=loss_weights, labels_spec=labels_spec, predictions_spec=predictions_spec)
+
+
+def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
+    """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
+    setup = build_model_and_losses(config, strategy)
+    model, examples, labels_spec, predictions_spec = (setup.model, setup.examples, setup.labels_spec,
+                                                      setup.predictions_spec)
+    output_names = models.output_names(model)
     validation = data.load_validation_examples(config, model)
     for flag in ("eval_every", "eval_steps"):
         if getattr(config, flag) and validation is None:
             raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
                                     "with a validation split")
 
-    loss_identifiers, loss_weights = _resolve_losses(config, model)
-    loss_fns = {name: losses.per_example_loss(loss_identifiers[name], output=name, y_true=labels_spec[name],
-                                              y_pred=predictions_spec[name]) for name in output_names}
     metric_identifiers = metrics.resolve_identifiers(_default_for(config, "metrics", {}), output_names=output_names)
     with strategy.scope():
         # Adam's slots must exist before the first distributed step, hence build().
-        optimizer = make_optimizer(config)
+        custom_loop = config.loop == "custom"
+        optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=custom_loop)
         optimizer.build(model.trainable_variables)
+        accumulation = (optimization.GradientAccumulation(config.grad_accum_steps, model.trainable_variables)
+                        if custom_loop and config.grad_accum_steps > 1 else None)
         output_metrics = metrics.make_output_metrics(metric_identifiers, y_true=labels_spec, y_pred=predictions_spec)
         val_output_metrics = {f"val_{name}": output_metric for name, output_metric in metrics.make_output_metrics(
             metric_identifiers, y_true=labels_spec, y_pred=predictions_spec).items()} if validation else {}
@@ -146,14 +178,16 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     chief = is_chief(strategy)
     if chief:
         _prepare_model_dir(config)
+    more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation)) if state}
     checkpoints = outputs.Checkpoints(config.model_dir, model=model, optimizer=optimizer, is_chief=chief,
-                                      **({"best_value": best_value} if best_value else {}))
+                                      **more_state)
     start_step = checkpoints.restore_latest()
     total_steps = (config.epochs * data.steps_per_pass(examples.count(), config.batch_size) if config.epochs
                    else config.train_steps)
     return Run(
-        config=config, strategy=strategy, model=model, optimizer=optimizer, losses=loss_identifiers,
-        loss_fns=loss_fns, loss_weights=loss_weights, metrics=metric_identifiers, output_metrics=output_metrics,
+        config=config, strategy=strategy, model=model, optimizer=optimizer, accumulation=accumulation,
+        losses=setup.losses, loss_fns=setup.loss_fns, loss_weights=setup.loss_weights, metrics=metric_identifiers,
+        output_metrics=output_metrics,
         checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
         examples=examples, total_steps=total_steps, validation=validation,
@@ -237,6 +271,7 @@ def run_custom_loop(run: Run) -> int:
                                              batching=data.Batching.for_training(config),
                                              skip_batches=run.start_step))
     evaluate = make_evaluation(run) if run.validation else None
+    measure_shares = make_gradient_share_measurement(run) if config.log_gradient_shares_every else None
     preemption = PreemptionWatcher(strategy)
     try:
         current_step = run.start_step
@@ -246,7 +281,8 @@ def run_custom_loop(run: Run) -> int:
             num_steps = min(config.steps_per_loop, run.total_steps - current_step,
                             _steps_to_next(current_step, config.log_every),
                             _steps_to_next(current_step, config.checkpoint_every),
-                            _steps_to_next(current_step, config.eval_every or run.total_steps))
+                            _steps_to_next(current_step, config.eval_every or run.total_steps),
+                            _steps_to_next(current_step, config.log_gradient_shares_every or run.total_steps))
             # A tensor, not a Python int: a new count must not retrace the loop.
             loop_totals = {name: value.numpy() for name, value in train_loop(iterator, tf.constant(num_steps)).items()}
             # The sums were fetched anyway: checking them costs no extra sync.
@@ -259,9 +295,11 @@ def run_custom_loop(run: Run) -> int:
             finished = current_step == run.total_steps
             preempted = not finished and preemption.stop_agreed()
             record = {}
-            if current_step % config.log_every == 0 or finished or preempted:
+            window_ends = current_step % config.log_every == 0 or finished or preempted
+            if window_ends:
                 record.update(window.measurements(run.output_metrics, config.batch_size))
-                window = _Window()
+            if measure_shares and current_step % config.log_gradient_shares_every == 0:
+                record.update(measure_shares())
             stop_early = False
             if evaluate and (finished or (config.eval_every and current_step % config.eval_every == 0)):
                 record.update(evaluate())
@@ -270,6 +308,8 @@ def run_custom_loop(run: Run) -> int:
                     stop_early = run.best_value.patience_exhausted
             if record:
                 run.progress.window(current_step, run.metrics_log.write(current_step, record))
+            if window_ends:  # Timed from here: evaluating and logging are not training.
+                window = _Window()
             if current_step % config.checkpoint_every == 0 or finished or preempted or stop_early:
                 run.checkpoints.save(current_step)
             if preempted:
@@ -305,6 +345,27 @@ def make_evaluation(run: Run) -> Callable[[], dict[str, float]]:
     return evaluate_once
 
 
+def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:
+    """Returns `measure()`: each output's share of each layer's gradient at the current weights, as log values.
+
+    On the next batch of its own pass over the training data, under the
+    run's strategy (gradients summed over replicas); it changes neither the
+    weights nor the training batches.
+    """
+    config = run.config
+    contributions = gradient_shares.make_gradient_contributions(
+        model=run.model, loss_fns=run.loss_fns, loss_weights=run.loss_weights, strategy=run.strategy,
+        global_batch_size=None if config.epochs else config.batch_size)
+    batches = iter(data.distributed_batches(run.strategy, run.examples, model=run.model,
+                                            batching=data.Batching.for_training(config)))
+
+    def measure() -> dict[str, float]:
+        report = gradient_shares.layer_report(run.model, contributions(next(batches)), loss_weights=run.loss_weights)
+        return gradient_shares.as_record(report)
+
+    return measure
+
+
 def _check_finite(loop_totals: dict[str, np.float32], *, first_step: int, last_step: int,
                   checkpoints: outputs.Checkpoints) -> None:
     """Raises `NonFiniteError` naming the steps and the losses that were NaN or infinite."""
@@ -322,7 +383,8 @@ def make_train_step(run: Run):
         output_metrics=run.output_metrics, strategy=run.strategy,
         # By --epochs, each pass ends with a partial batch: the step counts its examples.
         global_batch_size=None if run.config.epochs else run.config.batch_size,
-        jit_compile=run.config.jit_compile)
+        accumulation=run.accumulation, jit_compile=run.config.jit_compile,
+        compile_update=run.config.xla_update)
 
 
 def measurement_names(run: Run) -> list[str]:
@@ -354,22 +416,16 @@ class _Window:
         return measurements
 
 
-def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    """`--optimizer` at `--learning_rate`, with Keras's other defaults."""
-    optimizer_class = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
-                       "rmsprop": keras.optimizers.RMSprop}[config.optimizer]
-    return optimizer_class(learning_rate=config.learning_rate)
-
-
 def _steps_to_next(current_step: int, every: int) -> int:
     return every - current_step % every
 
 
-def _load_init_weights(model: keras.Model, path: str) -> None:
+def load_weights(model: keras.Model, path: str, *, flag: str) -> None:
+    """Loads a `.weights.h5` file into `model`; one that does not fit is an error naming `flag`."""
     try:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as error:
-        raise ConfigError("init_weights", f"{path!r} does not fit model {model.name!r}: {first_line(error)}") from None
+        raise ConfigError(flag, f"{path!r} does not fit model {model.name!r}: {first_line(error)}") from None
 
 
 def _prepare_model_dir(config: TrainConfig) -> None:

@@ -46,7 +46,7 @@ def test_every_variant_runs_in_its_own_process_and_the_json_has_the_documented_s
         assert result["replicas"] == (2 if name.startswith("mirrored_") else 1)
         assert f"| {name} |" in process.stdout
     assert set(report["ratios"]) == set(report["ratio_quartiles"]) == {
-        "custom_default/fit_default", "custom_matched/fit_matched", "custom_default/limit",
+        "custom_default/fit_default", "custom_default/fit_matched", "custom_matched/fit_default", "custom_default/limit",
         "mirrored_custom_default/mirrored_fit_matched"}
     for low, middle, high in report["ratio_quartiles"].values():
         assert 0 < low <= middle <= high

@@ -209,11 +209,11 @@ def test_sigterm_checkpoints_at_an_agreed_step_and_the_restart_loses_or_repeats_
 def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_path):
     model_dir = tmp_path / "never"
     started = time.monotonic()
-    launch = Launch(f"--model_dir={model_dir}", "--optimizer=adagrad", restarts=2)
+    launch = Launch(f"--model_dir={model_dir}", "--precision=float64", restarts=2)
     status = launch.wait()
     assert status == 2 and time.monotonic() - started < 60
     assert re.search(r"launch: worker \d exited with status 2", launch.output)
-    assert "mto-train: error: flag --optimizer=adagrad" in launch.output
+    assert "mto-train: error: flag --precision=float64" in launch.output
     assert "attempt 2" not in launch.output  # A bad setting is not retried.
     pids = [int(pid) for pid in re.findall(r"launch: worker \d started, pid (\d+)", launch.output)]
     assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
