@@ -20,11 +20,13 @@ information logs too; `TF_CPP_MIN_LOG_LEVEL=0` TensorFlow's C++ ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as std_logging
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 
 from absl import app, logging
 from absl import flags as absl_flags
@@ -86,27 +88,36 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if the signal had ended the process.
 logger = std_logging.getLogger("mto_tf")
 
 
-def main(argv: list[str]) -> None:
-    """Parses flags into a config, then trains."""
-    if len(argv) > 1:
-        _exit_with_error(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    _show_own_messages_only(verbose=absl_flags.FLAGS["verbosity"].present > 0)
-    try:
-        config = mto_flags.config_from_flags()
-        # The strategy first: the CPU must be split into devices before
-        # TensorFlow runs its first op.
-        strategy = make_strategy(config)
-        logger.info("Training %s on %s with %s, %d replica(s), %s loop, into %s", config.model, config.dataset,
-                    config.strategy, strategy.num_replicas_in_sync, config.loop, config.model_dir)
-        train(config, strategy=strategy)
-    except ConfigError as error:
-        _exit_with_error(str(error))
-    except NonFiniteError as error:
-        _exit_with_error(str(error), status=EXIT_NON_FINITE)
-    except Preempted as preempted:
-        # Non-zero, so that a launcher restarts the job; it resumes from the checkpoint.
-        logger.warning("Preempted: %s; rerun the same command to resume", preempted)
-        sys.exit(EXIT_PREEMPTED)
+def train_main() -> None:
+    """`mto-train`: flags into a config, then one training run."""
+    config = mto_flags.config_from_flags()
+    # The strategy first: the CPU must be split into devices before
+    # TensorFlow runs its first op.
+    strategy = make_strategy(config)
+    logger.info("Training %s on %s with %s, %d replica(s), %s loop, into %s", config.model, config.dataset,
+                config.strategy, strategy.num_replicas_in_sync, config.loop, config.model_dir)
+    train(config, strategy=strategy)
+
+
+def run_program(program: str, program_main: Callable[[], None]) -> None:
+    """Runs `program_main()` after absl parses the flags; every error is one line naming `program` and a status."""
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            _exit_with_error(program, f"unexpected arguments {argv[1:]}; every setting is a --flag")
+        _show_own_messages_only(verbose=absl_flags.FLAGS["verbosity"].present > 0)
+        try:
+            program_main()
+        except ConfigError as error:
+            _exit_with_error(program, str(error))
+        except NonFiniteError as error:
+            _exit_with_error(program, str(error), status=EXIT_NON_FINITE)
+        except Preempted as preempted:
+            # Non-zero, so that a launcher restarts the job; it resumes from the checkpoint.
+            logger.warning("Preempted: %s; rerun the same command to resume", preempted)
+            sys.exit(EXIT_PREEMPTED)
+
+    app.run(main, flags_parser=functools.partial(_parse_flags, program=program))
 
 
 def _show_own_messages_only(*, verbose: bool) -> None:
@@ -128,20 +139,20 @@ class _PlainFormatter(std_logging.Formatter):
         return message if record.levelno < std_logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
-def _exit_with_error(message: str, *, status: int = EXIT_BAD_CONFIG) -> None:
-    print(f"mto-train: error: {message}", file=sys.stderr)
+def _exit_with_error(program: str, message: str, *, status: int = EXIT_BAD_CONFIG) -> None:
+    print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(status)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def _parse_flags(argv: list[str], *, program: str) -> list[str]:
     """absl's parser, but a malformed flag exits 2 like every other bad setting
     (absl exits 1), so a launcher knows not to restart it."""
     try:
         return mto_flags.FLAGS(argv)
     except absl_flags.Error as error:
-        _exit_with_error(f"{error}; see --helpshort")
+        _exit_with_error(program, f"{error}; see --helpshort")
 
 
 def run_main() -> None:
-    """Console-script entry point."""
-    app.run(main, flags_parser=_parse_flags)
+    """Console-script entry point of `mto-train`."""
+    run_program("mto-train", train_main)
