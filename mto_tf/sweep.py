@@ -21,6 +21,8 @@ import os
 from absl import flags
 
 from mto_tf import cli  # First: it imports TensorFlow with its start-up chatter hidden.
+import tensorflow as tf  # noqa: E402
+
 from mto_tf import data, trainer  # noqa: E402
 from mto_tf import flags as mto_flags  # noqa: E402  Every mto-train flag sets what each run trains.
 from mto_tf.config import ConfigError, TrainConfig  # noqa: E402
@@ -118,6 +120,9 @@ def sweep_main() -> None:
         raise ConfigError("model_dir", "the sweep gives each run its own, under --sweep_dir")
     config = mto_flags.config_from_flags()
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
+    # Each run builds its own model and steps: TensorFlow's warning that
+    # functions were traced again says nothing here.
+    tf.get_logger().setLevel("ERROR")
     summary = sweep(config, output=output, weights=weights, sweep_dir=given.sweep_dir, strategy=strategy)
     print(format_table(summary))
     print(f"written: {os.path.join(given.sweep_dir, SUMMARY_JSON)}, {os.path.join(given.sweep_dir, SUMMARY_PNG)}")

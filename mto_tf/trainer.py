@@ -124,8 +124,6 @@ class ModelSetup:
 def build_model_and_losses(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
     """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
     check_batch_split(config, strategy)
-    if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
-        raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
     optimization.set_precision(config)  # Layers take their dtypes when they are built.
     # Variables created in the scope are mirrored on every replica.
     with strategy.scope():
@@ -149,6 +147,8 @@ def build_model_and_losses(config: TrainConfig, strategy: tf.distribute.Strategy
 
 def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
+    if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
+        raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
     setup = build_model_and_losses(config, strategy)
     model, examples, labels_spec, predictions_spec = (setup.model, setup.examples, setup.labels_spec,
                                                       setup.predictions_spec)
@@ -187,8 +187,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     return Run(
         config=config, strategy=strategy, model=model, optimizer=optimizer, accumulation=accumulation,
         losses=setup.losses, loss_fns=setup.loss_fns, loss_weights=setup.loss_weights, metrics=metric_identifiers,
-        output_metrics=output_metrics,
-        checkpoints=checkpoints,
+        output_metrics=output_metrics, checkpoints=checkpoints,
         metrics_log=outputs.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
         examples=examples, total_steps=total_steps, validation=validation,
         val_output_metrics=val_output_metrics, best_value=best_value, start_step=start_step,
