@@ -1,9 +1,6 @@
 """How each output's loss trains each layer: `mto-explain`, gradient shares during training, the sweep."""
 
-import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import keras
@@ -11,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SMALL_MODEL, run_config, small_config
-from mto_tf import explain, gradient_shares
+from conftest import run_config, small_config
+from mto_tf import data, explain, gradient_shares, trainer
 from mto_tf.trainer import train
 from test_cli import SMALL_FLAGS, run_cli
 
@@ -59,12 +56,10 @@ def test_headline_shares_are_the_gradient_taken_apart(tmp_path):
 def test_the_numbers_are_the_gradients_numpy_would_take_apart(tmp_path):
     """Shares and norms from the contributions, recomputed here by hand for the LSTM."""
     config = small_config(tmp_path)
-    from mto_tf import trainer
     setup = trainer.build_model_and_losses(config, tf.distribute.get_strategy())
     contributions = gradient_shares.make_gradient_contributions(
         model=setup.model, loss_fns=setup.loss_fns, loss_weights=setup.loss_weights,
         strategy=tf.distribute.get_strategy(), global_batch_size=config.batch_size)
-    from mto_tf import data
     batch = next(iter(data.global_batches(setup.examples, model=setup.model,
                                           batching=data.Batching.for_training(config))))
     parts = contributions(batch)
@@ -198,16 +193,17 @@ def test_mto_explain_bad_flags(tmp_path, flags, message):
 
 
 def _run_explain(*flags):
-    return subprocess.run([sys.executable, "-m", "mto_tf.explain", *flags], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return run_cli(*flags, entry_point=(sys.executable, "-m", "mto_tf.explain"))
+
+
+def _run_sweep(*flags):
+    return run_cli(*flags, entry_point=(sys.executable, "-m", "mto_tf.sweep"))
 
 
 def test_sweep_trains_one_run_per_weight_and_writes_table_json_and_plot(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = subprocess.run(
-        [sys.executable, "-m", "mto_tf.sweep", "--loss_weight=aux_output=0,0.5", f"--sweep_dir={sweep_dir}",
-         *SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", "--train_steps=4", "--log_every=2", "--progress=quiet"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    process = _run_sweep("--loss_weight=aux_output=0,0.5", f"--sweep_dir={sweep_dir}", *SMALL_FLAGS,
+                         f"--data_dir={tmp_path / 'tfds'}", "--train_steps=4", "--log_every=2", "--progress=quiet")
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["output"] == "aux_output" and summary["loss_weights"]["main_output"] == 1.0
@@ -232,9 +228,6 @@ def test_sweep_trains_one_run_per_weight_and_writes_table_json_and_plot(tmp_path
     (["--loss_weight=aux_output=1,2", "--model_dir=/tmp/x"], "--model_dir: the sweep gives each run its own"),
 ])
 def test_sweep_bad_flags(tmp_path, flags, message):
-    process = subprocess.run(
-        [sys.executable, "-m", "mto_tf.sweep", f"--sweep_dir={tmp_path / 'sweep'}", *SMALL_FLAGS,
-         f"--data_dir={tmp_path / 'tfds'}", *flags],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    process = _run_sweep(f"--sweep_dir={tmp_path / 'sweep'}", *SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", *flags)
     assert process.returncode == 2 and f"mto_tf.sweep: error: {message}" in process.stderr, process.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()
