@@ -33,8 +33,8 @@ import tensorflow as tf
 from mto_tf import user_code
 from mto_tf.config import ConfigError, TrainConfig
 
-# Settings with a flag of their own: inside --optimizer's config they would
-# bypass what the custom step does with them.
+# Settings with a flag of their own (Keras's name -> the flag): inside
+# --optimizer's config they would bypass what the custom step does with them.
 _OWN_FLAGS = {"clipnorm": "clipnorm", "global_clipnorm": "global_clipnorm", "clipvalue": "clipvalue",
               "gradient_accumulation_steps": "grad_accum_steps"}
 
@@ -104,7 +104,7 @@ def learning_rate_of(config: TrainConfig) -> float | keras.optimizers.schedules.
 
 def _config_of(identifier) -> dict:
     """The settings a Keras config (`{"class_name": ..., "config": {...}}`) gives; none for a name."""
-    return identifier.get("config") or {} if isinstance(identifier, dict) else {}
+    return (identifier.get("config") or {}) if isinstance(identifier, dict) else {}
 
 
 def _keras_optimizer(identifier) -> keras.optimizers.Optimizer:
