@@ -75,10 +75,10 @@ def make_gradient_contributions(*, model: keras.Model, loss_fns: Mapping[str, ke
                                                regularization_losses=model.losses)
         # One backward pass per term, one for the total.
         gradients = {name: tape.gradient(term, variables) for name, term in terms.items()}
-        gradients["total"] = tape.gradient(total, variables)
-        del tape
         for name, term_gradients in gradients.items():
             reaches[name] = [gradient is not None for gradient in term_gradients]
+        gradients["total"] = tape.gradient(total, variables)
+        del tape
         dense = {name: [tf.zeros_like(variable) if gradient is None else tf.convert_to_tensor(gradient)
                         for gradient, variable in zip(term_gradients, variables)]
                  for name, term_gradients in gradients.items()}
@@ -100,7 +100,6 @@ def make_gradient_contributions(*, model: keras.Model, loss_fns: Mapping[str, ke
         values = {name: [gradient.numpy() for gradient in term_gradients]
                   for name, term_gradients in contributions_on_batch(batch).items()}
         total = values.pop("total")
-        reaches.pop("total", None)
         return Contributions(by_output=values, total=total, reaches=dict(reaches))
 
     return contributions

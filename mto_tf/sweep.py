@@ -23,7 +23,7 @@ from absl import flags
 from mto_tf import cli  # First: it imports TensorFlow with its start-up chatter hidden.
 import tensorflow as tf  # noqa: E402
 
-from mto_tf import data, trainer  # noqa: E402
+from mto_tf import data, outputs, trainer  # noqa: E402
 from mto_tf import flags as mto_flags  # noqa: E402  Every mto-train flag sets what each run trains.
 from mto_tf.config import ConfigError, TrainConfig  # noqa: E402
 from mto_tf.strategy import is_chief, make_strategy  # noqa: E402
@@ -63,7 +63,7 @@ def sweep(config: TrainConfig, *, output: str, weights: list[float], sweep_dir: 
             config, model_dir=model_dir, loss_weights={**setup.loss_weights, output: weight}), strategy=strategy)
         final = [record for record in result.history if "val_loss" in record]
         if not final:  # A rerun of a finished run trains and evaluates nothing: read its log.
-            with open(os.path.join(model_dir, "metrics.jsonl")) as log:
+            with open(os.path.join(model_dir, outputs.METRICS_FILE)) as log:
                 final = [record for record in map(json.loads, log) if "val_loss" in record]
         values = {name: value for name, value in final[-1].items() if name.startswith("val_") and name != "val_loss"}
         runs.append({"weight": weight, "model_dir": model_dir, "step": final[-1]["step"], "values": values})
