@@ -1,4 +1,22 @@
 """mto_tf: multi-output Keras models trained with an explicit tf.GradientTape loop, proven equal to model.fit.
 
-Start with `mto_tf/step.py` (the train step) and `mto_tf/trainer.py` (the loop driver).
+    from mto_tf import TrainConfig, train
+    result = train(TrainConfig(model_dir="/tmp/run", train_steps=100))
+
+Start reading with `mto_tf/core/step.py` (the train step) and
+`mto_tf/run/custom_loop.py` (the loop that drives it); README's "Layout"
+shows the layers.
 """
+
+from mto_tf.config import TrainConfig
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+
+def __getattr__(name: str):
+    # `train` imports TensorFlow: on first use, not with `import mto_tf`, so
+    # that a program can quiet TensorFlow's start-up before it is imported.
+    if name in ("train", "TrainResult"):
+        from mto_tf.run import train as train_module
+        return getattr(train_module, name)
+    raise AttributeError(f"module 'mto_tf' has no attribute {name!r}")

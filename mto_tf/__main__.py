@@ -1,6 +1,6 @@
 """`python -m mto_tf` is `mto-train`."""
 
-from mto_tf.cli import run_main
+from mto_tf.programs import entry_points
 
 if __name__ == "__main__":
-    run_main()
+    entry_points.mto_train()

@@ -1,13 +1,22 @@
-"""`TrainConfig`: everything one training run needs, as one frozen object.
+"""`TrainConfig`: everything one training run needs, as one frozen object, and what each setting is.
 
 The library takes a `TrainConfig`; absl flags are only one way to build it
-(see `mto_tf/flags.py`). Each field has the name of the flag that sets it, so
-an error about a field can name the flag a user has to fix.
+(`mto_tf/programs/flags.py` derives every flag from the fields below). Each
+field is declared once, with:
+
+- its help text (the flag's help, and the table in `docs/flags.md`);
+- what reads it: which parts of a run (`PARTS`), and, for a setting that
+  only some built-in models or datasets read, which (`only_for`): any other
+  model or dataset refuses a value other than its default, rather than
+  ignoring it;
+- whether a resumed run may change it (`resumable`): the others are
+  recorded in `config.json`, and a rerun into the same `--model_dir` must
+  repeat them;
+- how the command line writes it (`kind`), with its choices or lower bound.
 
 One run on one device, from Python, with no absl:
 
-    from mto_tf.config import TrainConfig
-    from mto_tf.trainer import train
+    from mto_tf import TrainConfig, train
     train(TrainConfig(model_dir="/tmp/run", train_steps=100))
 
 From Python, `model` may also be a builder (a function returning a
@@ -27,13 +36,22 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mto_tf.errors import ConfigError
+
 _DEFAULT_TRAIN_STEPS = 500
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype policies.
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
-PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/progress.py.
+PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/run/progress.py.
 DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSION]'"
+
+# The parts of a run that read settings. A program that runs only some of
+# them (mto-explain: model, data, loss, distribution) refuses the others' flags.
+PARTS = ("model", "data", "loss", "metrics", "training", "evaluation", "driver", "distribution")
+# How the command line writes a setting; mto_tf/programs/flags.py has a flag type and parser for each.
+KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weights", "metrics", "class_weights",
+         "feature_map", "keras_object", "keras_object_or_number")
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -41,23 +59,53 @@ LossSpec = Any
 MetricSpec = Any
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work, named by its flag.
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What one `TrainConfig` field is: its help, what reads it, whether a resume may change it, its flag."""
 
-    Raised before anything is built or written, so the user sees one line
-    (`--flag: what was expected`) instead of a traceback from TensorFlow.
-    """
+    help: str
+    kind: str  # One of KINDS.
+    reads: tuple[str, ...]  # Parts of a run, of PARTS.
+    only_for: tuple[str, ...] = ()  # The built-in models and datasets that alone read it; () for any.
+    resumable: bool = False
+    choices: tuple[str, ...] = ()  # For kind "choice".
+    positive: bool = False  # An integer that must be > 0 (when set).
 
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"--{flag}: {message}")
-        self.flag = flag
+    def __post_init__(self):
+        assert self.kind in KINDS and set(self.reads) <= set(PARTS) and self.reads, self
+        assert bool(self.choices) == (self.kind == "choice"), self
 
 
-def first_line(error: BaseException) -> str:
-    """An error's message cut to one line, for one-line errors that quote TensorFlow or a user's code."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _setting(default, help: str, *, kind: str, reads: tuple[str, ...], **more) -> Any:
+    metadata = {"setting": Setting(help=help, kind=kind, reads=reads, **more)}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
+
+def text(default, help: str, **more):
+    return _setting(default, help, kind="text", **more)
+
+
+def integer(default, help: str, **more):
+    return _setting(default, help, kind="integer", **more)
+
+
+def number(default, help: str, **more):
+    return _setting(default, help, kind="number", **more)
+
+
+def boolean(default, help: str, **more):
+    return _setting(default, help, kind="boolean", **more)
+
+
+def choice(default, choices: tuple[str, ...], help: str, **more):
+    return _setting(default, help, kind="choice", choices=choices, **more)
+
+
+def parsed(kind: str, default, help: str, **more):
+    """A setting the command line writes as text that a parser of its kind turns into its value."""
+    return _setting(default, help, kind=kind, **more)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,92 +114,166 @@ class TrainConfig:
 
     # Model: a built-in name, `MODULE:FUNCTION`, or (from Python) a builder.
     # Sizes of the built-in models are settings so that tests can make them small.
-    model: str | Callable[[], Any] = "headline"
-    vocab_size: int = 10000
-    sequence_length: int = 100
-    embedding_dim: int = 512
-    lstm_units: int = 32
-    dense_units: int = 64
-    aux_input_dim: int = 5
-    conv_filters: int = 32
-    dropout_rate: float = 0.25
-    sync_batchnorm: bool = False
-    l2: float = 0.0
+    model: str | Callable[[], Any] = text(
+        "headline", "A built-in model (headline, shapes3d_cnn) or MODULE:FUNCTION, a function of yours "
+        "(importable from the current directory or PYTHONPATH) returning an uncompiled multi-output keras.Model.",
+        reads=("model",))
+    vocab_size: int = integer(10000, "headline, synthetic_headlines: token ids are in [0, vocab_size).",
+                              reads=("model", "data"), only_for=("headline", "synthetic_headlines"), positive=True)
+    sequence_length: int = integer(100, "headline, synthetic_headlines: tokens per headline (main_input).",
+                                   reads=("model", "data"), only_for=("headline", "synthetic_headlines"), positive=True)
+    embedding_dim: int = integer(512, "headline: embedding width.", reads=("model",), only_for=("headline",),
+                                 positive=True)
+    lstm_units: int = integer(32, "headline: LSTM units (the shared trunk's width).", reads=("model",),
+                              only_for=("headline",), positive=True)
+    dense_units: int = integer(64, "headline: width of the main head's three Dense layers; shapes3d_cnn: of the "
+                                   "shared Dense.", reads=("model",), only_for=("headline", "shapes3d_cnn"),
+                               positive=True)
+    aux_input_dim: int = integer(5, "headline, synthetic_headlines: floats in aux_input.",
+                                 reads=("model", "data"), only_for=("headline", "synthetic_headlines"), positive=True)
+    conv_filters: int = integer(32, "shapes3d_cnn: filters of the first convolution (the second has twice as "
+                                    "many).", reads=("model",), only_for=("shapes3d_cnn",), positive=True)
+    dropout_rate: float = number(0.25, "shapes3d_cnn: Dropout rate before the shared Dense.", reads=("model",),
+                                 only_for=("shapes3d_cnn",))
+    sync_batchnorm: bool = boolean(False, "shapes3d_cnn: BatchNormalization(synchronized=True): batch statistics "
+                                          "over all replicas.", reads=("model",), only_for=("shapes3d_cnn",))
+    l2: float = number(0.0, "Built-in models: L2 factor on every kernel; 0 for none.", reads=("model",),
+                       only_for=("headline", "shapes3d_cnn"))
 
     # Data: a source name (or, from Python, a tf.data.Dataset).
-    dataset: Any = "synthetic_headlines"
-    data_dir: str | None = None
-    train_split: str = "train"
+    dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', or "
+                        "'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset prepared in --data_dir).", reads=("data",))
+    data_dir: str | None = text(None, "TFDS data directory (default: TFDS's own).", reads=("data",), resumable=True)
+    train_split: str = text("train", "tfds: the split to train on.", reads=("data",))
     # Model input, output or `sample_weight/<output>` -> dataset feature.
-    feature_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    feature_map: Mapping[str, str] = parsed(
+        "feature_map", {}, "tfds: NAME=FEATURE,... maps a model input, output or sample_weight/<output> to a "
+        "dataset feature (nested: parent/child); unmapped inputs and outputs read the feature of their name.",
+        reads=("data",))
     # Validation: `npz:PATH` (from Python also a tf.data.Dataset like `dataset`),
     # or a split of the training dataset (synthetic_headlines, tfds:); None:
     # its `validation` split if it has one; "" for no validation.
-    validation_data: Any = None
-    validation_split: str | None = None
-    eval_every: int = 0  # Steps between evaluations; 0: only at the end.
-    eval_steps: int | None = None  # Global batches per evaluation; None: all, the last partial one included.
-    synthetic_train_examples: int = 10000
-    synthetic_validation_examples: int = 1000
-    shuffle_buffer: int = 0
+    validation_data: Any = text(None, "npz:PATH of validation examples (keys as for --dataset=npz:). Unset: the "
+                                      "dataset's validation split, if it has one.", reads=("evaluation",))
+    validation_split: str | None = text(
+        None, "synthetic_headlines, tfds: the split to validate on. Unset: 'validation' if the dataset has it; "
+              "empty: no validation.", reads=("evaluation",))
+    eval_every: int = integer(0, "Steps between evaluations on the validation data; 0: only at the end (there is "
+                                 "always one at the end when there is validation data).", reads=("evaluation",),
+                              resumable=True)
+    eval_steps: int | None = integer(None, "Global batches per evaluation. Unset: the whole validation data, its "
+                                           "last partial batch included.", reads=("evaluation",), resumable=True,
+                                     positive=True)
+    synthetic_train_examples: int = integer(10000, "Size of synthetic_headlines' train split.", reads=("data",),
+                                            only_for=("synthetic_headlines",), positive=True)
+    synthetic_validation_examples: int = integer(1000, "Size of synthetic_headlines' validation split.",
+                                                 reads=("data",), only_for=("synthetic_headlines",), positive=True)
+    shuffle_buffer: int = integer(0, "Shuffle buffer in examples; 0 keeps file order.", reads=("data",))
 
     # Losses: one per output, one weight per output, metrics per output.
     # None: the built-in model's own (for `MODULE:FUNCTION` models: losses
     # must be given, weights default to 1.0, no metrics).
-    losses: Mapping[str, LossSpec] | None = None
-    loss_weights: Mapping[str, float] | None = None
-    metrics: Mapping[str, tuple[MetricSpec, ...]] | None = None
+    losses: Mapping[str, LossSpec] | None = parsed(
+        "losses", None, "OUTPUT=LOSS,... (a Keras loss name or MODULE:FUNCTION), or a JSON object mapping each "
+        "output to a Keras loss name, a Keras loss config ({\"class_name\": ..., \"config\": ...}) or "
+        "MODULE:FUNCTION. Unset: the built-in model's own.", reads=("loss",))
+    loss_weights: Mapping[str, float] | None = parsed(
+        "loss_weights", None, "OUTPUT=WEIGHT,... (or a JSON object) for every output: the total loss is "
+        "sum(weight * loss). Unset: the built-in model's own, else 1.0 each.", reads=("loss",))
+    metrics: Mapping[str, tuple[MetricSpec, ...]] | None = parsed(
+        "metrics", None, "OUTPUT=METRIC,... (repeat an output for several), or a JSON object mapping each output "
+        "to a list of Keras metric names, configs or MODULE:FUNCTION; empty for none. Unset: the built-in "
+        "model's own.", reads=("metrics",))
     # Output -> {class id: weight}; multiplies the sample weights of training examples.
-    class_weights: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
+    class_weights: Mapping[str, Mapping[int, float]] = parsed(
+        "class_weights", {}, "JSON {\"OUTPUT\": {\"CLASS\": WEIGHT, ...}, ...}: each training example's loss for "
+        "that output is multiplied by the weight of its class (binary labels: 0 and 1; one-hot: the argmax), "
+        "and by its sample weight. Unnamed outputs and classes: 1.0.", reads=("loss",))
 
-    # Optimization, as Keras configures it (see mto_tf/optimization.py).
-    optimizer: str | Mapping[str, Any] = "rmsprop"  # A Keras optimizer name or config.
-    # A number or a Keras schedule config; None: the optimizer's own.
-    learning_rate: float | Mapping[str, Any] | None = None
+    # Optimization, as Keras configures it (see mto_tf/core/optimization.py).
+    optimizer: str | Mapping[str, Any] = parsed(
+        "keras_object", "rmsprop", "A Keras optimizer name (sgd, adam, adamw, rmsprop, ...) or JSON config "
+        "({\"class_name\": \"AdamW\", \"config\": {\"weight_decay\": 0.004}}).", reads=("training",))
+    learning_rate: float | Mapping[str, Any] | None = parsed(
+        "keras_object_or_number", None, "A number, or a Keras schedule as JSON ({\"class_name\": \"CosineDecay\", "
+        "\"config\": {...}}; it counts batches). Unset: the optimizer's own.", reads=("training",))
     # Keras's clipping (at most one), applied to the gradient summed over every replica.
-    clipnorm: float | None = None
-    global_clipnorm: float | None = None
-    clipvalue: float | None = None
-    grad_accum_steps: int = 1  # Batches per update; each update applies the mean of their gradients.
-    precision: str = "float32"  # A Keras dtype policy: float32, mixed_float16 or mixed_bfloat16.
-    xla_update: bool = False  # XLA for the optimizer's update alone (one replica; see README's Performance).
-    batch_size: int = 64  # GLOBAL batch size: split evenly across replicas.
-    train_steps: int | None = _DEFAULT_TRAIN_STEPS  # Replaced by `epochs` when that is set.
-    epochs: int | None = None  # Passes over the training data, each ending with its partial batch.
-    steps_per_loop: int = 10
-    jit_compile: bool = False  # XLA for the train step, in both loops.
-    seed: int = 0
+    clipnorm: float | None = number(None, "Clip each weight's gradient to this norm (Keras's clipnorm), after the "
+                                          "gradients are summed over replicas.", reads=("training",))
+    global_clipnorm: float | None = number(None, "Clip all gradients together to this global norm (Keras's "
+                                                 "global_clipnorm), after they are summed over replicas.",
+                                           reads=("training",))
+    clipvalue: float | None = number(None, "Clip each gradient value to [-clipvalue, clipvalue] (Keras's "
+                                           "clipvalue), after the gradients are summed over replicas.",
+                                     reads=("training",))
+    grad_accum_steps: int = integer(1, "Update once every N batches with the mean of their gradients (Keras's "
+                                       "gradient_accumulation_steps); --train_steps counts batches.",
+                                    reads=("training",), positive=True)
+    precision: str = choice("float32", PRECISIONS, "Keras dtype policy; mixed_float16 adds dynamic loss scaling "
+                                                   "(LossScaleOptimizer).", reads=("model", "training"))
+    xla_update: bool = boolean(False, "Compile the optimizer's update alone with XLA (custom loop, one replica): "
+                                      "the same update, faster for dense gradients; no faster for an embedding's "
+                                      "sparse one.", reads=("training",), resumable=True)
+    batch_size: int = integer(64, "GLOBAL batch size; each replica gets batch_size / replicas examples.",
+                              reads=("data",), positive=True)
+    train_steps: int | None = integer(_DEFAULT_TRAIN_STEPS, "Total steps; a resumed run continues up to it.",
+                                      reads=("driver",), resumable=True,
+                                      positive=True)  # Replaced by `epochs` when that is set.
+    epochs: int | None = integer(None, "Instead of --train_steps: passes over the training data, each ending with "
+                                       "its partial last batch (as model.fit's epochs).", reads=("driver",),
+                                positive=True)
+    steps_per_loop: int = integer(10, "Steps inside one tf.function call.", reads=("driver",), resumable=True,
+                                  positive=True)
+    jit_compile: bool = boolean(False, "Compile the train step with XLA (custom loop; compile(jit_compile=...) "
+                                       "with --loop=fit).", reads=("training",), resumable=True)
+    seed: int = integer(0, "Seeds initial weights and shuffling.", reads=("model", "data"))
 
     # Distribution.
-    strategy: str = "default"
-    num_cpu_devices: int = 1
-    cluster_resolver: str = "tf_config"  # Where multi_worker finds its cluster.
+    strategy: str = choice("default", STRATEGIES, "tf.distribute strategy.", reads=("distribution",))
+    num_cpu_devices: int = integer(1, "Split the CPU into N logical devices: N replicas per process for mirrored "
+                                      "or multi_worker without GPUs.", reads=("distribution",), positive=True)
+    cluster_resolver: str = choice("tf_config", CLUSTER_RESOLVERS, "multi_worker: read the cluster from "
+                                   "TF_CONFIG, or from SLURM's environment inside srun.", reads=("distribution",))
 
     # Outputs.
-    model_dir: str = "/tmp/mto_tf"
-    log_every: int = 50
-    checkpoint_every: int = 250
-    init_weights: str | None = None
-    loop: str = "custom"
-    progress: str = "auto"  # A bar on a terminal, else a line per logging window.
-    log_gradient_shares_every: int = 0  # Steps between measurements of each output's share per layer; 0: never.
-    save_best: str | None = None  # A `val_` value: best.weights.h5 whenever it improves.
-    early_stopping_patience: int | None = None  # Evaluations without improvement of `save_best` before stopping.
+    model_dir: str = text("/tmp/mto_tf", "Metrics, checkpoints and final model; a rerun resumes.",
+                          reads=("driver",), resumable=True)
+    log_every: int = integer(50, "Steps per line of metrics.jsonl.", reads=("driver",), resumable=True,
+                             positive=True)
+    checkpoint_every: int = integer(250, "Steps between checkpoints.", reads=("driver",), resumable=True,
+                                    positive=True)
+    init_weights: str | None = text(None, "PATH.weights.h5 to start from.", reads=("model",), resumable=True)
+    loop: str = choice("custom", LOOPS, "'custom' (the explicit GradientTape loop) or 'fit' (model.fit, to "
+                                        "compare).", reads=("driver",), resumable=True)
+    progress: str = choice("auto", PROGRESS_MODES, "What the run shows on stdout: 'bar' (a line updated in place), "
+                           "'lines' (one per logging window), 'quiet'; 'auto': bar on a terminal, else lines. Only "
+                           "the chief worker shows it.", reads=("driver",), resumable=True)
+    log_gradient_shares_every: int = integer(
+        0, "Every N steps, measure each output's share of each layer's gradient on a training batch (as "
+           "mto-explain does) and log it as grad_share/<layer>/<output> and grad_norm/<layer>/<output>; 0: "
+           "never. Costs a backward pass per output.", reads=("driver",), resumable=True)
+    save_best: str | None = text(None, "A validation value (val_loss, val_<output>_loss, val_<output>_<metric>): "
+                                       "write best.weights.h5 whenever it improves (as Keras's ModelCheckpoint "
+                                       "decides: lower for losses; for a metric, the direction it declares).",
+                                 reads=("evaluation",))
+    early_stopping_patience: int | None = integer(
+        None, "Stop after this many evaluations without improvement of --save_best's value.",
+        reads=("evaluation",), resumable=True, positive=True)
 
     def __post_init__(self):
         if self.epochs is not None:
             if self.train_steps not in (None, _DEFAULT_TRAIN_STEPS):
                 raise ConfigError("epochs", f"counts the run in passes over the data; leave --train_steps "
                                             f"unset, got --train_steps={self.train_steps}")
-            _check_positive(self, "epochs")
             object.__setattr__(self, "train_steps", None)  # Known once the data is counted.
-        else:
-            _check_positive(self, "train_steps")
-        _check_positive(self, "vocab_size", "sequence_length", "embedding_dim",
-                        "lstm_units", "dense_units", "aux_input_dim", "conv_filters", "batch_size",
-                        "steps_per_loop", "log_every", "checkpoint_every",
-                        "num_cpu_devices", "synthetic_train_examples",
-                        "synthetic_validation_examples")
+        elif self.train_steps is None:
+            raise ConfigError("train_steps", "expected an integer > 0, got None")
+        for name, setting in SETTINGS.items():
+            value = getattr(self, name)
+            if setting.positive and value is not None and not (isinstance(value, int) and value > 0):
+                raise ConfigError(name, f"expected an integer > 0, got {value!r}")
+            if setting.choices and value not in setting.choices:
+                raise ConfigError(name, f"expected one of {', '.join(setting.choices)}; got {value!r}")
         if self.vocab_size < 3:
             raise ConfigError("vocab_size", f"expected >= 3 (token 0 pads, and each synthetic sentiment owns a token), "
                                             f"got {self.vocab_size}")
@@ -162,10 +284,6 @@ class TrainConfig:
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"expected >= 0 (0 keeps file order), got {self.shuffle_buffer}")
         self._check_optimization()
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("loop", self.loop, LOOPS)
-        _check_choice("progress", self.progress, PROGRESS_MODES)
-        _check_choice("cluster_resolver", self.cluster_resolver, CLUSTER_RESOLVERS)
         if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
             raise ConfigError(
                 "num_cpu_devices",
@@ -177,12 +295,6 @@ class TrainConfig:
             # under tf.distribute for the same reason).
             raise ConfigError("jit_compile", f"XLA compiles a step for one device; not with "
                                              f"--strategy={self.strategy}")
-        if self.loop == "fit" and self.strategy == "mirrored" and self.steps_per_loop > 1:
-            raise ConfigError("steps_per_loop", "with --loop=fit under --strategy=mirrored, must be 1: Keras 3.15's "
-                                                "fit fails there with steps_per_execution > 1 (keras-team/keras#19246)")
-        if self.loop == "fit" and self.strategy == "multi_worker":
-            raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
-                                      "(keras-team/keras#20585); use --loop=custom")
         self._check_model()
         self._check_dataset()
         self._check_validation()
@@ -192,7 +304,7 @@ class TrainConfig:
         if self.init_weights is not None and not self.init_weights.endswith(".weights.h5"):
             raise ConfigError("init_weights", f"expected a Keras weights file PATH.weights.h5, got {self.init_weights!r}")
         if self.loop == "fit":
-            _check_fit_loop_windows(self)
+            _check_what_fit_cannot_do(self)
         for output, weight in (self.loss_weights or {}).items():
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0, got {weight}")
@@ -212,26 +324,18 @@ class TrainConfig:
         if len(clipping) > 1:  # As Keras's optimizers decide.
             raise ConfigError(clipping[1], f"give one of --clipnorm, --global_clipnorm, --clipvalue, "
                                            f"not also --{clipping[0]}")
-        _check_positive(self, "grad_accum_steps")
-        _check_choice("precision", self.precision, PRECISIONS)
         if self.precision == "mixed_float16" and self.grad_accum_steps > 1:
             # Keras's loss scaling checks each batch's gradients; accumulated
             # ones would be checked only at the update.
             raise ConfigError("grad_accum_steps", "not with --precision=mixed_float16 (loss scaling and "
                                                   "accumulation together are not supported)")
-        if self.loop == "fit" and self.grad_accum_steps > 1 and self.strategy != "default":
-            raise ConfigError("grad_accum_steps", f"with --loop=fit, only under --strategy=default: Keras 3.15 "
-                                                  f"applies accumulated gradients inside a tf.cond, which "
-                                                  f"{self.strategy} cannot synchronize in; use --loop=custom")
         if not (isinstance(self.log_gradient_shares_every, int) and self.log_gradient_shares_every >= 0):
             raise ConfigError("log_gradient_shares_every", f"expected steps >= 0 (0: never), "
                                                            f"got {self.log_gradient_shares_every!r}")
-        if self.log_gradient_shares_every and self.loop == "fit":
-            raise ConfigError("log_gradient_shares_every", "the custom loop's: not with --loop=fit")
-        if self.xla_update:
-            reason = ("--loop=fit" if self.loop == "fit" else "--jit_compile (it compiles the whole step)"
-                      if self.jit_compile else f"--strategy={self.strategy} (TensorFlow cannot synchronize "
-                      f"replicas inside an XLA function)" if self.strategy in ("mirrored", "multi_worker") else None)
+        if self.xla_update and self.loop != "fit":
+            reason = ("--jit_compile (it compiles the whole step)" if self.jit_compile else
+                      f"--strategy={self.strategy} (TensorFlow cannot synchronize replicas inside an XLA function)"
+                      if self.strategy in ("mirrored", "multi_worker") else None)
             if reason:
                 raise ConfigError("xla_update", f"not with {reason}")
 
@@ -270,16 +374,24 @@ class TrainConfig:
             raise ConfigError("validation_split", f"chooses a split of a TFDS dataset; --dataset={self.dataset} "
                                                   f"has none: give --validation_data=npz:PATH")
 
+    def check_settings_are_read(self) -> None:
+        """A setting only some built-in models or datasets read must keep its default with any other (it would be ignored).
+
+        Called once the model is built, so that a --model that names no model
+        is reported as such first.
+        """
+        readers = {value for value in (self.model, self.dataset) if isinstance(value, str)}
+        for name, setting in SETTINGS.items():
+            if setting.only_for and not readers & set(setting.only_for) and getattr(self, name) != default_of(name):
+                raise ConfigError(name, f"--model={self.describe()['model']} with --dataset="
+                                        f"{self.describe()['dataset']} does not read it; leave it unset")
+
     def _check_validation(self):
         if self.eval_every < 0:
             raise ConfigError("eval_every", f"expected steps >= 0 (0: only at the end), got {self.eval_every}")
-        if self.eval_steps is not None:
-            _check_positive(self, "eval_steps")
-        if self.early_stopping_patience is not None:
-            _check_positive(self, "early_stopping_patience")
-            if self.save_best is None:
-                raise ConfigError("early_stopping_patience", "watches the value that --save_best names; "
-                                                             "set --save_best=VAL_NAME too")
+        if self.early_stopping_patience is not None and self.save_best is None:
+            raise ConfigError("early_stopping_patience", "watches the value that --save_best names; "
+                                                         "set --save_best=VAL_NAME too")
         if self.save_best is not None and not self.save_best.startswith("val_"):
             raise ConfigError("save_best", f"expected a validation value such as val_loss or "
                                            f"val_<output>_loss, got {self.save_best!r}")
@@ -323,6 +435,26 @@ class TrainConfig:
         return {field.name: by_name(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
 
+# Every setting, by name, in the order TrainConfig declares them.
+SETTINGS: dict[str, Setting] = {field.name: field.metadata["setting"] for field in dataclasses.fields(TrainConfig)}
+
+
+def default_of(name: str):
+    """A setting's default value."""
+    field = TrainConfig.__dataclass_fields__[name]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def settings_read_by(*parts: str) -> list[str]:
+    """The settings that one of `parts` reads, in declaration order."""
+    return [name for name, setting in SETTINGS.items() if set(setting.reads) & set(parts)]
+
+
+def resumable_settings() -> list[str]:
+    """The settings a resumed run may change: they say how far and how to drive, not what is trained."""
+    return [name for name, setting in SETTINGS.items() if setting.resumable]
+
+
 def is_module_function(text: object) -> bool:
     """True for a string of the form `MODULE:FUNCTION` (a dotted module path, a colon, a name)."""
     if not isinstance(text, str):
@@ -338,13 +470,6 @@ def _is_number(value) -> bool:
 
 def _is_keras_config(value) -> bool:
     return isinstance(value, Mapping) and isinstance(value.get("class_name"), str)
-
-
-def _check_positive(config: TrainConfig, *fields: str):
-    for field in fields:
-        value = getattr(config, field)
-        if not (isinstance(value, int) and value > 0):
-            raise ConfigError(field, f"expected an integer > 0, got {value!r}")
 
 
 def _check_npz_file(field: str, source: str):
@@ -366,12 +491,25 @@ def _check_class_weights(class_weights: Mapping[str, Mapping[int, float]]):
                                                    f"number >= 0, got {weight!r}")
 
 
-def _check_choice(field: str, value: str, choices: tuple[str, ...]):
-    if value not in choices:
-        raise ConfigError(field, f"expected one of {', '.join(choices)}; got {value!r}")
+def _check_what_fit_cannot_do(config: TrainConfig):
+    """`--loop=fit`'s limits, in one place: what Keras 3.15's `fit` cannot do, and how windows map to its epochs.
 
-
-def _check_fit_loop_windows(config: TrainConfig):
+    When Keras changes, this is the function to read again.
+    """
+    if config.strategy == "mirrored" and config.steps_per_loop > 1:
+        raise ConfigError("steps_per_loop", "with --loop=fit under --strategy=mirrored, must be 1: Keras 3.15's "
+                                            "fit fails there with steps_per_execution > 1 (keras-team/keras#19246)")
+    if config.strategy == "multi_worker":
+        raise ConfigError("loop", "model.fit does not run under MultiWorkerMirroredStrategy in Keras 3.15 "
+                                  "(keras-team/keras#20585); use --loop=custom")
+    if config.grad_accum_steps > 1 and config.strategy != "default":
+        raise ConfigError("grad_accum_steps", f"with --loop=fit, only under --strategy=default: Keras 3.15 "
+                                              f"applies accumulated gradients inside a tf.cond, which "
+                                              f"{config.strategy} cannot synchronize in; use --loop=custom")
+    if config.log_gradient_shares_every:
+        raise ConfigError("log_gradient_shares_every", "the custom loop's: not with --loop=fit")
+    if config.xla_update:
+        raise ConfigError("xla_update", "not with --loop=fit")
     # model.fit reports and logs per epoch; mto_tf maps one epoch to one
     # logging window of --log_every steps, so the run, its checkpoints and
     # its evaluations must fall on window boundaries.

@@ -1,72 +1,77 @@
-"""Shared set-up: two logical CPU devices, one MirroredStrategy, small models.
+"""Shared set-up: two logical CPU devices, one MirroredStrategy, one generated dataset, Keras's policy restored.
 
 The CPU must be split before TensorFlow runs its first op, so it happens
-here, at import, before any test module touches TensorFlow. TensorFlow holds
-one MirroredStrategy per process well (a second one broke collectives when
-batch shapes changed), so every mirrored test shares the session's.
+when pytest configures a process that runs tests, before any test module is
+imported. TensorFlow holds one MirroredStrategy per process well (a second
+one broke collectives when batch shapes changed), so every mirrored test
+shares the session's.
+
+The suite runs in two processes (pytest-xdist); the process that hands them
+their tests runs none, so it never imports TensorFlow (about 10 s of CPU).
 """
 
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-NUM_CPU_DEVICES = 2
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_CPU_DEVICES)
-
-from mto_tf.config import TrainConfig  # noqa: E402
-
-# Small enough to trace and run in seconds, large enough that every layer
-# (embedding, LSTM, three Dense, two heads) is exercised.
-SMALL_MODEL = dict(vocab_size=50, sequence_length=8, embedding_dim=8, lstm_units=4, dense_units=8)
-BATCH_SIZE = 16
+# The longest first, the quick ones last: the two test processes take tests in
+# this order as they become free, so neither waits long for the other at the end.
+_LONGEST_MODULES = ("test_multi_worker.py", "test_bench.py")
 
 
-def small_config(tmp_path, **overrides) -> TrainConfig:
-    """A `TrainConfig` for the small headline model; `overrides` win."""
-    settings = dict(SMALL_MODEL, batch_size=BATCH_SIZE, train_steps=6, steps_per_loop=1, log_every=1,
-                    checkpoint_every=1000, data_dir=str(tmp_path / "tfds"), model_dir=str(tmp_path / "run"),
-                    optimizer="sgd", learning_rate=0.1)
-    if overrides.get("dataset", "synthetic_headlines") == "synthetic_headlines":
-        # Only synthetic_headlines reads them (mto_tf refuses settings nothing reads).
-        settings.update(synthetic_train_examples=128, synthetic_validation_examples=32)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+def _runs_tests(config) -> bool:
+    """False in pytest-xdist's controller process, which only hands tests to the others."""
+    return bool(os.environ.get("PYTEST_XDIST_WORKER")) or not config.getoption("numprocesses", default=None)
 
 
-def run_config(tmp_path, **overrides) -> TrainConfig:
-    """A short run's `TrainConfig` with no model sizes (for a user's or a built-in model at its own sizes)."""
-    settings = dict(batch_size=BATCH_SIZE, train_steps=6, steps_per_loop=1, log_every=1, checkpoint_every=1000,
-                    data_dir=str(tmp_path / "tfds"), model_dir=str(tmp_path / "run"), optimizer="sgd",
-                    learning_rate=0.1)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+def pytest_configure(config):
+    if not _runs_tests(config):
+        return
+    # As every program starts: TensorFlow imported without its start-up chatter.
+    from mto_tf.programs import tensorflow_logs
+    tensorflow_logs.import_tensorflow_quietly()
+    import tensorflow as tf
+
+    import helpers
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * helpers.NUM_CPU_DEVICES)
+    # synthetic_headlines is generated once per size for the whole session
+    # (its builder locks the directory, so programs the tests start share it).
+    helpers.SESSION_DIR = tempfile.mkdtemp(prefix="mto_tf_tests_")
 
 
-def write_npz(path, *, num_examples=72, with_sample_weights=False, seed=0):
-    """Writes a small npz dataset for the small model; returns its arrays."""
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "main_input": rng.integers(0, SMALL_MODEL["vocab_size"], (num_examples, SMALL_MODEL["sequence_length"])),
-        "aux_input": rng.standard_normal((num_examples, 5)).astype(np.float32),
-        "main_output": rng.integers(0, 2, num_examples).astype(np.float32),
-        "aux_output": rng.integers(0, 2, (num_examples, 1)).astype(np.float32),
-    }
-    if with_sample_weights:
-        # Uneven weights, zeros included, different per output.
-        arrays["sample_weight/main_output"] = rng.choice([0.0, 0.5, 1.0, 3.0], num_examples).astype(np.float32)
-        arrays["sample_weight/aux_output"] = rng.uniform(0.0, 2.0, num_examples).astype(np.float32)
-    np.savez(path, **arrays)
-    return arrays
+def pytest_unconfigure(config):
+    if _runs_tests(config):
+        import helpers
+        shutil.rmtree(helpers.SESSION_DIR, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    def order(item):
+        longest = item.path.name in _LONGEST_MODULES
+        return 0 if longest else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=order)  # Stable: each module's tests keep their order.
 
 
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """The session's one MirroredStrategy over the two logical CPU devices."""
+    import tensorflow as tf
+
+    import helpers
+
     devices = [device.name for device in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == NUM_CPU_DEVICES
+    assert len(devices) == helpers.NUM_CPU_DEVICES
     return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_afterwards():
+    """Keras's dtype policy is global: a test that trains in mixed precision must not leave it to the next."""
+    yield
+    import keras
+    keras.config.set_dtype_policy("float32")

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from conftest import SMALL_MODEL, small_config
-from mto_tf import bench
+from helpers import MODULE_NAME, MODULE_SOURCE, SMALL_MODEL, data_dir, small_config, write_ticket_npz
+from helpers import TICKET_LOSSES as LOSSES
+from mto_tf.programs import bench
 
 
 def test_variants_differ_from_the_defaults_only_as_documented(tmp_path):
@@ -30,7 +31,7 @@ def test_variants_differ_from_the_defaults_only_as_documented(tmp_path):
 def test_every_variant_runs_in_its_own_process_and_the_json_has_the_documented_shape(tmp_path):
     output = tmp_path / "bench.json"
     flags = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
-        "--batch_size=16", "--synthetic_train_examples=128", f"--data_dir={tmp_path / 'tfds'}",
+        "--batch_size=16", "--synthetic_train_examples=128", f"--data_dir={data_dir()}",
         "--steps_per_loop=5", "--windows=2", "--window_steps=10", "--warmup_windows=1", f"--output_json={output}"]
     process = subprocess.run([sys.executable, "-m", "mto_tf.bench", *flags], capture_output=True, text=True,
                              timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -74,7 +75,6 @@ def test_repeats_pool_the_windows_of_every_process():
 
 @pytest.mark.slow
 def test_benchmark_takes_a_user_model_and_dataset_like_mto_train(tmp_path):
-    from test_user_models import LOSSES, MODULE_NAME, MODULE_SOURCE, write_ticket_npz
     (tmp_path / f"{MODULE_NAME}.py").write_text(MODULE_SOURCE)
     write_ticket_npz(tmp_path / "tickets.npz")
     output = tmp_path / "bench.json"

@@ -12,12 +12,11 @@ import tensorflow as tf
 from absl.testing import flagsaver
 from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
 
-from conftest import run_config
-from mto_tf import flags as mto_flags
-from mto_tf import losses
-from mto_tf.config import ConfigError
-from mto_tf.trainer import train
-from test_parity_with_fit import max_weight_difference
+from helpers import max_weight_difference, run_config
+from mto_tf import train
+from mto_tf.core import losses
+from mto_tf.errors import ConfigError
+from mto_tf.programs import flags as mto_flags
 
 NUM_EXAMPLES, BATCH = 48, 16
 CLASS_WEIGHTS = {"kind": {0: 0.5, 2: 4.0}, "flag": {1: 3.0}}  # Class 1 of "kind" keeps 1.0.
@@ -80,6 +79,7 @@ def test_class_weights_equal_fit_with_the_sample_weights_they_stand_for(tmp_path
     assert max_weight_difference(custom, unweighted.get_weights()) > 1e-3
 
 
+@pytest.mark.keras_behaviour
 def test_fit_refuses_class_weights_for_several_outputs():
     arrays = _arrays()
     model = build()

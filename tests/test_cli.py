@@ -1,35 +1,22 @@
-"""`mto-train` run as a user runs it: a fresh process, flags, files on disk."""
+"""`mto-train` run as a user runs it: flags, files on disk, one-line errors; in a fresh process where that matters."""
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import SMALL_MODEL, small_config, write_npz
-from mto_tf.models import build_headline
-
-pytestmark = pytest.mark.slow
-
-MODEL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + ["--batch_size=16"]
-SMALL_FLAGS = MODEL_FLAGS + ["--synthetic_train_examples=128", "--synthetic_validation_examples=32"]
-TIMEOUT_SECONDS = 180
+from helpers import MODEL_FLAGS, SMALL_FLAGS, data_dir, mto_train_in_process, run_cli, small_config, write_npz
+from mto_tf.core.models import build_headline
 
 
-def run_cli(*args, entry_point=("mto-train",), cwd=None):
-    """Runs the command line; returns the finished process (stdout and stderr as text)."""
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([*entry_point, *args], capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
-                          env=environment, cwd=cwd)
-
-
+@pytest.mark.slow
 def test_short_run_from_a_flagfile_writes_metrics_weights_model_checkpoints_and_tensorboard(tmp_path):
     model_dir = tmp_path / "run"
     flagfile = tmp_path / "run.flags"
-    flagfile.write_text("\n".join([*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}",
+    flagfile.write_text("\n".join([*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={model_dir}",
                                    "--strategy=mirrored", "--num_cpu_devices=2", "--train_steps=12",
                                    "--steps_per_loop=3", "--log_every=6", "--checkpoint_every=6"]) + "\n")
     process = run_cli(f"--flagfile={flagfile}", entry_point=(sys.executable, "-m", "mto_tf"))
@@ -63,23 +50,41 @@ def _npz_without(tmp_path, key):
     return f"--dataset=npz:{tmp_path / 'partial.npz'}"
 
 
-@pytest.mark.parametrize("make_args, expected_error", [
-    (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
-     "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
-    (lambda tmp: ["--loss_weights=main_output=heavy,aux_output=0.2"],
-     "--loss_weights: expected a number for 'main_output', got 'heavy'"),
-    (lambda tmp: ["--loss_weights=main_output=1.0,aux_output=-0.2"],
-     "--loss_weights: weight of 'aux_output' must be a finite number >= 0, got -0.2"),
-    (lambda tmp: ["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
-     "--batch_size: the global batch size 15 does not split evenly across 2 replicas"),
-    (lambda tmp: [_npz_without(tmp, "aux_output")], "key 'aux_output': missing"),
-])
-def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, make_args, expected_error):
+BAD_INPUTS = {
+    "unknown output": (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
+                       "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
+    "not a number": (lambda tmp: ["--loss_weights=main_output=heavy,aux_output=0.2"],
+                     "--loss_weights: expected a number for 'main_output', got 'heavy'"),
+    "negative weight": (lambda tmp: ["--loss_weights=main_output=1.0,aux_output=-0.2"],
+                        "--loss_weights: weight of 'aux_output' must be a finite number >= 0, got -0.2"),
+    "uneven batch": (lambda tmp: ["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
+                     "--batch_size: the global batch size 15 does not split evenly across 2 replicas"),
+    "missing key": (lambda tmp: [_npz_without(tmp, "aux_output")], "key 'aux_output': missing"),
+}
+# In a fresh process: the exit status the shell sees, and no traceback from anywhere
+# (found before TensorFlow is imported: the process ends within a second).
+IN_A_FRESH_PROCESS = "negative weight"
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case == IN_A_FRESH_PROCESS else case
+                                  for case in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, case, mirrored_strategy, monkeypatch):
+    from mto_tf.programs import mto_train
+
+    # The session's MirroredStrategy: a process holds one well (see conftest).
+    make_strategy = mto_train.make_strategy
+    monkeypatch.setattr(mto_train, "make_strategy",
+                        lambda config: mirrored_strategy if config.strategy == "mirrored" else make_strategy(config))
+    make_args, expected_error = BAD_INPUTS[case]
     model_dir = tmp_path / "never_written"
     args = make_args(tmp_path)
     # Synthetic sizes only with the synthetic dataset: a setting nothing reads is refused.
     base_flags = MODEL_FLAGS if any(arg.startswith("--dataset=") for arg in args) else SMALL_FLAGS
-    process = run_cli(*base_flags, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={model_dir}", *args)
+    flags = [*base_flags, f"--data_dir={data_dir()}", f"--model_dir={model_dir}", *args]
+    if case == IN_A_FRESH_PROCESS:
+        process = run_cli(*flags)
+    else:
+        process = mto_train_in_process(*flags)
     assert process.returncode == 2
     assert f"mto-train: error: " in process.stderr and expected_error in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr

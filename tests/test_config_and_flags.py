@@ -1,13 +1,12 @@
 """Flags become a validated `TrainConfig`; every bad setting names its flag."""
 
-import dataclasses
-
 import pytest
 from absl.testing import flagsaver
 
-from conftest import small_config
-from mto_tf import flags as mto_flags
-from mto_tf.config import ConfigError, TrainConfig
+from helpers import small_config
+from mto_tf import TrainConfig
+from mto_tf.errors import ConfigError
+from mto_tf.programs import flags as mto_flags
 
 
 def config_from_args(*args):
@@ -117,7 +116,7 @@ def test_bad_settings_raise_config_error_naming_the_flag(args, message):
     (dict(conv_filters=8), "^--conv_filters: --model=headline with --dataset=synthetic_headlines does not read it"),
 ])
 def test_settings_checked_against_the_built_model_fail_before_anything_is_written(tmp_path, overrides, message):
-    from mto_tf.trainer import train
+    from mto_tf import train
     with pytest.raises(ConfigError, match=message):
         train(small_config(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
@@ -126,8 +125,8 @@ def test_settings_checked_against_the_built_model_fail_before_anything_is_writte
 # Keras warns about the mismatched file before it raises; the raise is what is tested.
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
 def test_init_weights_of_another_model_is_rejected_naming_the_flag(tmp_path):
-    from mto_tf.models import build_headline
-    from mto_tf.trainer import train
+    from mto_tf import train
+    from mto_tf.core.models import build_headline
     other = small_config(tmp_path, lstm_units=7)
     build_headline(other).save_weights(tmp_path / "other.weights.h5")
     with pytest.raises(ConfigError, match="^--init_weights: .*other.weights.h5' does not fit model 'headline'"):

@@ -5,12 +5,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf import data
-from mto_tf.config import ConfigError
-from mto_tf.data import synthetic_headlines
-from mto_tf.models import build_headline
-from mto_tf.trainer import train
+from helpers import BATCH_SIZE, small_config, write_npz
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.core.signature import ModelSignature
+from mto_tf.data import batching, sources, synthetic_headlines
+from mto_tf.errors import ConfigError
 
 
 def _arrays(examples):
@@ -33,14 +33,15 @@ def test_synthetic_headlines_builds_offline_and_loads_by_registered_name(tmp_pat
     assert first["main_input"].shape == (200, 8) and first["main_input"].min() >= 1
     assert first["main_input"].max() < 50 and first["aux_input"].shape == (200, 5)
     # Deterministic: a fresh data directory generates the same examples.
-    again = _arrays(synthetic_headlines.load(small_config(tmp_path / "again", synthetic_train_examples=200,
+    again = _arrays(synthetic_headlines.load(small_config(tmp_path / "again", data_dir=str(tmp_path / "again"),
+                                                          synthetic_train_examples=200,
                                                           synthetic_validation_examples=40), "train"))
     for key in first:
         np.testing.assert_array_equal(first[key], again[key])
 
 
 def test_default_sizes_use_the_registered_builder_config(tmp_path):
-    from mto_tf.config import TrainConfig
+    from mto_tf import TrainConfig
     builder = synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path)))
     assert builder.builder_config is synthetic_headlines.SyntheticHeadlines.BUILDER_CONFIGS[0]
     assert builder.info.features["main_input"].shape == (100,)
@@ -73,9 +74,9 @@ def test_batches_have_a_static_shape_for_the_train_step_to_trace(tmp_path, sourc
         write_npz(tmp_path / "d.npz")
         dataset = f"npz:{tmp_path / 'd.npz'}"
     config = small_config(tmp_path, dataset=dataset, synthetic_train_examples=100)
-    model = build_headline(config)
-    examples = data.load_examples(config, model)
-    batches = data.global_batches(examples, model=model, batching=data.Batching.for_training(config))
+    signature = ModelSignature.of(build_headline(config))
+    examples = sources.load_examples(config, signature)
+    batches = batching.global_batches(examples, signature=signature, batching=batching.Batching.for_training(config))
     for spec in tf.nest.flatten(batches.element_spec):
         assert spec.shape[0] == BATCH_SIZE and spec.shape.is_fully_defined(), spec
 
@@ -95,15 +96,17 @@ def test_training_on_synthetic_headlines_lowers_both_losses(tmp_path):
 def test_npz_file_order_and_sample_weights_reach_the_batches(tmp_path):
     arrays = write_npz(tmp_path / "d.npz", num_examples=40, with_sample_weights=True)
     config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'd.npz'}")
-    model = build_headline(config)
-    batching = data.Batching.for_training(config)
-    batches = data.global_batches(data.load_examples(config, model), model=model, batching=batching)
+    signature = ModelSignature.of(build_headline(config))
+    for_training = batching.Batching.for_training(config)
+    batches = batching.global_batches(sources.load_examples(config, signature), signature=signature,
+                                      batching=for_training)
     inputs, labels, sample_weights = next(iter(batches))
     np.testing.assert_array_equal(inputs["main_input"], arrays["main_input"][:BATCH_SIZE])
     np.testing.assert_array_equal(labels["main_output"][:, 0], arrays["main_output"][:BATCH_SIZE])
     np.testing.assert_array_equal(sample_weights["aux_output"], arrays["sample_weight/aux_output"][:BATCH_SIZE])
     # skip_batches resumes further down the same endless stream (40 rows, batch 16: wraps around).
-    skipped = data.global_batches(data.load_examples(config, model), model=model, batching=batching, skip_batches=2)
+    skipped = batching.global_batches(sources.load_examples(config, signature), signature=signature,
+                                      batching=for_training, skip_batches=2)
     np.testing.assert_array_equal(next(iter(skipped))[0]["main_input"],
                                   np.concatenate([arrays["main_input"][32:], arrays["main_input"][:8]]))
 
@@ -126,4 +129,4 @@ def test_npz_problems_are_errors_naming_the_key(tmp_path, corrupt, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'bad.npz'}")
     with pytest.raises(ConfigError, match=r"^--dataset: npz file .*bad.npz', " + message):
-        data.load_examples(config, build_headline(config))
+        sources.load_examples(config, ModelSignature.of(build_headline(config)))

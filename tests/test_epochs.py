@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf.models import MODELS, build_headline
-from mto_tf.trainer import train
-from test_parity_with_fit import max_weight_difference
+from helpers import BATCH_SIZE, HEADLINE, max_weight_difference, once, small_config, write_npz
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.core.signature import ModelSignature
 
 pytestmark = pytest.mark.slow
 
-HEADLINE = MODELS["headline"]
 NUM_EXAMPLES = 37  # Batches of 16: 16, 16 and a partial 5.
 EPOCHS = 2
 # Float32 sums in another order (two replicas' partial sums): a few ulps;
@@ -31,16 +30,30 @@ WEIGHT_ATOL = 1e-6
 
 
 def _setup(tmp_path, **overrides):
-    arrays = write_npz(tmp_path / "data.npz", num_examples=NUM_EXAMPLES)
-    init_weights = str(tmp_path / "init.weights.h5")
-    build_headline(small_config(tmp_path)).save_weights(init_weights)
-    settings = dict(dataset=f"npz:{tmp_path / 'data.npz'}", init_weights=init_weights, optimizer="sgd",
+    """The module's data and initial weights (made once per test process), and a config."""
+
+    def make(directory):
+        arrays = write_npz(directory / "data.npz", num_examples=NUM_EXAMPLES)
+        build_headline(small_config(tmp_path)).save_weights(directory / "init.weights.h5")
+        return directory, arrays
+
+    directory, arrays = once("epochs data", make)
+    settings = dict(dataset=f"npz:{directory / 'data.npz'}", init_weights=str(directory / "init.weights.h5"),
+                    optimizer="sgd",
                     learning_rate=0.5, epochs=EPOCHS, train_steps=None, log_every=1, validation_split="")
     return small_config(tmp_path, **{**settings, **overrides}), arrays
 
 
 def _fit(config, arrays, strategy):
-    """`fit` for EPOCHS passes of batches of 16 in file order; returns (per-epoch history, final weights)."""
+    """`fit` for EPOCHS passes of batches of 16 in file order; returns (per-epoch history, final weights).
+
+    Computed once per test process for each strategy and learning rate: two tests compare against it.
+    """
+    return once(("epochs fit", config.init_weights, config.learning_rate, strategy.__class__.__name__),
+                lambda _: _fit_once(config, arrays, strategy))
+
+
+def _fit_once(config, arrays, strategy):
     inputs = {"main_input": arrays["main_input"].astype("int32"), "aux_input": arrays["aux_input"]}
     labels = {name: arrays[name].reshape(-1, 1) for name in ("main_output", "aux_output")}
     with strategy.scope():
@@ -61,6 +74,7 @@ def test_one_pass_per_epoch_with_its_partial_batch_equals_fit_on_one_device(tmp_
     assert max_weight_difference(result.model.get_weights(), fit_weights) <= WEIGHT_ATOL
 
 
+@pytest.mark.keras_behaviour
 def test_under_mirrored_an_uneven_partial_batch_still_equals_one_device_fit_and_mirrored_fit_does_not(
         tmp_path, mirrored_strategy):
     config, arrays = _setup(tmp_path)
@@ -94,12 +108,12 @@ def test_each_pass_is_reshuffled_and_a_run_resumed_mid_epoch_ends_as_an_uninterr
 
 
 def test_each_pass_holds_every_example_once_ends_with_the_partial_batch_and_is_reshuffled(tmp_path):
-    from mto_tf import data
+    from mto_tf.data import batching, sources
 
     config, arrays = _setup(tmp_path, shuffle_buffer=NUM_EXAMPLES)
-    model = build_headline(config)
-    batches = data.global_batches(data.load_examples(config, model), model=model,
-                                  batching=data.Batching.for_training(config))
+    signature = ModelSignature.of(build_headline(config))
+    batches = batching.global_batches(sources.load_examples(config, signature), signature=signature,
+                                      batching=batching.Batching.for_training(config))
     assert [len(batch[0]["aux_input"]) for batch in batches.take(6)] == [16, 16, 5] * 2
     first, second = (np.concatenate([batch[0]["aux_input"] for batch in batches.skip(3 * k).take(3)])
                      for k in range(2))

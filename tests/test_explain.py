@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_config, small_config
-from mto_tf import data, explain, gradient_shares, trainer
-from mto_tf.trainer import train
-from test_cli import SMALL_FLAGS, run_cli
+from helpers import SMALL_FLAGS, data_dir, mto_train_in_process, run_cli, run_config, run_in_process, small_config
+from mto_tf import train
+from mto_tf.core import gradient_shares
+from mto_tf.data import batching
+from mto_tf.programs import explain, sweep
+from mto_tf.programs import flags as mto_flags
+from mto_tf.run.setup import build_model_setup
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +59,15 @@ def test_headline_shares_are_the_gradient_taken_apart(tmp_path):
 def test_the_numbers_are_the_gradients_numpy_would_take_apart(tmp_path):
     """Shares and norms from the contributions, recomputed here by hand for the LSTM."""
     config = small_config(tmp_path)
-    setup = trainer.build_model_and_losses(config, tf.distribute.get_strategy())
+    setup = build_model_setup(config, tf.distribute.get_strategy())
     contributions = gradient_shares.make_gradient_contributions(
-        model=setup.model, loss_fns=setup.loss_fns, loss_weights=setup.loss_weights,
+        model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
+        loss_weights=setup.losses.weights,
         strategy=tf.distribute.get_strategy(), global_batch_size=config.batch_size)
-    batch = next(iter(data.global_batches(setup.examples, model=setup.model,
-                                          batching=data.Batching.for_training(config))))
+    batch = next(iter(batching.global_batches(setup.examples, signature=setup.signature,
+                                              batching=batching.Batching.for_training(config))))
     parts = contributions(batch)
-    report = gradient_shares.layer_report(setup.model, parts, loss_weights=setup.loss_weights)
+    report = gradient_shares.layer_report(setup.model, parts, loss_weights=setup.losses.weights)
     lstm = setup.model.get_layer("lstm")
     positions = [index for index, variable in enumerate(setup.model.trainable_variables)
                  if any(variable is weight for weight in lstm.trainable_weights)]
@@ -79,8 +83,9 @@ def test_the_numbers_are_the_gradients_numpy_would_take_apart(tmp_path):
     with tf.GradientTape() as tape:
         inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(batch)
         predictions = setup.model(inputs, training=True)
-        loss = sum(setup.loss_weights[name] * tf.reduce_mean(setup.loss_fns[name](labels[name], predictions[name]))
-                   for name in setup.loss_fns)
+        loss = sum(setup.losses.weights[name]
+                   * tf.reduce_mean(setup.losses.per_example[name](labels[name], predictions[name]))
+                   for name in setup.losses.per_example)
     expected = tape.gradient(loss, lstm.trainable_weights)
     np.testing.assert_allclose(flat(parts.total), np.concatenate([g.numpy().ravel() for g in expected]), atol=1e-6)
 
@@ -163,8 +168,10 @@ def test_shares_during_training_mirrored_equal_one_device_and_change_nothing(tmp
 
 
 def test_mto_explain_command_line_writes_json_and_png(tmp_path):
-    data_flags = [*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}"]
-    trained = run_cli(*data_flags, f"--model_dir={tmp_path / 'run'}", "--train_steps=4", "--log_every=2")
+    data_flags = [*SMALL_FLAGS, f"--data_dir={data_dir()}"]
+    # Trained in this process; explained by the program, in a fresh one.
+    trained = mto_train_in_process(*data_flags, f"--model_dir={tmp_path / 'run'}",
+                             "--train_steps=4", "--log_every=2")
     assert trained.returncode == 0, trained.stderr[-2000:]
     process = _run_explain(*data_flags, f"--model_dir={tmp_path / 'run'}", "--explain_batches=2",
                            f"--output_json={tmp_path / 'shares.json'}", f"--output_png={tmp_path / 'shares.png'}")
@@ -179,15 +186,23 @@ def test_mto_explain_command_line_writes_json_and_png(tmp_path):
     assert height > 200 and width > 400
 
 
+# One case of each program in a fresh process: the exit status a shell sees and the one line, from a flag
+# absl itself refuses (found before TensorFlow starts); the others in this process.
+def _fresh_process(*case):
+    return pytest.param(*case, id="fresh_process")
+
+
 @pytest.mark.parametrize("flags, message", [
+    _fresh_process(["--no_such_flag=1"], "mto-explain: error: Unknown command line flag 'no_such_flag'"),
     (["--optimizer=adam"], "mto-explain: error: --optimizer: mto-explain does not train"),
     (["--explain_batches=0"], "mto-explain: error: --explain_batches: expected an integer > 0"),
     (["--model_dir=/nonexistent/run"], "mto-explain: error: --model_dir: '/nonexistent/run/model.weights.h5' not found"),
     (["--output_png=/nonexistent/dir/x.png"], "mto-explain: error: --output_png: no directory to write"),
     (["--loss_weights=main_output=1,nope=2"], "mto-explain: error: --loss_weights: unknown output 'nope'"),
 ])
-def test_mto_explain_bad_flags(tmp_path, flags, message):
-    process = _run_explain(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", *flags)
+def test_mto_explain_bad_flags(tmp_path, flags, message, request):
+    run = _run_explain if "fresh_process" in request.node.name else _run_explain_in_process
+    process = run(*SMALL_FLAGS, f"--data_dir={data_dir()}", *flags)
     assert process.returncode == 2 and message in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
 
@@ -196,14 +211,23 @@ def _run_explain(*flags):
     return run_cli(*flags, entry_point=(sys.executable, "-m", "mto_tf.explain"))
 
 
+def _run_explain_in_process(*flags):
+    return run_in_process("mto-explain", explain.explain_main, *flags, define_flags=mto_flags.define_explain_flags)
+
+
 def _run_sweep(*flags):
     return run_cli(*flags, entry_point=(sys.executable, "-m", "mto_tf.sweep"))
 
 
+def _run_sweep_in_process(*flags):
+    return run_in_process("mto_tf.sweep", sweep.sweep_main, *flags, define_flags=mto_flags.define_sweep_flags)
+
+
 def test_sweep_trains_one_run_per_weight_and_writes_table_json_and_plot(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = _run_sweep("--loss_weight=aux_output=0,0.5", f"--sweep_dir={sweep_dir}", *SMALL_FLAGS,
-                         f"--data_dir={tmp_path / 'tfds'}", "--train_steps=4", "--log_every=2", "--progress=quiet")
+    # In this process (the sweep in a fresh process: test_sweep_bad_flags's first case).
+    process = _run_sweep_in_process("--loss_weight=aux_output=0,0.5", f"--sweep_dir={sweep_dir}", *SMALL_FLAGS,
+                         f"--data_dir={data_dir()}", "--train_steps=4", "--log_every=2", "--progress=quiet")
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["output"] == "aux_output" and summary["loss_weights"]["main_output"] == 1.0
@@ -221,13 +245,15 @@ def test_sweep_trains_one_run_per_weight_and_writes_table_json_and_plot(tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
+    _fresh_process(["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--loss_weight=aux_output"], "--loss_weight: expected OUTPUT=W1,W2,..."),
     (["--loss_weight=aux_output=1,-1"], "--loss_weight: expected OUTPUT=W1,W2,... with weights >= 0"),
     (["--loss_weight=nope=1,2"], "--loss_weight: unknown output 'nope'"),
     (["--loss_weight=aux_output=1,2", "--validation_split="], "--loss_weight: the sweep compares final validation"),
     (["--loss_weight=aux_output=1,2", "--model_dir=/tmp/x"], "--model_dir: the sweep gives each run its own"),
 ])
-def test_sweep_bad_flags(tmp_path, flags, message):
-    process = _run_sweep(f"--sweep_dir={tmp_path / 'sweep'}", *SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", *flags)
+def test_sweep_bad_flags(tmp_path, flags, message, request):
+    run = _run_sweep if "fresh_process" in request.node.name else _run_sweep_in_process
+    process = run(f"--sweep_dir={tmp_path / 'sweep'}", *SMALL_FLAGS, f"--data_dir={data_dir()}", *flags)
     assert process.returncode == 2 and f"mto_tf.sweep: error: {message}" in process.stderr, process.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()

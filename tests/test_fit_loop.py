@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import small_config
-from mto_tf.trainer import train
+from helpers import small_config
+from mto_tf import train
 
 pytestmark = pytest.mark.slow
 

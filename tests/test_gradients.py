@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_config
-from mto_tf import losses
-from mto_tf.models import build_headline
+from helpers import small_config
+from mto_tf.core import losses
+from mto_tf.core.models import build_headline
 
 MAIN_ONLY_LAYERS = ("main_dense_0", "main_dense_1", "main_dense_2", "main_output")
 SHARED_LAYERS = ("embedding", "lstm")

@@ -9,6 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+# One process: test_timeout_kills_every_worker_and_their_children counts every sleeping worker on the machine.
+pytestmark = pytest.mark.xdist_group("launch_local")
+
 LAUNCHER = str(Path(__file__).parents[1] / "launch" / "local.py")
 
 

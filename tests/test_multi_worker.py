@@ -8,77 +8,24 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, SMALL_MODEL, small_config, write_npz
-from mto_tf.models import build_headline
-from test_parity_with_fit import HEADLINE, _optimizer, max_weight_difference
+from helpers import (BATCH_SIZE, HEADLINE, OUTPUTS, VALUE_RTOL, Launch, keras_optimizer, max_weight_difference, once,
+                     small_config, write_npz)
+from helpers import evaluate_with_keras as _evaluate
+from helpers import exact_means as _exact_means
+from mto_tf.core.models import build_headline
 
-pytestmark = pytest.mark.slow
+# One process: the workers of one test at a time on 127.0.0.1, and one uninterrupted run for the module.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_worker")]
 
-LAUNCHER = str(Path(__file__).parents[1] / "launch" / "local.py")
-TIMEOUT_SECONDS = 240
 NUM_EXAMPLES = 72
-SMALL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
-    f"--batch_size={BATCH_SIZE}", "--strategy=multi_worker", "--optimizer=adam", "--learning_rate=0.01"]
-
-
-class Launch:
-    """launch/local.py running `mto-train` workers, its output collected line by line."""
-
-    def __init__(self, *mto_train_flags, workers=2, restarts=0, scratch_dir=None):
-        self.lines: list[str] = []
-        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        if scratch_dir:
-            environment["TMPDIR"] = str(scratch_dir)
-        self.process = subprocess.Popen(
-            [sys.executable, LAUNCHER, f"--workers={workers}", f"--restarts={restarts}",
-             f"--timeout={TIMEOUT_SECONDS}", "--", "mto-train", *SMALL_FLAGS, *mto_train_flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
-        self._new_line = threading.Condition()
-        self._output_ended = False
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            with self._new_line:
-                self.lines.append(line)
-                self._new_line.notify_all()
-        with self._new_line:
-            self._output_ended = True
-            self._new_line.notify_all()
-
-    def wait_for_line(self, pattern: str) -> re.Match:
-        """Blocks until a line matches `pattern`; returns the match."""
-        deadline = time.monotonic() + TIMEOUT_SECONDS
-        with self._new_line:
-            while time.monotonic() < deadline:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                if self._output_ended:
-                    break
-                self._new_line.wait(timeout=1)
-        raise AssertionError(f"no line matched {pattern!r}:\n{''.join(self.lines[-40:])}")
-
-    def wait(self) -> int:
-        """The launcher's exit status, once its output has all been read."""
-        status = self.process.wait(timeout=TIMEOUT_SECONDS + 30)
-        with self._new_line:
-            self._new_line.wait_for(lambda: self._output_ended, timeout=30)
-        return status
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 def fingerprints(output: str) -> dict[int, list[str]]:
@@ -95,6 +42,11 @@ def global_batches(*, steps):
 
 
 def single_process_fit(tmp_path, arrays, *, steps):
+    """Keras fit on one device on the same global batches; returns its final weights (computed once per process)."""
+    return once(("multi-worker reference fit", steps), lambda _: _fit(tmp_path, arrays, steps))
+
+
+def _fit(tmp_path, arrays, steps):
     """Keras fit on one device on the same global batches; returns its final weights."""
     rows = global_batches(steps=steps)
     inputs = {"main_input": arrays["main_input"][rows].astype("int32"), "aux_input": arrays["aux_input"][rows]}
@@ -102,7 +54,7 @@ def single_process_fit(tmp_path, arrays, *, steps):
     config = small_config(tmp_path, optimizer="adam", learning_rate=0.01)
     model = build_headline(config)
     model.load_weights(tmp_path / "init.weights.h5")
-    model.compile(optimizer=_optimizer(config), loss=dict(HEADLINE.losses), loss_weights=dict(HEADLINE.loss_weights))
+    model.compile(optimizer=keras_optimizer(config), loss=dict(HEADLINE.losses), loss_weights=dict(HEADLINE.loss_weights))
     model.fit(tf.data.Dataset.from_tensor_slices((inputs, labels)), epochs=steps, steps_per_epoch=1,
               shuffle=False, verbose=0)
     return model.get_weights()
@@ -110,6 +62,7 @@ def single_process_fit(tmp_path, arrays, *, steps):
 
 def _data(tmp_path):
     arrays = write_npz(tmp_path / "data.npz", num_examples=NUM_EXAMPLES)
+    keras.utils.set_random_seed(0)  # The same initial weights in every test, so they share one reference.
     build_headline(small_config(tmp_path)).save_weights(tmp_path / "init.weights.h5")
     return arrays, [f"--dataset=npz:{tmp_path / 'data.npz'}", f"--init_weights={tmp_path / 'init.weights.h5'}"]
 
@@ -144,7 +97,7 @@ def test_workers_agree_and_match_single_process_fit_on_the_same_global_batches(t
     assert max_weight_difference(_final_weights(tmp_path, tmp_path / "run"), reference) <= 1e-6
 
 
-TRAIN_STEPS = 300
+TRAIN_STEPS = 150  # Long enough that the signal sent after step 50 lands mid-run.
 FAULT_FLAGS = [f"--train_steps={TRAIN_STEPS}", "--steps_per_loop=5", "--log_every=10", "--checkpoint_every=20"]
 
 
@@ -221,8 +174,6 @@ def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_
 
 
 def test_validation_under_two_workers_evaluates_every_example_once_as_one_device_would(tmp_path):
-    from test_validation import OUTPUTS, VALUE_RTOL, _evaluate, _exact_means
-
     _, data_flags = _data(tmp_path)
     # 37 examples, batches of 16: the last holds 5, split 3 + 2 across the two workers.
     arrays = write_npz(tmp_path / "validation.npz", num_examples=37, with_sample_weights=True, seed=1)

@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, run_config, small_config, write_npz
-from mto_tf.config import ConfigError
-from mto_tf.models import MODELS, build_headline
-from mto_tf.trainer import train
-from test_parity_with_fit import LOSS_RTOL, max_weight_difference
+from helpers import BATCH_SIZE, HEADLINE, LOSS_RTOL, max_weight_difference, once, run_config, small_config, write_npz
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-HEADLINE = MODELS["headline"]
 SCHEDULE = {"class_name": "CosineDecay",
             "config": {"initial_learning_rate": 0.0, "warmup_target": 0.05, "warmup_steps": 3, "decay_steps": 8}}
 ADAMW = {"class_name": "AdamW", "config": {"weight_decay": 0.004}}
@@ -36,11 +34,16 @@ DIFFERENT = 1e-4
 
 
 def _setup(tmp_path, **overrides):
-    arrays = write_npz(tmp_path / "data.npz")
-    init_weights = str(tmp_path / "init.weights.h5")
-    build_headline(small_config(tmp_path)).save_weights(init_weights)
-    config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'data.npz'}", init_weights=init_weights,
-                          validation_split="", **overrides)
+    """The module's data and initial weights (made once per test process), and a config."""
+
+    def make(directory):
+        arrays = write_npz(directory / "data.npz")
+        build_headline(small_config(tmp_path)).save_weights(directory / "init.weights.h5")
+        return directory, arrays
+
+    directory, arrays = once("optimization data", make)
+    config = small_config(tmp_path, dataset=f"npz:{directory / 'data.npz'}",
+                          init_weights=str(directory / "init.weights.h5"), validation_split="", **overrides)
     return config, arrays
 
 
@@ -95,12 +98,15 @@ def test_xla_update_is_keras_update_compiled(tmp_path):
 CLIPPING = {"clipnorm": 0.02, "global_clipnorm": 0.05, "clipvalue": 0.002}
 
 
+@pytest.mark.keras_behaviour
 @pytest.mark.parametrize("clipping", CLIPPING)
 def test_clipping_after_the_all_reduce_equals_one_device_fit(tmp_path, clipping, mirrored_strategy):
     setting = {clipping: CLIPPING[clipping]}
     config, arrays = _setup(tmp_path, optimizer="sgd", learning_rate=0.5, **setting)
     _, one_device_fit = _fit(config, arrays, lambda: keras.optimizers.SGD(0.5, **setting))
-    _, unclipped_fit = _fit(config, arrays, lambda: keras.optimizers.SGD(0.5))
+    # The same unclipped run for every clipping: computed once.
+    _, unclipped_fit = once(("unclipped fit", config.init_weights, config.train_steps),
+                            lambda _: _fit(config, arrays, lambda: keras.optimizers.SGD(0.5)))
     _, mirrored_fit = _fit(config, arrays, lambda: keras.optimizers.SGD(0.5, **setting), mirrored_strategy)
     one_device = train(config)
     mirrored = train(dataclasses.replace(config, strategy="mirrored", num_cpu_devices=2,
@@ -117,6 +123,7 @@ def test_clipping_after_the_all_reduce_equals_one_device_fit(tmp_path, clipping,
     assert max_weight_difference(mirrored_fit.get_weights(), one_device_fit.get_weights()) > DIFFERENT
 
 
+@pytest.mark.keras_behaviour
 def test_accumulation_equals_fit_and_under_mirrored_one_device_fit(tmp_path, mirrored_strategy):
     # 4 batches per update, global clipping of the accumulated mean, a schedule counted in batches.
     settings = dict(optimizer="adam", learning_rate=SCHEDULE, grad_accum_steps=4, global_clipnorm=0.5,

@@ -11,19 +11,18 @@ runs one step per epoch, so `fit`'s epoch logs are per-step values.
 
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf.models import MODELS, build_headline
-from mto_tf.trainer import train
+from helpers import (BATCH_SIZE, HEADLINE, LOSS_RTOL, keras_optimizer, max_weight_difference, once, small_config,
+                     write_npz)
+from mto_tf import train
+from mto_tf.core.models import build_headline
 
 pytestmark = pytest.mark.slow
 
 LOGGED_LOSSES = ("loss", "main_output_loss", "aux_output_loss")
-HEADLINE = MODELS["headline"]  # Its own losses and weights: what mto-train uses unless told otherwise.
 
 CASES = {
     "sgd": dict(optimizer="sgd", learning_rate=0.1),
@@ -40,18 +39,20 @@ CASES = {
 SINGLE_DEVICE_WEIGHT_ATOL = 1e-6
 # Two replicas against one device: float32 sums taken in a different order.
 MIRRORED_VS_ONE_DEVICE_WEIGHT_ATOL = 1e-6
-# Reported losses: fit reads them back through `Mean` trackers, the custom
-# loop as a sum of replica shares, so the last bit may differ.
-LOSS_RTOL = 1e-6
-
-
-def _optimizer(config):
-    return {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
-            "rmsprop": keras.optimizers.RMSprop}[config.optimizer](learning_rate=config.learning_rate)
 
 
 def reference_fit(config, arrays, init_weights, strategy, jit_compile=False):
-    """`model.fit` on the npz arrays; returns (per-window logs, final weights)."""
+    """`model.fit` on the npz arrays; returns (per-window logs, final weights).
+
+    Computed once per test process for each case, strategy and length: several
+    tests compare against the same one.
+    """
+    key = ("parity fit", config.optimizer, config.learning_rate, config.loss_weights, config.l2, init_weights,
+           strategy.__class__.__name__, config.train_steps, config.log_every, jit_compile)
+    return once(key, lambda _: _fit(config, arrays, init_weights, strategy, jit_compile))
+
+
+def _fit(config, arrays, init_weights, strategy, jit_compile):
     inputs = {"main_input": arrays["main_input"].astype("int32"), "aux_input": arrays["aux_input"]}
     labels = {name: arrays[name].reshape(-1, 1) for name in ("main_output", "aux_output")}
     sample_weights = {name: arrays[f"sample_weight/{name}"] for name in ("main_output", "aux_output")
@@ -61,7 +62,7 @@ def reference_fit(config, arrays, init_weights, strategy, jit_compile=False):
     with strategy.scope():
         model = build_headline(config)
         model.load_weights(init_weights)
-        model.compile(optimizer=_optimizer(config), loss=dict(HEADLINE.losses),
+        model.compile(optimizer=keras_optimizer(config), loss=dict(HEADLINE.losses),
                       loss_weights=dict(config.loss_weights or HEADLINE.loss_weights), jit_compile=jit_compile)
     history = model.fit(dataset, epochs=config.train_steps // config.log_every, steps_per_epoch=config.log_every,
                         shuffle=False, verbose=0)
@@ -75,16 +76,17 @@ def custom_loop(config, strategy):
     return logs, result.model.get_weights()
 
 
-def max_weight_difference(weights_a, weights_b):
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights_a, weights_b, strict=True))
-
-
 def _setup(tmp_path, case, **overrides):
-    arrays = write_npz(tmp_path / "data.npz", with_sample_weights=case == "rmsprop_sample_weights")
-    init_config = small_config(tmp_path, **CASES[case])
-    init_weights = str(tmp_path / "init.weights.h5")
-    build_headline(init_config).save_weights(init_weights)
-    config = small_config(tmp_path, dataset=f"npz:{tmp_path / 'data.npz'}", init_weights=init_weights,
+    """The case's data and initial weights (made once per test process), and its config."""
+
+    def make(directory):
+        arrays = write_npz(directory / "data.npz", with_sample_weights=case == "rmsprop_sample_weights")
+        build_headline(small_config(tmp_path, **CASES[case])).save_weights(directory / "init.weights.h5")
+        return directory, arrays
+
+    directory, arrays = once(("parity data", case), make)
+    init_weights = str(directory / "init.weights.h5")
+    config = small_config(tmp_path, dataset=f"npz:{directory / 'data.npz'}", init_weights=init_weights,
                           **CASES[case], **overrides)
     return config, arrays, init_weights
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_config
-from mto_tf.config import ConfigError
-from mto_tf.models import build_headline
-from mto_tf.trainer import train
-from test_cli import SMALL_FLAGS, run_cli
+from helpers import SMALL_FLAGS, data_dir, run_cli, small_config
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,7 @@ def test_n_steps_then_n_more_in_a_new_process_equals_2n_steps(tmp_path):
     resumed_dir = tmp_path / "resumed"
     first_half = train(small_config(tmp_path, train_steps=6, model_dir=str(resumed_dir), **settings))
     assert [record["step"] for record in first_half.history] == [3, 6]
-    process = run_cli(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={resumed_dir}",
+    process = run_cli(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={resumed_dir}",
                       "--train_steps=12", "--optimizer=adam", "--learning_rate=0.01", "--shuffle_buffer=50",
                       "--seed=3", "--log_every=3", "--checkpoint_every=3", "--steps_per_loop=2",
                       "--loop=custom")
@@ -62,7 +61,7 @@ def test_model_dir_of_another_run_is_refused_before_anything_is_written(tmp_path
 
 
 def test_records_past_the_checkpoint_resumed_from_are_dropped(tmp_path):
-    from mto_tf.outputs import MetricsLog
+    from mto_tf.run.model_dir import MetricsLog
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n"
                                                     for step in (10, 20, 30)))
     MetricsLog(str(tmp_path), write_files=True, resume_step=20)
@@ -79,8 +78,8 @@ def test_records_past_the_checkpoint_resumed_from_are_dropped(tmp_path):
 def test_sigterm_in_one_process_stops_after_the_loop_with_a_checkpoint(tmp_path, monkeypatch):
     # One process asks no other worker: the signal alone stops it, after
     # the loop that is running, with that loop's steps logged and saved.
-    from mto_tf import step, trainer
-    from mto_tf.preemption import Preempted
+    from mto_tf.core import step
+    from mto_tf.errors import Preempted
 
     make_train_loop = step.make_train_loop
 
@@ -99,7 +98,7 @@ def test_sigterm_in_one_process_stops_after_the_loop_with_a_checkpoint(tmp_path,
     handler_before = signal.getsignal(signal.SIGTERM)
     config = small_config(tmp_path, train_steps=20, steps_per_loop=2, log_every=10, checkpoint_every=10)
     with pytest.raises(Preempted, match="after step 4"):
-        trainer.train(config)
+        train(config)
     assert signal.getsignal(signal.SIGTERM) == handler_before  # Handed back.
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [4]

@@ -14,10 +14,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import BATCH_SIZE, run_config
-from mto_tf.models import SHAPES3D_LABELS, build_shapes3d_cnn
-from mto_tf.trainer import train
-from test_parity_with_fit import _optimizer, max_weight_difference
+from helpers import BATCH_SIZE, keras_optimizer, max_weight_difference, once, run_config
+from mto_tf import train
+from mto_tf.core.models import SHAPES3D_LABELS, build_shapes3d_cnn
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +48,13 @@ def _init_weights(tmp_path):
 
 
 def reference_fit(config, strategy):
+    """Plain Keras on TFDS's reader; computed once per test process for each setting and strategy."""
+    key = ("shapes3d fit", config.optimizer, config.learning_rate, config.dropout_rate, config.sync_batchnorm,
+           config.seed, config.train_steps, strategy.__class__.__name__)
+    return once(key, lambda _: _fit(config, strategy))
+
+
+def _fit(config, strategy):
     """Plain Keras on TFDS's reader: the image as float32, the six labels as integer ids."""
     def to_example(example):
         return ({"image": tf.cast(example["image"], tf.float32)}, {label: example[label] for label in SHAPES3D_LABELS})
@@ -62,7 +68,7 @@ def reference_fit(config, strategy):
         keras.utils.set_random_seed(config.seed)  # Dropout's generator starts where the custom loop's starts.
         model = build_shapes3d_cnn(config)
         model.load_weights(config.init_weights)
-        model.compile(optimizer=_optimizer(config),
+        model.compile(optimizer=keras_optimizer(config),
                       loss={label: "sparse_categorical_crossentropy" for label in SHAPES3D_LABELS},
                       metrics={label: ["accuracy"] for label in SHAPES3D_LABELS})
     history = model.fit(dataset.repeat().batch(BATCH_SIZE, drop_remainder=True), epochs=config.train_steps,

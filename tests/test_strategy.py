@@ -6,9 +6,9 @@ import os
 import pytest
 import tensorflow as tf
 
-from conftest import NUM_CPU_DEVICES, small_config
-from mto_tf.config import ConfigError
-from mto_tf.strategy import check_batch_split, make_cluster_resolver, make_strategy
+from helpers import NUM_CPU_DEVICES, small_config
+from mto_tf.core.strategy import check_batch_split, make_cluster_resolver, make_strategy
+from mto_tf.errors import ConfigError
 
 
 def test_default_and_one_device_strategies(tmp_path):

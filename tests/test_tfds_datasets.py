@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import BATCH_SIZE, SMALL_MODEL, small_config
-from mto_tf import data
-from mto_tf.config import ConfigError
-from mto_tf.models import build_headline
-from mto_tf.trainer import train
-from test_cli import MODEL_FLAGS, run_cli
+from helpers import BATCH_SIZE, MODEL_FLAGS, SMALL_MODEL, run_cli, small_config
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.core.signature import ModelSignature
+from mto_tf.data import batching, sources
+from mto_tf.errors import ConfigError
 
 NUM_TRAIN = 48
 FEATURE_MAP = {"main_input": "text/token_ids", "aux_input": "side_info", "main_output": "is_main",
@@ -75,9 +75,10 @@ def _config(tmp_path, data_dir, **overrides):
 
 def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
     config = _config(tmp_path, data_dir)
-    model = build_headline(config)
-    inputs, labels, sample_weights = next(iter(data.global_batches(
-        data.load_examples(config, model), model=model, batching=data.Batching.for_training(config))))
+    signature = ModelSignature.of(build_headline(config))
+    inputs, labels, sample_weights = next(iter(batching.global_batches(
+        sources.load_examples(config, signature), signature=signature,
+        batching=batching.Batching.for_training(config))))
     expected = list(ticket_examples(0, BATCH_SIZE))
     np.testing.assert_array_equal(inputs["main_input"], [e["text"]["token_ids"] for e in expected])
     np.testing.assert_array_equal(inputs["aux_input"], [e["side_info"] for e in expected])
@@ -89,10 +90,10 @@ def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
 
 
 def test_validation_reads_the_split_named_or_none_when_the_dataset_has_no_validation_split(tmp_path, data_dir):
-    model = build_headline(_config(tmp_path, data_dir))
-    assert data.load_validation_examples(_config(tmp_path, data_dir), model) is None  # Only a train split.
-    named = data.load_validation_examples(_config(tmp_path, data_dir, validation_split="train"), model)
-    assert named.count() == data.load_examples(_config(tmp_path, data_dir), model).count()
+    signature = ModelSignature.of(build_headline(_config(tmp_path, data_dir)))
+    assert sources.load_validation_examples(_config(tmp_path, data_dir), signature) is None  # Only a train split.
+    named = sources.load_validation_examples(_config(tmp_path, data_dir, validation_split="train"), signature)
+    assert named.count() == sources.load_examples(_config(tmp_path, data_dir), signature).count()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -9,66 +9,21 @@ Keras `compile` + `fit` on the same builder, weights and npz arrays.
 """
 
 import json
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, run_config
-from mto_tf.config import ConfigError
-from mto_tf.trainer import train
-from test_parity_with_fit import max_weight_difference
+from helpers import (BATCH_SIZE, MODULE_NAME, MODULE_SOURCE, max_weight_difference, mto_train_in_process, once, run_cli,
+                     run_config, write_ticket_npz)
+from helpers import NUM_TICKETS as NUM_EXAMPLES
+from helpers import TICKET_LOSSES as LOSSES
+from mto_tf import train
+from mto_tf.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-MODULE_NAME = "ticket_model"
-MODULE_SOURCE = textwrap.dedent('''
-    """A support-ticket router: what a user writes, in a file of their own."""
-    import keras
-
-
-    def build():
-        tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")  # Any length.
-        extra = keras.Input(shape=(3,), name="extra")
-        pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(30, 6, name="embed")(tokens))
-        trunk = keras.layers.Dense(8, activation="relu", name="trunk")(
-            keras.layers.Concatenate(name="join")([pooled, extra]))
-        urgent = keras.layers.Dense(1, name="urgent")(trunk)  # Logits.
-        tags = keras.layers.Dense(4, activation="sigmoid", name="tags")(trunk)  # Multi-hot, no softmax.
-        department = keras.layers.Dense(5, activation="softmax", name="department")(pooled)
-        return keras.Model([tokens, extra], [urgent, tags, department], name="ticket_router")
-
-
-    def tags_loss(y_true, y_pred):
-        """A loss of the user's own: per-example squared error, summed over tags."""
-        return keras.ops.sum(keras.ops.square(y_true - y_pred), axis=-1)
-
-
-    def worst_tag_error(y_true, y_pred):
-        """A metric of the user's own: per example, the largest error over its tags."""
-        return keras.ops.max(keras.ops.abs(y_true - y_pred), axis=-1)
-
-
-    def not_a_model():
-        return "a model"
-
-
-    def one_output():
-        inputs = keras.Input(shape=(3,), name="x")
-        return keras.Model(inputs, keras.layers.Dense(1, name="y")(inputs))
-
-
-    def broken():
-        raise RuntimeError("the GPU is on fire")
-
-
-    NOT_CALLABLE = 3
-''')
-
-LOSSES = {"urgent": {"class_name": "BinaryCrossentropy", "config": {"from_logits": True}},
-          "tags": "categorical_crossentropy", "department": "sparse_categorical_crossentropy"}
 LOSS_WEIGHTS = {"urgent": 1.0, "tags": 0.5, "department": 0.3}
 METRICS = {"urgent": ({"class_name": "BinaryAccuracy", "config": {"threshold": 0.0, "name": "acc_logit"}},),
            "tags": ("accuracy", "mae"), "department": ("accuracy",)}
@@ -76,7 +31,6 @@ METRICS = {"urgent": ({"class_name": "BinaryAccuracy", "config": {"threshold": 0
 METRIC_NAMES = {"urgent_acc_logit", "tags_accuracy", "tags_mae", "department_accuracy"}
 LOSS_NAMES = {"loss", "urgent_loss", "tags_loss", "department_loss"}
 OUTPUT_ORDER = ("urgent", "tags", "department")  # The model's list order.
-NUM_EXAMPLES = 64
 
 # Tolerances, as in test_parity_with_fit: one device does the same float32
 # operations as fit (0.0 measured); two replicas add two half sums, which
@@ -95,21 +49,6 @@ def user_module(tmp_path, monkeypatch):
     return importlib.import_module(MODULE_NAME)
 
 
-def write_ticket_npz(path, *, seed=0):
-    """Arrays named by the model's inputs and outputs; sample weights on one output only."""
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "tokens": rng.integers(0, 30, (NUM_EXAMPLES, 7)).astype(np.int32),
-        "extra": rng.standard_normal((NUM_EXAMPLES, 3)).astype(np.float32),
-        "urgent": rng.integers(0, 2, NUM_EXAMPLES).astype(np.float32),
-        "tags": (rng.random((NUM_EXAMPLES, 4)) < 0.4).astype(np.float32),
-        "department": rng.integers(0, 5, NUM_EXAMPLES).astype(np.int32),
-        "sample_weight/department": rng.choice([0.0, 0.5, 1.0, 2.0], NUM_EXAMPLES).astype(np.float32),
-    }
-    np.savez(path, **arrays)
-    return arrays
-
-
 def _setup(tmp_path, user_module, **overrides):
     arrays = write_ticket_npz(tmp_path / "tickets.npz")
     keras.utils.set_random_seed(0)
@@ -122,6 +61,13 @@ def _setup(tmp_path, user_module, **overrides):
 
 
 def reference_fit(arrays, user_module, tmp_path, strategy, steps):
+    """Plain Keras on the user's builder; computed once per test process for each strategy (the initial weights
+    are seeded, the same in every test)."""
+    return once(("user model fit", strategy.__class__.__name__, steps),
+                lambda _: _fit(arrays, user_module, tmp_path, strategy, steps))
+
+
+def _fit(arrays, user_module, tmp_path, strategy, steps):
     """Plain Keras on the user's builder: list outputs take tuples of labels and sample weights."""
     inputs = {"tokens": arrays["tokens"], "extra": arrays["extra"]}
     labels = tuple(arrays[name] for name in OUTPUT_ORDER)
@@ -257,7 +203,6 @@ def test_metric_functions_of_the_users_own_are_named_after_the_function_as_fit_n
 
 def test_command_line_trains_a_user_model_from_its_directory_with_json_losses_and_init_weights(tmp_path,
                                                                                               user_module):
-    from test_cli import run_cli
     config, _ = _setup(tmp_path, user_module)
     losses = {**LOSSES, "tags": f"{MODULE_NAME}:tags_loss"}  # A loss function of the user's own.
     process = run_cli(f"--model={MODULE_NAME}:build", "--dataset=npz:tickets.npz", f"--losses={json.dumps(losses)}",
@@ -283,9 +228,9 @@ def test_command_line_trains_a_user_model_from_its_directory_with_json_losses_an
      "mto-train: error: --losses: output 'tags': Keras cannot make a loss of"),
 ])
 def test_command_line_bad_user_model_is_one_line_exit_2_and_writes_nothing(tmp_path, user_module, args, expected):
-    from test_cli import run_cli
     write_ticket_npz(tmp_path / "tickets.npz")
-    process = run_cli(*args, "--model_dir=never_written", cwd=tmp_path)
+    # In this process, from the user's directory (a fresh process's exit status: test_cli).
+    process = mto_train_in_process(*args, "--model_dir=never_written")
     assert process.returncode == 2 and expected in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
     assert not (tmp_path / "never_written").exists()

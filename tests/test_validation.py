@@ -11,24 +11,20 @@ import dataclasses
 import json
 import math
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf import best
-from mto_tf.config import ConfigError
-from mto_tf.models import MODELS, build_headline
-from mto_tf.trainer import train
+from helpers import BATCH_SIZE, HEADLINE, OUTPUTS, VALUE_RTOL, small_config, write_npz
+from helpers import evaluate_with_keras as _evaluate
+from helpers import exact_means as _exact_means
+from mto_tf import train
+from mto_tf.core.models import build_headline
+from mto_tf.errors import ConfigError
+from mto_tf.run import best
 
 pytestmark = pytest.mark.slow
 
-HEADLINE = MODELS["headline"]
-OUTPUTS = ("main_output", "aux_output")
-# Validation sums are formed in another order than Keras's (per replica,
-# then over batches): float32 rounding of a few ulps.
-VALUE_RTOL = 1e-5
 
 
 def _setup(tmp_path, *, num_validation, **overrides):
@@ -40,35 +36,7 @@ def _setup(tmp_path, *, num_validation, **overrides):
     return config, arrays
 
 
-def _compiled(model):
-    model.compile(loss=dict(HEADLINE.losses), loss_weights=dict(HEADLINE.loss_weights),
-                  metrics={name: ["binary_accuracy"] for name in OUTPUTS})
-    return model
-
-
-def _validation_elements(arrays):
-    inputs = {"main_input": arrays["main_input"].astype("int32"), "aux_input": arrays["aux_input"]}
-    labels = {name: arrays[name].reshape(-1, 1) for name in OUTPUTS}
-    sample_weights = {name: arrays[f"sample_weight/{name}"] for name in OUTPUTS}
-    return inputs, labels, sample_weights
-
-
-def _exact_means(model, arrays):
-    """Each output's sum of sample weight x binary cross-entropy over all examples, / examples (NumPy)."""
-    inputs, labels, sample_weights = _validation_elements(arrays)
-    predictions = model.predict(inputs, batch_size=len(arrays["aux_input"]), verbose=0)
-    means = {}
-    for name in OUTPUTS:
-        per_example = keras.losses.binary_crossentropy(labels[name], predictions[name]).numpy()
-        means[name] = float(np.sum(per_example * sample_weights[name]) / len(per_example))
-    return means
-
-
-def _evaluate(model, arrays):
-    dataset = tf.data.Dataset.from_tensor_slices(_validation_elements(arrays)).batch(BATCH_SIZE)
-    return _compiled(model).evaluate(dataset, return_dict=True, verbose=0)
-
-
+@pytest.mark.keras_behaviour
 @pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
 def test_validation_is_the_exact_mean_over_every_example_as_evaluate_reports_the_total(
         tmp_path, strategy_name, mirrored_strategy):

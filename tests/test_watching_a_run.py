@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BATCH_SIZE, small_config, write_npz
-from mto_tf.config import ConfigError
-from mto_tf.outputs import NonFiniteError
-from mto_tf.trainer import train
-from test_cli import MODEL_FLAGS, SMALL_FLAGS, TIMEOUT_SECONDS, run_cli
-from test_multi_worker import Launch
+from helpers import (BATCH_SIZE, MODEL_FLAGS, SMALL_FLAGS, TIMEOUT_SECONDS, Launch, data_dir, mto_train_in_process, run_cli,
+                     small_config, write_npz)
+from mto_tf import train
+from mto_tf.errors import ConfigError, NonFiniteError
 
 # What TensorFlow, TFDS and absl print unless told to be quiet (seen before mto-train hid it).
 CHATTER = re.compile(r"dataset_info\.py|functional_saver\.py|Load dataset info|Sharding callback|"
@@ -43,7 +41,7 @@ def _all_checkpoint_values_finite(model_dir) -> list[str]:
 @pytest.mark.slow
 def test_on_a_terminal_the_progress_line_updates_in_place_and_the_run_ends_with_a_summary(tmp_path):
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(["mto-train", *SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}",
+    process = subprocess.Popen(["mto-train", *SMALL_FLAGS, f"--data_dir={data_dir()}",
                                 f"--model_dir={tmp_path / 'run'}", "--train_steps=40", "--steps_per_loop=2",
                                 "--log_every=20"],
                                stdout=terminal, stderr=subprocess.PIPE,
@@ -79,7 +77,7 @@ def test_on_a_terminal_the_progress_line_updates_in_place_and_the_run_ends_with_
 
 @pytest.mark.slow
 def test_without_a_terminal_plain_lines_and_none_of_the_libraries_chatter(tmp_path):
-    process = run_cli(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'run'}",
+    process = run_cli(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}",
                       "--train_steps=20", "--steps_per_loop=2", "--log_every=10")
     assert process.returncode == 0, process.stderr[-3000:]
     assert not CONTROL_CHARACTERS.search(process.stdout)
@@ -88,8 +86,8 @@ def test_without_a_terminal_plain_lines_and_none_of_the_libraries_chatter(tmp_pa
     # stderr: mto-train's own lines only.
     assert not CHATTER.search(process.stderr), process.stderr
     assert process.stderr.splitlines()[0].startswith("Training headline on synthetic_headlines with default")
-    quiet = run_cli(*SMALL_FLAGS, f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'quiet'}",
-                    "--train_steps=2", "--progress=quiet")
+    quiet = mto_train_in_process(*SMALL_FLAGS, f"--data_dir={data_dir()}",
+                           f"--model_dir={tmp_path / 'quiet'}", "--train_steps=2", "--progress=quiet")
     assert quiet.returncode == 0 and quiet.stdout == ""
 
 
@@ -101,9 +99,10 @@ def test_nan_in_the_data_stops_with_status_3_naming_the_step_and_output_and_keep
     np.savez(tmp_path / "data.npz", **arrays)
     # SGD: Keras 3.15's RMSprop (the default) fails inside its sparse update
     # of the embedding on NaN gradients (InvalidArgumentError, plain fit too).
-    process = run_cli(*MODEL_FLAGS, f"--dataset=npz:{tmp_path / 'data.npz'}", f"--model_dir={tmp_path / 'run'}",
-                      "--optimizer=sgd", "--train_steps=6", "--steps_per_loop=1", "--log_every=1",
-                      "--checkpoint_every=1")
+    # In this process (status 3 from fresh processes: the two-worker test below).
+    process = mto_train_in_process(*MODEL_FLAGS, f"--dataset=npz:{tmp_path / 'data.npz'}",
+                             f"--model_dir={tmp_path / 'run'}", "--optimizer=sgd", "--train_steps=6",
+                             "--steps_per_loop=1", "--log_every=1", "--checkpoint_every=1")
     assert process.returncode == 3, process.stderr[-3000:]
     assert process.stderr.splitlines()[-1] == (
         "mto-train: error: loss, aux_output_loss not finite in step 3; the checkpoint of step 2 is kept, and no "
@@ -130,7 +129,7 @@ def test_a_huge_learning_rate_stops_before_any_non_finite_checkpoint(tmp_path, s
 def test_two_workers_diverging_stop_together_with_status_3_and_are_not_restarted(tmp_path):
     launch = Launch(f"--model_dir={tmp_path / 'run'}", "--learning_rate=1e30", "--optimizer=sgd",
                     "--train_steps=10", "--checkpoint_every=1", "--log_every=1", "--steps_per_loop=1",
-                    f"--data_dir={tmp_path / 'tfds'}", "--synthetic_train_examples=128",
+                    f"--data_dir={data_dir()}", "--synthetic_train_examples=128",
                     "--synthetic_validation_examples=32", restarts=1)
     assert launch.wait() == 3, launch.output[-4000:]
     stopped = {match.group(1): match.group(2) for match in

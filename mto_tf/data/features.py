@@ -11,28 +11,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import keras
 import tensorflow as tf
 
-from mto_tf import models
-from mto_tf.config import ConfigError
+from mto_tf.core.signature import ModelSignature
+from mto_tf.errors import ConfigError
 
 SAMPLE_WEIGHT_PREFIX = "sample_weight/"
 
 
-def expected_keys(model: keras.Model) -> list[str]:
+def expected_keys(signature: ModelSignature) -> list[str]:
     """Every name a dataset may provide: inputs, outputs, and each output's sample weight."""
-    outputs = models.output_names(model)
-    return [*models.input_names(model), *outputs, *(SAMPLE_WEIGHT_PREFIX + name for name in outputs)]
+    outputs = signature.output_names
+    return [*signature.input_names, *outputs, *(SAMPLE_WEIGHT_PREFIX + name for name in outputs)]
 
 
-def check(specs: Mapping[str, tf.TensorSpec], model: keras.Model, *, flag: str,
+def check(specs: Mapping[str, tf.TensorSpec], signature: ModelSignature, *, flag: str,
           where: Callable[[str], str]) -> None:
-    """Raises a `ConfigError` naming `flag` and `where(key)` unless `specs` fit `model`.
+    """Raises a `ConfigError` naming `flag` and `where(key)` unless `specs` fit the model's `signature`.
 
     Args:
       specs: each key's per-example shape and dtype (no batch dimension).
-      model: the built model.
+      signature: the built model's.
       flag: the flag the user has to change (`dataset`, `feature_map`).
       where: how the error names a key, e.g. `npz file 'd.npz', key 'x'`.
     """
@@ -40,18 +39,18 @@ def check(specs: Mapping[str, tf.TensorSpec], model: keras.Model, *, flag: str,
     def fail(key: str, message: str):
         raise ConfigError(flag, f"{where(key)}: {message}")
 
-    for name, tensor in models.input_tensors(model).items():
+    for name, tensor in signature.inputs.items():
         if name not in specs:
-            fail(name, f"missing; model {model.name!r} needs input {name!r} {_shape_text(tensor.shape[1:])}")
+            fail(name, f"missing; model {signature.model_name!r} needs input {name!r} {_shape_text(tensor.shape[1:])}")
         spec = specs[name]
         if not _fits(spec.shape, tensor.shape[1:]):
             fail(name, f"expected per-example shape {_shape_text(tensor.shape[1:])} for input {name!r}, "
                        f"got {_shape_text(spec.shape)}")
         if tf.as_dtype(tensor.dtype).is_integer and not spec.dtype.is_integer:
-            fail(name, f"expected integers for input {name!r} ({tensor.dtype}), got {spec.dtype.name}")
-    for name, tensor in models.output_tensors(model).items():
+            fail(name, f"expected integers for input {name!r} ({tensor.dtype.name}), got {spec.dtype.name}")
+    for name, tensor in signature.outputs.items():
         if name not in specs:
-            fail(name, f"missing; model {model.name!r} needs labels for output {name!r}")
+            fail(name, f"missing; model {signature.model_name!r} needs labels for output {name!r}")
         output_shape, label_shape = tensor.shape[1:], specs[name].shape
         if not _label_fits(label_shape, output_shape):
             fail(name, f"expected labels of per-example shape {_shape_text(output_shape)} for output {name!r} "
@@ -63,10 +62,11 @@ def check(specs: Mapping[str, tf.TensorSpec], model: keras.Model, *, flag: str,
                 fail(weight_key, f"expected one sample weight per example, got shape "
                                  f"{_shape_text(specs[weight_key].shape)}")
             _check_number(specs[weight_key], fail, weight_key)
-    unexpected = sorted(set(specs) - set(expected_keys(model)))
+    unexpected = sorted(set(specs) - set(expected_keys(signature)))
     if unexpected:
-        fail(unexpected[0], f"not an input, an output or {SAMPLE_WEIGHT_PREFIX}<output> of model {model.name!r} "
-                            f"(inputs {models.input_names(model)}, outputs {models.output_names(model)})")
+        fail(unexpected[0], f"not an input, an output or {SAMPLE_WEIGHT_PREFIX}<output> of model "
+                            f"{signature.model_name!r} (inputs {signature.input_names}, outputs "
+                            f"{signature.output_names})")
 
 
 def _check_number(spec: tf.TensorSpec, fail, key: str) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import models
-from mto_tf.config import ConfigError
+from mto_tf.core.signature import ModelSignature
 from mto_tf.data import features
+from mto_tf.errors import ConfigError
 
 
-def load(path: str, model, *, flag: str = "dataset") -> tf.data.Dataset:
-    """Reads `path` and checks it against `model`; returns a dataset of feature dicts, one per example (in memory).
+def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> tf.data.Dataset:
+    """Reads `path` and checks it against the model's `signature`; returns a dataset of feature dicts, one per example (in memory).
 
     `flag` (`dataset` or `validation_data`) is what an error names.
     """
@@ -37,8 +37,8 @@ def load(path: str, model, *, flag: str = "dataset") -> tf.data.Dataset:
             fail(key, f"has {count} rows but {first!r} has {rows[first]}")
     features.check({key: tf.TensorSpec(array.shape[1:], tf.as_dtype(array.dtype) if array.dtype.kind in "biuf"
                                        else tf.string) for key, array in arrays.items()},
-                   model, flag=flag, where=lambda key: f"npz file {path!r}, key {key!r}")
-    for name, tensor in models.output_tensors(model).items():
+                   signature, flag=flag, where=lambda key: f"npz file {path!r}, key {key!r}")
+    for name, tensor in signature.outputs.items():
         # Labels (N,) for a (batch, 1) output become (N, 1), like the
         # predictions, so that per-example losses are computed row by row.
         if arrays[name].ndim == 1 and tuple(tensor.shape[1:]) == (1,):

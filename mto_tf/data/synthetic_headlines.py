@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mto_tf.data.examples import Examples
+
 # How far each unit of `aux_input` moves the main label's logit.
 _AUX_INPUT_COEFFICIENTS = (1.5, -1.0, 0.5, 0.0, 1.0)
 _SENTIMENT_TOKEN_FRACTION = 0.3
@@ -171,8 +173,6 @@ def read_split(builder: SyntheticHeadlines, split: str):
     whole batch at once costs a fraction of the CPU, which training needs.
     Nothing is cached: memory does not grow with the dataset.
     """
-    from mto_tf.data import Examples  # The package imports this module.
-
     feature_spec = {name: tf.io.FixedLenFeature(info.shape, info.tf_dtype)
                     for name, info in builder.info.features.get_serialized_info().items()}
     sequence_length = builder.builder_config.sequence_length

@@ -19,14 +19,14 @@ from collections.abc import Mapping
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mto_tf import models, user_code
-from mto_tf.config import ConfigError
+from mto_tf.core.signature import ModelSignature
 from mto_tf.data import features
+from mto_tf.errors import ConfigError, describe_error
 
 
 def load(name: str, *, data_dir: str | None, split: str, split_flag: str, feature_map: Mapping[str, str],
-         model) -> tuple[tf.data.Dataset, dict[str, str], int | None]:
-    """Reads split `split` of TFDS dataset `name`, checked against `model`.
+         signature: ModelSignature) -> tuple[tf.data.Dataset, dict[str, str], int | None]:
+    """Reads split `split` of TFDS dataset `name`, checked against the model's `signature`.
 
     Returns:
       The split's examples in file order, each a dict of the decoded features
@@ -38,7 +38,7 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
     if info.splits and split not in info.splits:
         raise ConfigError(split_flag, f"dataset {name!r} has no split {split!r}; it has {sorted(info.splits)}")
 
-    feature_paths = _feature_paths(feature_map, model)
+    feature_paths = _feature_paths(feature_map, signature)
     available = dict(_all_features(info.features))
     for key, path in feature_paths.items():
         if path not in available:
@@ -47,13 +47,13 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
                                     f"(it has {sorted(available)}); map it with --feature_map={key}=FEATURE")
     features.check({key: tf.TensorSpec(available[path].shape, available[path].tf_dtype)
                     for key, path in feature_paths.items()},
-                   model, flag="feature_map", where=lambda key: _describe(key, feature_paths[key]))
+                   signature, flag="feature_map", where=lambda key: _describe(key, feature_paths[key]))
     try:
         records = builder.as_dataset(split=split, shuffle_files=False,
                                      decoders=tfds.decode.PartialDecoding(_nested(feature_paths.values())))
     except Exception as error:  # Not prepared, or files missing.
         raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
-                                     f"({user_code.describe_error(error)})") from None
+                                     f"({describe_error(error)})") from None
     num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
     return records, feature_paths, num_examples or None
 
@@ -68,7 +68,7 @@ def _builder(name: str, data_dir: str | None):
         return tfds.builder(name, data_dir=data_dir)
     except Exception as error:  # TFDS raises its own errors for unknown names, versions and configs.
         raise ConfigError("dataset", f"TFDS cannot open {name!r} in --data_dir={data_dir} "
-                                     f"({user_code.describe_error(error)}); prepare it there first") from None
+                                     f"({describe_error(error)}); prepare it there first") from None
 
 
 def select(batch: dict, feature_paths: Mapping[str, str]) -> dict[str, tf.Tensor]:
@@ -82,14 +82,14 @@ def select(batch: dict, feature_paths: Mapping[str, str]) -> dict[str, tf.Tensor
     return selected
 
 
-def _feature_paths(feature_map: Mapping[str, str], model) -> dict[str, str]:
-    known = features.expected_keys(model)
+def _feature_paths(feature_map: Mapping[str, str], signature: ModelSignature) -> dict[str, str]:
+    known = features.expected_keys(signature)
     unknown = sorted(set(feature_map) - set(known))
     if unknown:
         raise ConfigError("feature_map", f"{unknown[0]!r} is not an input, an output or "
-                                         f"{features.SAMPLE_WEIGHT_PREFIX}<output> of model {model.name!r} "
-                                         f"(inputs {models.input_names(model)}, outputs {models.output_names(model)})")
-    wanted = [*models.input_names(model), *models.output_names(model),
+                                         f"{features.SAMPLE_WEIGHT_PREFIX}<output> of model {signature.model_name!r} "
+                                         f"(inputs {signature.input_names}, outputs {signature.output_names})")
+    wanted = [*signature.input_names, *signature.output_names,
               *(key for key in feature_map if key.startswith(features.SAMPLE_WEIGHT_PREFIX))]
     return {key: feature_map.get(key, key) for key in wanted}
 

@@ -1,4 +1,4 @@
-"""Multi-output models: the built-in ones, a user's `MODULE:FUNCTION`, and what mto_tf reads off a built model.
+"""Multi-output models: the built-in ones, a user's `MODULE:FUNCTION`, built once and checked.
 
 A builder is called with no arguments and returns an uncompiled functional
 `keras.Model` with two or more outputs. Inputs may be a dict or a list (a
@@ -7,7 +7,8 @@ list input is named by its `keras.Input(name=...)`), outputs a dict or a list
 a dict output by its key, as `fit` names it).
 mto_tf never rebuilds the user's model: the weights file and `model.keras` it
 writes are the user's model's own, and `--init_weights` reads a file saved
-from the same builder.
+from the same builder. What the rest of mto_tf needs to know about the built
+model is its signature (`signature.py`), read once here.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Callable, Mapping
 
 import keras
 
-from mto_tf import user_code
-from mto_tf.config import ConfigError, TrainConfig, is_module_function
+from mto_tf.config import TrainConfig, is_module_function
+from mto_tf.core import user_code
+from mto_tf.core.signature import ModelSignature
+from mto_tf.errors import ConfigError, describe_error, first_line
 
 SHAPES3D_IMAGE_SHAPE = (64, 64, 3)
 # TFDS shapes3d's labels and their number of classes.
@@ -29,10 +32,12 @@ SHAPES3D_LABELS = {"label_floor_hue": 10, "label_wall_hue": 10, "label_object_hu
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A built-in model: its builder, the settings it reads, and its losses, weights and metrics."""
+    """A built-in model: its builder, and its losses, weights and metrics.
+
+    The settings a builder reads say so themselves (`only_for` in mto_tf/config.py).
+    """
 
     build: Callable[[TrainConfig], keras.Model]
-    settings: tuple[str, ...]  # The TrainConfig fields the builder reads.
     losses: Mapping[str, str]
     loss_weights: Mapping[str, float]
     metrics: Mapping[str, tuple[str, ...]]
@@ -102,8 +107,6 @@ def build_shapes3d_cnn(config: TrainConfig) -> keras.Model:
 MODELS: dict[str, ModelSpec] = {
     "headline": ModelSpec(
         build=build_headline,
-        settings=("vocab_size", "sequence_length", "embedding_dim", "lstm_units", "dense_units", "aux_input_dim",
-                  "l2"),
         losses={"main_output": "binary_crossentropy", "aux_output": "binary_crossentropy"},
         # The guide's weights: the auxiliary head is a regularizer for the
         # shared trunk, so it counts for a fifth.
@@ -112,7 +115,6 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "shapes3d_cnn": ModelSpec(
         build=build_shapes3d_cnn,
-        settings=("conv_filters", "dense_units", "dropout_rate", "sync_batchnorm", "l2"),
         losses={label: "sparse_categorical_crossentropy" for label in SHAPES3D_LABELS},
         loss_weights={label: 1.0 for label in SHAPES3D_LABELS},
         metrics={label: ("accuracy",) for label in SHAPES3D_LABELS},
@@ -125,8 +127,8 @@ def builtin_spec(model: object) -> ModelSpec | None:
     return MODELS.get(model) if isinstance(model, str) else None
 
 
-def build_model(config: TrainConfig) -> keras.Model:
-    """Builds `config.model` once, seeded by `config.seed`; call inside `strategy.scope()`.
+def build_model(config: TrainConfig) -> tuple[keras.Model, ModelSignature]:
+    """Builds `config.model` once, seeded by `config.seed`, and reads its signature; call inside `strategy.scope()`.
 
     Raises:
       ConfigError: naming --model, for a builder that cannot be found, raises,
@@ -140,9 +142,9 @@ def build_model(config: TrainConfig) -> keras.Model:
     try:
         model = builder()
     except Exception as error:  # The user's code: anything can go wrong.
-        raise ConfigError("model", f"{name} raised {user_code.describe_error(error)}") from None
+        raise ConfigError("model", f"{name} raised {describe_error(error)}") from None
     _check_model(model, name)
-    return model
+    return model, ModelSignature.of(model)
 
 
 def _builder(config: TrainConfig) -> Callable[[], keras.Model]:
@@ -166,47 +168,20 @@ def _check_model(model: object, name: str) -> None:
     if not outputs:
         raise ConfigError("model", f"{name} returned a model whose outputs are unknown before it is called; "
                                    f"expected a functional keras.Model built from keras.Input")
-    names = output_names(model)
+    # Names as the signature will read them: dict keys, else the inputs' and output layers' names.
+    inputs = list(model.input) if isinstance(model.input, dict) else [tensor.name for tensor in model.inputs]
+    names = sorted(model.output) if isinstance(model.output, dict) else list(model.output_names)
     if len(names) < 2:
         raise ConfigError("model", f"{name} returned a model with one output {names}; expected two or more "
                                    f"named outputs (mto_tf trains multi-output models)")
-    if len(set(names)) != len(names) or len(set(input_names(model))) != len(input_names(model)):
+    if len(set(names)) != len(names) or len(set(inputs)) != len(inputs):
         raise ConfigError("model", f"{name} returned a model whose inputs or outputs share a name "
-                                   f"(inputs {input_names(model)}, outputs {names}); give each its own")
+                                   f"(inputs {inputs}, outputs {names}); give each its own")
 
 
-def input_names(model: keras.Model) -> list[str]:
-    """The names the data must use for the model's inputs: dict keys, or each `keras.Input`'s name."""
-    if isinstance(model.input, dict):
-        return list(model.input)
-    return [tensor.name for tensor in model.inputs]
-
-
-def output_names(model: keras.Model) -> list[str]:
-    """The model's output names as `fit`'s history names them.
-
-    A dict output is named by its key (sorted, as Keras flattens dicts), not
-    by its layer: `model.output_names` gives the layers' names there.
-    """
-    if isinstance(model.output, dict):
-        return sorted(model.output)
-    return list(model.output_names)
-
-
-def input_tensors(model: keras.Model) -> dict[str, keras.KerasTensor]:
-    """Each input's symbolic tensor (shape with None where any size is accepted, dtype), by name."""
-    if isinstance(model.input, dict):
-        return dict(model.input)
-    return dict(zip(input_names(model), model.inputs, strict=True))
-
-
-def output_tensors(model: keras.Model) -> dict[str, keras.KerasTensor]:
-    """Each output's symbolic tensor, by name."""
-    return as_output_dict(model, model.output)
-
-
-def as_output_dict(model: keras.Model, outputs) -> dict:
-    """A model's outputs (dict or list, as it was built) as a dict keyed by output name."""
-    if isinstance(outputs, dict):
-        return dict(outputs)
-    return dict(zip(output_names(model), outputs, strict=True))
+def load_weights(model: keras.Model, path: str, *, flag: str) -> None:
+    """Loads a `.weights.h5` file into `model`; one that does not fit is an error naming `flag`."""
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError, KeyError) as error:
+        raise ConfigError(flag, f"{path!r} does not fit model {model.name!r}: {first_line(error)}") from None

@@ -8,11 +8,10 @@ MultiWorkerMirroredStrategy has to start its collective server first.
 from __future__ import annotations
 
 import tensorflow as tf
-# Private, for one purpose: several logical CPU devices per worker under
-# MultiWorkerMirroredStrategy (TensorFlow uses one CPU device per worker).
-from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util, distribute_lib
 
-from mto_tf.config import ConfigError, TrainConfig
+from mto_tf import _compat
+from mto_tf.config import TrainConfig
+from mto_tf.errors import ConfigError
 
 
 def configure_devices(config: TrainConfig) -> None:
@@ -80,30 +79,8 @@ def _multi_worker_strategy(config: TrainConfig, gpus) -> tf.distribute.Strategy:
     resolver = make_cluster_resolver(config)
     if gpus or config.num_cpu_devices == 1:  # One replica per GPU, or one per worker on its CPU.
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    return _MultiWorkerOnCpuDevices(resolver, num_cpu_devices=config.num_cpu_devices)
-
-
-class _CpuDevicesExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):
-    """Puts one replica on each logical CPU device of a worker instead of one per worker."""
-
-    def __init__(self, *args, num_cpu_devices: int, **kwargs):
-        self._num_cpu_devices = num_cpu_devices  # Read by the parent's __init__, below.
-        super().__init__(*args, **kwargs)
-
-    def _initialize_local_devices(self, cluster_resolver, worker_device):
-        devices, device_type = super()._initialize_local_devices(cluster_resolver, worker_device)
-        if device_type != "CPU":
-            return devices, device_type
-        return tuple(f"{worker_device}/device:CPU:{index}" for index in range(self._num_cpu_devices)), "CPU"
-
-
-class _MultiWorkerOnCpuDevices(tf.distribute.MultiWorkerMirroredStrategy):
-    """MultiWorkerMirroredStrategy with `num_cpu_devices` replicas per worker, for machines without GPUs."""
-
-    def __init__(self, cluster_resolver, *, num_cpu_devices: int):
-        distribute_lib.Strategy.__init__(self, _CpuDevicesExtended(
-            self, cluster_resolver=cluster_resolver, communication_options=collective_util.Options(),
-            num_cpu_devices=num_cpu_devices))
+    # Several logical CPU devices per worker (TensorFlow puts one replica per worker on a CPU).
+    return _compat.multi_worker_strategy_on_cpu_devices(resolver, num_cpu_devices=config.num_cpu_devices)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -1,5 +1,6 @@
 """What a run leaves in `--model_dir`, written the same way by both loops.
 
+- `config.json`: the settings a resumed run must repeat;
 - `metrics.jsonl`: one JSON object per logging window (`step` and each
   measurement averaged over the window's steps, as `fit` averages over an epoch);
 - `tensorboard/`: the same numbers as scalars;
@@ -25,8 +26,11 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from mto_tf.config import ConfigError, first_line
+from mto_tf import config as config_lib
+from mto_tf.config import TrainConfig
+from mto_tf.errors import ConfigError, NonFiniteError, first_line
 
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.weights.h5"
 MODEL_FILE = "model.keras"
@@ -36,14 +40,32 @@ TENSORBOARD_DIR = "tensorboard"
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteError(Exception):
-    """Training produced a non-finite loss or weight; nothing after the last good checkpoint was kept."""
+def prepare(config: TrainConfig) -> None:
+    """Creates `--model_dir`, or checks that the run it holds is this run, so resuming is safe.
 
-    def __init__(self, what: str, *, kept_step: int | None):
-        kept = f"the checkpoint of step {kept_step} is kept" if kept_step else "no checkpoint was written"
-        super().__init__(f"{what}; {kept}, and no final model. Lower --learning_rate, or look for NaN or "
-                         f"infinite values in the data")
-
+    `config.json` records every setting a resumed run may not change.
+    """
+    config_path = os.path.join(config.model_dir, CONFIG_FILE)
+    resumable = config_lib.resumable_settings()
+    settings = {name: value for name, value in config.describe().items() if name not in resumable}
+    settings = json.loads(json.dumps(settings))  # As read back.
+    if os.path.exists(config_path):
+        with open(config_path) as config_file:
+            saved = json.load(config_file)
+        for name, value in settings.items():
+            if saved.get(name) != value:
+                raise ConfigError("model_dir", f"{config.model_dir!r} holds a run with --{name}={saved.get(name)}, "
+                                               f"not {value}; resume it with the same settings or use a new --model_dir")
+        return
+    if os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
+        raise ConfigError("model_dir", f"{config.model_dir!r} is not empty and holds no mto_tf run; "
+                                       f"use a new or empty directory")
+    try:
+        os.makedirs(config.model_dir, exist_ok=True)
+        with open(config_path, "w") as config_file:
+            json.dump(settings, config_file, indent=2, sort_keys=True)
+    except OSError as error:
+        raise ConfigError("model_dir", f"cannot write {config_path}: {first_line(error)}") from None
 
 
 class MetricsLog:

@@ -12,7 +12,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from mto_tf.config import ConfigError, first_line, is_module_function
+from mto_tf.config import is_module_function
+from mto_tf.errors import ConfigError, first_line
 
 
 def load_function(reference: str, *, flag: str) -> Callable:
@@ -35,11 +36,6 @@ def load_function(reference: str, *, flag: str) -> Callable:
     if not callable(function):
         raise ConfigError(flag, f"{reference!r} is a {type(function).__name__}, expected a function")
     return function
-
-
-def describe_error(error: BaseException) -> str:
-    """`TypeName: first line of the message`, for one-line errors about a user's code."""
-    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def resolve_identifier(spec: object, *, output: str, flag: str):

@@ -17,7 +17,8 @@ import os
 import keras
 import tensorflow as tf
 
-from mto_tf.config import ConfigError
+from mto_tf import _compat
+from mto_tf.errors import ConfigError
 
 BEST_WEIGHTS_FILE = "best.weights.h5"
 
@@ -30,7 +31,7 @@ def higher_is_better(val_name: str, *, val_loss_names: list[str], val_metrics: d
     if metric is None:
         raise ConfigError("save_best", f"{val_name!r} is not a value the evaluation reports; it reports "
                                        f"{[*val_loss_names, *val_metrics]}")
-    direction = getattr(metric, "_direction", None)
+    direction = _compat.metric_direction(metric)
     if direction not in ("up", "down"):
         raise ConfigError("save_best", f"Keras cannot tell whether {val_name!r} should go up or down "
                                        f"(metric {type(metric).__name__} declares no direction)")

@@ -30,8 +30,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from mto_tf import user_code
-from mto_tf.config import ConfigError, TrainConfig
+from mto_tf import _compat
+from mto_tf.config import TrainConfig
+from mto_tf.errors import ConfigError, describe_error
 
 # Settings with a flag of their own (Keras's name -> the flag): inside
 # --optimizer's config they would bypass what the custom step does with them.
@@ -81,7 +82,8 @@ def make_optimizer(config: TrainConfig, *, takes_all_reduced_gradients: bool) ->
         # gradients overflowed while it halves the scale.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     if takes_all_reduced_gradients:
-        _skip_all_reduce(getattr(optimizer, "inner_optimizer", optimizer))
+        # The step has summed the gradients over replicas already (see the module's doc).
+        _compat.apply_gradients_without_all_reduce(getattr(optimizer, "inner_optimizer", optimizer))
     return optimizer
 
 
@@ -95,7 +97,7 @@ def learning_rate_of(config: TrainConfig) -> float | keras.optimizers.schedules.
         schedule = error
     if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
         # Keras hands back an unknown class_name as a plain string.
-        reason = (user_code.describe_error(schedule) if isinstance(schedule, Exception)
+        reason = (describe_error(schedule) if isinstance(schedule, Exception)
                   else "not a keras.optimizers.schedules class")
         raise ConfigError("learning_rate", f"Keras cannot make a learning rate schedule of "
                                            f"{config.learning_rate!r} ({reason})")
@@ -113,23 +115,10 @@ def _keras_optimizer(identifier) -> keras.optimizers.Optimizer:
         optimizer = keras.optimizers.get(copy.deepcopy(identifier))
     except Exception as error:  # ValueError for unknown names and arguments, TypeError for wrong types.
         raise ConfigError("optimizer", f"Keras cannot make an optimizer of {identifier!r} "
-                                       f"({user_code.describe_error(error)})") from None
+                                       f"({describe_error(error)})") from None
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise ConfigError("optimizer", "give --precision=mixed_float16 for loss scaling, not a LossScaleOptimizer")
     return optimizer
-
-
-def _skip_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
-    """Makes Keras's TF optimizer apply gradients as given: the custom step has summed them over replicas already.
-
-    `_all_reduce_sum_gradients` (keras/src/backend/tensorflow/optimizer.py)
-    is the one place Keras sums; everything after it (the update of each
-    replica's copy of each variable) stays Keras's.
-    """
-    if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
-        raise RuntimeError(f"Keras {keras.__version__}'s optimizer has no _all_reduce_sum_gradients; "
-                           f"mto_tf was written against Keras 3.15")
-    optimizer._all_reduce_sum_gradients = list
 
 
 class _CountingBatches(keras.optimizers.schedules.LearningRateSchedule):

@@ -32,7 +32,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf import losses, models, step
+from mto_tf.core import losses, step
+from mto_tf.core.signature import ModelSignature
 
 REGULARIZATION = "regularization"  # The contribution of model.losses, when the model has any.
 
@@ -46,7 +47,8 @@ class Contributions:
     reaches: dict[str, list[bool]]  # Whether each output's loss depends on each variable at all.
 
 
-def make_gradient_contributions(*, model: keras.Model, loss_fns: Mapping[str, keras.losses.Loss],
+def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature,
+                                loss_fns: Mapping[str, keras.losses.Loss],
                                 loss_weights: Mapping[str, float], strategy: tf.distribute.Strategy,
                                 global_batch_size: int | None):
     """Returns `contributions(batch)`: each output's weighted gradient and the total, summed over replicas.
@@ -64,7 +66,7 @@ def make_gradient_contributions(*, model: keras.Model, loss_fns: Mapping[str, ke
         state = [tf.identity(variable) for variable in model.non_trainable_variables]
         examples_in_batch = global_batch_size or step.examples_across_replicas(labels)
         with tf.GradientTape(persistent=True) as tape:
-            predictions = models.as_output_dict(model, model(inputs, training=True))
+            predictions = signature.as_output_dict(model(inputs, training=True))
             output_losses = losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
                                                      sample_weights=sample_weights,
                                                      global_batch_size=examples_in_batch)

@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf import losses, models, optimization
+from mto_tf.core import losses, optimization
+from mto_tf.core.signature import ModelSignature
 
 
 def make_train_step(
     *,
     model: keras.Model,
+    signature: ModelSignature,
     optimizer: keras.optimizers.Optimizer,
     loss_fns: Mapping[str, keras.losses.Loss],
     loss_weights: Mapping[str, float],
@@ -51,7 +53,7 @@ def make_train_step(
         examples_in_batch = global_batch_size or examples_across_replicas(labels)
         with tf.GradientTape() as tape:
             # training=True: Dropout drops, BatchNorm normalizes by the batch and updates its moving statistics.
-            predictions = models.as_output_dict(model, model(inputs, training=True))
+            predictions = signature.as_output_dict(model(inputs, training=True))
             output_losses = losses.per_output_losses(
                 loss_fns=loss_fns, labels=labels, predictions=predictions,
                 sample_weights=sample_weights, global_batch_size=examples_in_batch)
@@ -111,6 +113,7 @@ def examples_across_replicas(labels) -> tf.Tensor:
 def make_evaluate(
     *,
     model: keras.Model,
+    signature: ModelSignature,
     loss_fns: Mapping[str, keras.losses.Loss],
     loss_weights: Mapping[str, float],
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
@@ -129,7 +132,7 @@ def make_evaluate(
         """This replica's share of each output's mean over all evaluated examples."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         # training=False: Dropout off, BatchNorm by its moving statistics, nothing updated.
-        predictions = models.as_output_dict(model, model(inputs, training=False))
+        predictions = signature.as_output_dict(model(inputs, training=False))
         for output_name, metric in output_metrics.values():
             metric.update_state(labels[output_name], predictions[output_name])
         return losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,

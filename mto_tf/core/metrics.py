@@ -13,10 +13,10 @@ from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
-from keras.src.trainers import compile_utils  # get_metric: exactly compile()'s resolution.
 
-from mto_tf import user_code
-from mto_tf.config import ConfigError
+from mto_tf import _compat
+from mto_tf.core import user_code
+from mto_tf.errors import ConfigError, describe_error
 
 
 def resolve_identifiers(metrics: Mapping[str, tuple], *, output_names: list[str]) -> dict[str, list]:
@@ -40,10 +40,10 @@ def make_output_metrics(identifiers: Mapping[str, list], *, y_true: Mapping[str,
     for output, output_identifiers in identifiers.items():
         for identifier in output_identifiers:
             try:
-                metric = compile_utils.get_metric(identifier, y_true[output], y_pred[output])
+                metric = _compat.get_metric(identifier, y_true[output], y_pred[output])
             except Exception as error:  # Keras raises ValueError, TypeError, ... for unknown names.
                 raise ConfigError("metrics", f"output {output!r}: Keras cannot make a metric of {identifier!r} "
-                                             f"({user_code.describe_error(error)})") from None
+                                             f"({describe_error(error)})") from None
             log_name = f"{output}_{metric.name}"
             if log_name in output_metrics:
                 raise ConfigError("metrics", f"output {output!r}: metric {metric.name!r} given twice")

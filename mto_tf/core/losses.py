@@ -25,10 +25,9 @@ from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
-from keras.src.trainers import compile_utils  # get_loss: exactly compile()'s resolution.
 
-from mto_tf import user_code
-from mto_tf.config import ConfigError
+from mto_tf import _compat
+from mto_tf.errors import ConfigError, describe_error
 
 
 def per_example_loss(identifier, *, output: str, y_true: tf.TensorSpec, y_pred: tf.TensorSpec) -> keras.losses.Loss:
@@ -39,12 +38,12 @@ def per_example_loss(identifier, *, output: str, y_true: tf.TensorSpec, y_pred: 
     itself, over the global batch (`per_output_losses`).
     """
     try:
-        loss = compile_utils.get_loss(identifier, y_true, y_pred)
+        loss = _compat.get_loss(identifier, y_true, y_pred)
         if loss is identifier:  # A Loss object passed from Python keeps its own reduction: change a copy.
             loss = copy.copy(loss)
     except Exception as error:  # Keras raises ValueError, TypeError, ... for unknown names and bad configs.
         raise ConfigError("losses", f"output {output!r}: Keras cannot make a loss of {identifier!r} "
-                                    f"({user_code.describe_error(error)})") from None
+                                    f"({describe_error(error)})") from None
     loss.reduction = "none"
     return loss
 

@@ -19,14 +19,6 @@ import tensorflow as tf
 logger = logging.getLogger(__name__)
 
 
-class Preempted(Exception):
-    """Training stopped early on SIGTERM, after saving a checkpoint at `step`."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after step {step}, checkpoint saved")
-        self.step = step
-
-
 class PreemptionWatcher:
     """Notes SIGTERM in this process; `stop_agreed()` asks all workers (a collective: call it on every worker)."""
 

@@ -1,0 +1,91 @@
+"""Where the examples come from: `--dataset` and `--validation_data`, each checked against the model's signature.
+
+Sources: the local `synthetic_headlines`, `npz:PATH`, `tfds:NAME` (with
+`--feature_map`), or from Python a `tf.data.Dataset` of unbatched
+`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mto_tf.config import TrainConfig
+from mto_tf.core.signature import ModelSignature
+from mto_tf.data import features, npz, synthetic_headlines, tfds_dataset
+from mto_tf.data.examples import Examples
+from mto_tf.errors import ConfigError
+
+
+def load_examples(config: TrainConfig, signature: ModelSignature) -> Examples:
+    """Returns `config.dataset`'s training examples, checked against the model's signature.
+
+    The signature gives the input shapes and output names the data must match.
+    """
+    if not isinstance(config.dataset, str):
+        return _python_examples(config.dataset, signature, flag="dataset")
+    if config.dataset == "synthetic_headlines":
+        examples = synthetic_headlines.load(config, "train")
+        features.check(synthetic_headlines.feature_specs(config), signature, flag="dataset",
+                       where=lambda key: f"synthetic_headlines feature {key!r}")
+        return examples
+    if config.dataset.startswith("npz:"):
+        return _npz_examples(config.dataset.removeprefix("npz:"), signature, flag="dataset")
+    # TrainConfig admits only these forms; this one is "tfds:NAME".
+    return _tfds_examples(config, signature, split=config.train_split, split_flag="train_split")
+
+
+def load_validation_examples(config: TrainConfig, signature: ModelSignature) -> Examples | None:
+    """The validation examples (`--validation_data`, or the dataset's validation split), or None."""
+    if config.validation_data is not None:
+        if not isinstance(config.validation_data, str):
+            return _python_examples(config.validation_data, signature, flag="validation_data")
+        return _npz_examples(config.validation_data.removeprefix("npz:"), signature, flag="validation_data")
+    split = config.validation_split_or_default
+    if split is None or not isinstance(config.dataset, str) or config.dataset.startswith("npz:"):
+        return None
+    explicit = config.validation_split is not None  # Else only if the dataset has that split.
+    if config.dataset == "synthetic_headlines":
+        if split not in ("train", "validation"):
+            raise ConfigError("validation_split", f"synthetic_headlines has splits train and validation, "
+                                                  f"not {split!r}")
+        return synthetic_headlines.load(config, split)
+    name = config.dataset.removeprefix("tfds:")
+    if not explicit and split not in tfds_dataset.split_names(name, data_dir=config.data_dir):
+        return None
+    return _tfds_examples(config, signature, split=split, split_flag="validation_split")
+
+
+def _npz_examples(path: str, signature: ModelSignature, *, flag: str) -> Examples:
+    records = npz.load(path, signature, flag=flag)
+    return Examples(records=records, parse_batch=lambda batch: batch,  # Already feature dicts.
+                    num_examples=int(records.cardinality()))
+
+
+def _tfds_examples(config: TrainConfig, signature: ModelSignature, *, split: str, split_flag: str) -> Examples:
+    records, feature_paths, num_examples = tfds_dataset.load(
+        config.dataset.removeprefix("tfds:"), data_dir=config.data_dir, split=split,
+        split_flag=split_flag, feature_map=config.feature_map, signature=signature)
+    return Examples(records=records, parse_batch=lambda batch: tfds_dataset.select(batch, feature_paths),
+                    num_examples=num_examples)
+
+
+def _python_examples(dataset: tf.data.Dataset, signature: ModelSignature, *, flag: str) -> Examples:
+    """A `tf.data.Dataset` of `(inputs, labels[, sample_weights])` dicts, one example each."""
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) in (2, 3) and all(isinstance(part, dict) for part in spec)):
+        raise ConfigError(flag, f"expected a tf.data.Dataset of unbatched (inputs, labels) or "
+                                f"(inputs, labels, sample_weights) dicts, got elements {spec}")
+    keys = [name for part in spec[:2] for name in part]
+    keys += [features.SAMPLE_WEIGHT_PREFIX + name for name in (spec[2] if len(spec) == 3 else {})]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(flag, f"an input and an output share a name in the dataset's dicts ({keys})")
+
+    def flatten(batch):
+        inputs, labels, *sample_weights = batch
+        weights = sample_weights[0] if sample_weights else {}
+        return {**inputs, **labels, **{features.SAMPLE_WEIGHT_PREFIX + name: value for name, value in weights.items()}}
+
+    features.check(flatten(spec), signature, flag=flag, where=lambda key: f"dataset element {key!r}")
+    return Examples(records=dataset, parse_batch=lambda batch: flatten(batch))
+
+

@@ -1,0 +1,50 @@
+"""The errors a run ends with, each of which a program turns into one line and an exit status.
+
+- `ConfigError`: a setting that cannot work, named by its flag (exit 2);
+- `NonFiniteError`: a loss or weight became NaN or infinite (exit 3);
+- `Preempted`: SIGTERM stopped the run after a checkpoint (exit 143).
+
+No TensorFlow here: the flags and `TrainConfig` use these too.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named by its flag.
+
+    Raised before anything is built or written, so the user sees one line
+    (`--flag: what was expected`) instead of a traceback from TensorFlow.
+    """
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+
+
+class NonFiniteError(Exception):
+    """Training produced a non-finite loss or weight; nothing after the last good checkpoint was kept."""
+
+    def __init__(self, what: str, *, kept_step: int | None):
+        kept = f"the checkpoint of step {kept_step} is kept" if kept_step else "no checkpoint was written"
+        super().__init__(f"{what}; {kept}, and no final model. Lower --learning_rate, or look for NaN or "
+                         f"infinite values in the data")
+
+
+class Preempted(Exception):
+    """Training stopped early on SIGTERM, after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM after step {step}, checkpoint saved")
+        self.step = step
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message cut to one line, for one-line errors that quote TensorFlow or a user's code."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe_error(error: BaseException) -> str:
+    """`TypeName: first line of the message`, for one-line errors about a user's code."""
+    return f"{type(error).__name__}: {first_line(error)}"

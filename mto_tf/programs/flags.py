@@ -1,0 +1,201 @@
+"""Every flag: `mto-train`'s, derived from `TrainConfig`'s fields, parsed and validated into a `TrainConfig`;
+and each other program's own, beside them.
+
+Each field declares its help, its kind and its default (`mto_tf/config.py`);
+here each kind has its absl flag type and, for settings the command line
+writes as text (per-output mappings, JSON configs), its parser. So the
+library and the command line agree, and adding a setting touches
+`TrainConfig` only. `--flagfile=PATH` (one flag per line) works as for any
+absl program.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from absl import flags
+
+from mto_tf import config as config_lib
+from mto_tf.config import TrainConfig
+from mto_tf.errors import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+def flag_default(name: str):
+    """What the flag of setting `name` holds when it is not given: the default, or its text for a parsed kind."""
+    default = config_lib.default_of(name)
+    if config_lib.SETTINGS[name].kind in _TEXT_PARSERS and isinstance(default, dict):
+        return ""  # An empty mapping.
+    return default
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines one flag per `TrainConfig` field, with its help and default."""
+    for name, setting in config_lib.SETTINGS.items():
+        default = flag_default(name)
+        if setting.kind == "integer":
+            flags.DEFINE_integer(name, default, setting.help, flag_values=flag_values)
+        elif setting.kind == "number":
+            flags.DEFINE_float(name, default, setting.help, flag_values=flag_values)
+        elif setting.kind == "boolean":
+            flags.DEFINE_boolean(name, default, setting.help, flag_values=flag_values)
+        elif setting.kind == "choice":
+            flags.DEFINE_enum(name, default, list(setting.choices), setting.help, flag_values=flag_values)
+        else:  # Text, as given or for the kind's parser.
+            flags.DEFINE_string(name, default, setting.help, flag_values=flag_values)
+
+
+def define_explain_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """mto-explain's own flags, beside mto-train's (defined when it runs: the benchmark has an --output_json too)."""
+    if "explain_batches" in flag_values:  # Defined already, by an earlier run in this process.
+        return
+    flags.DEFINE_integer("explain_batches", 4, "Training batches (from the start of the data) to sum the gradients "
+                                               "over.", flag_values=flag_values)
+    flags.DEFINE_string("output_json", None, "Write the report here as JSON.", flag_values=flag_values)
+    flags.DEFINE_string("output_png", None, "Draw each layer's shares per output here (PNG).", flag_values=flag_values)
+
+
+def define_sweep_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The sweep's own flags, beside mto-train's (defined when it runs)."""
+    if "sweep_dir" in flag_values:  # Defined already, by an earlier run in this process.
+        return
+    flags.DEFINE_string("loss_weight", None, "OUTPUT=W1,W2,...: the output whose loss weight is swept, and its "
+                                             "weights.", flag_values=flag_values)
+    flags.DEFINE_string("sweep_dir", None, "One run per weight in <sweep_dir>/<output>=<weight>; sweep.json, "
+                                           "sweep.png.", flag_values=flag_values)
+
+
+def define_bench_flags(variants: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> None:
+    """The benchmark's own flags, beside mto-train's (defined when it runs: mto-explain has an --output_json too)."""
+    flags.DEFINE_list("variants", list(variants), f"Variants to run, of: {', '.join(variants)}.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("output_json", None, "Write the results here as JSON.", flag_values=flag_values)
+    flags.DEFINE_integer("windows", 8, "Timed windows per variant.", flag_values=flag_values)
+    flags.DEFINE_integer("window_steps", 50, "Steps per window (a multiple of --steps_per_loop).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, XLA compilation, caches).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 1, "Sets of processes, one per variant, run one after another; windows pooled.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.",
+                        flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
+    """Builds and validates a `TrainConfig` from parsed flags; raises `ConfigError`."""
+    if flag_values["epochs"].value is not None and flag_values["train_steps"].present:
+        raise ConfigError("epochs", "give --epochs or --train_steps, not both")
+    values = {}
+    for name, setting in config_lib.SETTINGS.items():
+        value = flag_values[name].value
+        parse = _TEXT_PARSERS.get(setting.kind)
+        values[name] = parse(name, value) if parse and value is not None else value
+    return TrainConfig(**values)
+
+
+def _parse_mapping(flag: str, text: str, parse_value, *, json_ok: bool = True) -> dict:
+    """`KEY=VALUE,...` or (if `json_ok`) a JSON object; each value through `parse_value(flag, key, value)`."""
+    if json_ok and text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(flag, f"not valid JSON ({error})") from None
+        return {str(key): parse_value(flag, str(key), value) for key, value in mapping.items()}
+    pairs: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, separator, value = (part.strip() for part in item.partition("="))
+        if not separator or not key or not value:
+            raise ConfigError(flag, f"expected OUTPUT=VALUE pairs separated by commas, got {item!r}")
+        if key in pairs:
+            raise ConfigError(flag, f"output {key!r} given twice")
+        pairs[key] = parse_value(flag, key, value)
+    return pairs
+
+
+def _parse_keras_object(flag: str, text: str, *, number_ok: bool = False):
+    """A JSON config (text starting with "{"), else a number (if `number_ok`), else a name."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(flag, f"not valid JSON ({error})") from None
+    if not number_ok:
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(flag, f"expected a number or a JSON schedule config, got {text!r}") from None
+
+
+def _loss_from_text(flag: str, key: str, value):
+    if not (isinstance(value, str) or (isinstance(value, dict) and "class_name" in value)):
+        raise ConfigError(flag, f"output {key!r}: expected a Keras loss name, MODULE:FUNCTION or "
+                                f"{{\"class_name\": ..., \"config\": ...}}, got {value!r}")
+    return value
+
+
+def _weight_from_text(flag: str, key: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(flag, f"expected a number for {key!r}, got {value!r}") from None
+
+
+def _feature_from_text(flag: str, key: str, value: str) -> str:
+    return value
+
+
+def _parse_class_weights(flag: str, text: str) -> dict[str, dict[int, float]]:
+    """`{"OUTPUT": {"CLASS": WEIGHT}}` with class ids as JSON strings (JSON keys are strings)."""
+    if not text.strip():
+        return {}
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(flag, f"not valid JSON ({error})") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(flag, f"expected a JSON object {{\"OUTPUT\": {{\"CLASS\": WEIGHT}}}}, got {text!r}")
+    class_weights = {}
+    for output, weights in mapping.items():
+        if not isinstance(weights, dict):
+            raise ConfigError(flag, f"output {output!r}: expected {{\"CLASS\": WEIGHT, ...}}, got {weights!r}")
+        parsed = {}
+        for class_id, weight in weights.items():
+            try:
+                parsed[int(class_id)] = weight
+            except ValueError:
+                raise ConfigError(flag, f"output {output!r}: class {class_id!r} is not an integer class id") from None
+        class_weights[output] = parsed
+    return class_weights
+
+
+def _parse_metrics(flag: str, text: str) -> dict[str, tuple]:
+    if text.lstrip().startswith("{"):
+        def metric_list(flag, key, value):
+            values = value if isinstance(value, list) else [value]
+            return tuple(_loss_from_text(flag, key, item) for item in values)
+
+        return _parse_mapping(flag, text, metric_list)
+    metrics: dict[str, tuple] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        output, separator, metric = (part.strip() for part in item.partition("="))
+        if not separator or not output or not metric:
+            raise ConfigError(flag, f"expected OUTPUT=METRIC pairs separated by commas, got {item!r}")
+        metrics[output] = (*metrics.get(output, ()), metric)
+    return metrics
+
+
+# Each kind the command line writes as text -> `parse(flag, text)`, the setting's value.
+_TEXT_PARSERS = {
+    "losses": lambda flag, text: _parse_mapping(flag, text, _loss_from_text),
+    "loss_weights": lambda flag, text: _parse_mapping(flag, text, _weight_from_text),
+    "metrics": _parse_metrics,
+    "class_weights": _parse_class_weights,
+    "feature_map": lambda flag, text: _parse_mapping(flag, text, _feature_from_text, json_ok=False),
+    "keras_object": _parse_keras_object,
+    "keras_object_or_number": lambda flag, text: _parse_keras_object(flag, text, number_ok=True),
+}
+
+define_flags()

@@ -1,0 +1,206 @@
+"""Setting up a run: everything is built and checked here, before anything is written.
+
+`build_model_setup` builds what training and `mto-explain` share (the model
+and its signature, the training data, the losses); `build_run` adds what
+training needs (the optimizer, metrics, validation data, the model
+directory's files), and only then writes to `--model_dir`. A `Run` holds
+what the loops need; the loops change nothing in it but the variables it
+holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from mto_tf.config import TrainConfig
+from mto_tf.core import losses as losses_lib
+from mto_tf.core import metrics as metrics_lib
+from mto_tf.core import models, optimization, user_code
+from mto_tf.core.signature import ModelSignature
+from mto_tf.core.strategy import check_batch_split, is_chief
+from mto_tf.data import batching, sources
+from mto_tf.data.examples import Examples
+from mto_tf.errors import ConfigError
+from mto_tf.run import best, model_dir, progress
+
+
+@dataclasses.dataclass(frozen=True)
+class Losses:
+    """Each output's loss and weight: what the one total loss is made of."""
+
+    identifiers: dict[str, object]  # Each output's loss as `compile` takes it (name, config or function).
+    per_example: dict[str, keras.losses.Loss]  # The same losses, per example, for the custom step.
+    weights: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+    """The model, its signature, its training data and its losses: what training and `mto-explain` share."""
+
+    config: TrainConfig
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    signature: ModelSignature  # Read once, where the model is built.
+    examples: Examples  # The training data, in file order.
+    labels_spec: dict[str, tf.TensorSpec]  # Each output's labels, as the batches hold them.
+    losses: Losses
+
+    @property
+    def loss_names(self) -> list[str]:
+        """What the train step measures: the total loss, then each output's loss, named as `fit` names them."""
+        return ["loss", *(f"{name}_loss" for name in self.signature.output_names)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """Each output's metrics, as `compile` takes them and as made for training and for validation."""
+
+    identifiers: dict[str, list]
+    training: dict[str, tuple[str, keras.metrics.Metric]]  # `{log name: (output, metric)}`, named as `fit` names them.
+    validation: dict[str, tuple[str, keras.metrics.Metric]]  # The same, named `val_<output>_<metric>`.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything built for a run: what the custom loop and `--loop=fit` need."""
+
+    setup: ModelSetup
+    optimizer: keras.optimizers.Optimizer  # The custom loop's takes gradients already summed over replicas.
+    accumulation: optimization.GradientAccumulation | None  # The custom loop's, with --grad_accum_steps > 1.
+    metrics: Metrics
+    validation: Examples | None
+    best_value: best.BestValue | None  # With --save_best.
+    checkpoints: model_dir.Checkpoints
+    metrics_log: model_dir.MetricsLog
+    progress: progress.Progress  # What the person watching sees (the chief's only).
+    start_step: int  # Where a restored run stopped; 0 for a new run.
+    total_steps: int  # --train_steps, or --epochs passes over the data, each ending with its partial batch.
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.setup.config
+
+
+def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
+    """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
+    check_batch_split(config, strategy)
+    optimization.set_precision(config)  # Layers take their dtypes when they are built.
+    # Variables created in the scope are mirrored on every replica.
+    with strategy.scope():
+        model, signature = models.build_model(config)
+        config.check_settings_are_read()  # Now that --model is known to name a model.
+        if config.init_weights:
+            models.load_weights(model, config.init_weights, flag="init_weights")
+    _check_class_weight_outputs(config, signature)
+    examples = sources.load_examples(config, signature)  # Checks the data against the model.
+    # Building the batches checks the class weights against the outputs' shapes.
+    _, labels_spec, *_ = batching.global_batches(
+        examples, signature=signature, batching=batching.Batching.for_training(config)).element_spec
+    return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
+                      labels_spec=labels_spec, losses=_resolve_losses(config, signature, labels_spec))
+
+
+def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
+    """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
+    if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
+        raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
+    setup = build_model_setup(config, strategy)
+    validation = sources.load_validation_examples(config, setup.signature)
+    for flag in ("eval_every", "eval_steps"):
+        if getattr(config, flag) and validation is None:
+            raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
+                                    "with a validation split")
+
+    metric_identifiers = metrics_lib.resolve_identifiers(_default_for(config, "metrics", {}),
+                                                         output_names=setup.signature.output_names)
+    with strategy.scope():
+        # Adam's slots must exist before the first distributed step, hence build().
+        custom_loop = config.loop == "custom"
+        optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=custom_loop)
+        optimizer.build(setup.model.trainable_variables)
+        accumulation = (optimization.GradientAccumulation(config.grad_accum_steps, setup.model.trainable_variables)
+                        if custom_loop and config.grad_accum_steps > 1 else None)
+
+        def make_metrics(prefix: str) -> dict[str, tuple[str, keras.metrics.Metric]]:
+            return {prefix + name: output_metric for name, output_metric in metrics_lib.make_output_metrics(
+                metric_identifiers, y_true=setup.labels_spec, y_pred=setup.signature.outputs).items()}
+
+        metrics = Metrics(identifiers=metric_identifiers, training=make_metrics(""),
+                          validation=make_metrics("val_") if validation else {})
+    best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics,
+                                  output_names=setup.signature.output_names)
+
+    # Everything is checked: only now may the model directory be written
+    # (by the chief alone; the other workers read its checkpoints).
+    chief = is_chief(strategy)
+    if chief:
+        model_dir.prepare(config)
+    more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation)) if state}
+    checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer, is_chief=chief,
+                                        **more_state)
+    start_step = checkpoints.restore_latest()
+    total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
+                   if config.epochs else config.train_steps)
+    return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, metrics=metrics, validation=validation,
+               best_value=best_value, checkpoints=checkpoints,
+               metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
+               progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
+                                          total_steps=total_steps),
+               start_step=start_step, total_steps=total_steps)
+
+
+def _check_class_weight_outputs(config: TrainConfig, signature: ModelSignature) -> None:
+    unknown = sorted(set(config.class_weights) - set(signature.output_names))
+    if unknown:
+        raise ConfigError("class_weights", f"unknown output {unknown[0]!r}; the model has outputs "
+                                           f"{signature.output_names}")
+
+
+def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validation: Examples | None,
+                     metrics: Metrics, output_names: list[str]) -> best.BestValue | None:
+    """`--save_best`'s tracker, checked against what the evaluation reports."""
+    if config.save_best is None:
+        return None
+    if validation is None:
+        raise ConfigError("save_best", "needs validation data: --validation_data=npz:PATH, or a dataset with a "
+                                       "validation split (--validation_split)")
+    higher = best.higher_is_better(
+        config.save_best, val_loss_names=["val_loss", *(f"val_{name}_loss" for name in output_names)],
+        val_metrics={name: metric for name, (_, metric) in metrics.validation.items()})
+    return best.BestValue(config.save_best, higher_is_better=higher, patience=config.early_stopping_patience,
+                          model_dir=config.model_dir, is_chief=is_chief(strategy))
+
+
+def _default_for(config: TrainConfig, field: str, user_model_default):
+    """`config.<field>`, or the built-in model's own when it is None."""
+    value = getattr(config, field)
+    if value is not None:
+        return value
+    spec = models.builtin_spec(config.model)
+    return getattr(spec, field) if spec else user_model_default
+
+
+def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec]) -> Losses:
+    """Each output's loss (as `compile` takes it, and per example) and weight; every output must have both."""
+    output_names = signature.output_names
+    given = {"losses": _default_for(config, "losses", {}),
+             # Keras's default: every output counts once.
+             "loss_weights": _default_for(config, "loss_weights", {name: 1.0 for name in output_names})}
+    for flag, mapping in given.items():
+        unknown = sorted(set(mapping) - set(output_names))
+        if unknown:
+            raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {signature.model_name!r} has outputs "
+                                    f"{sorted(output_names)}")
+        missing = [name for name in output_names if name not in mapping]
+        if missing:
+            raise ConfigError(flag, f"no entry for output {missing[0]!r}; expected one for each of "
+                                    f"{sorted(output_names)}")
+    identifiers = {name: user_code.resolve_identifier(given["losses"][name], output=name, flag="losses")
+                   for name in output_names}
+    per_example = {name: losses_lib.per_example_loss(identifiers[name], output=name, y_true=labels_spec[name],
+                                                     y_pred=signature.outputs[name]) for name in output_names}
+    return Losses(identifiers=identifiers, per_example=per_example,
+                  weights={name: float(given["loss_weights"][name]) for name in output_names})
