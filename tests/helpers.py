@@ -96,6 +96,21 @@ def write_npz(path, *, num_examples=72, with_sample_weights=False, seed=0):
     return arrays
 
 
+def shared_npz_and_init_weights(key, init_config: TrainConfig, **npz_options) -> tuple[Path, dict]:
+    """`write_npz` data and `init_config`'s headline initial weights, made once per test process for `key`.
+
+    Returns the directory holding `data.npz` and `init.weights.h5`, and the arrays.
+    """
+    from mto_tf.core.models import build_headline
+
+    def make(directory):
+        arrays = write_npz(directory / "data.npz", **npz_options)
+        build_headline(init_config).save_weights(directory / "init.weights.h5")
+        return directory, arrays
+
+    return once(("npz and initial weights", key), make)
+
+
 def max_weight_difference(weights_a, weights_b):
     return max(float(np.max(np.abs(a - b))) for a, b in zip(weights_a, weights_b, strict=True))
 
@@ -150,7 +165,7 @@ def evaluate_with_keras(model, arrays):
 
 # --- Programs in a fresh process, and in this one ---------------------------------------------
 
-MODEL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + ["--batch_size=16"]
+MODEL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [f"--batch_size={BATCH_SIZE}"]
 SMALL_FLAGS = MODEL_FLAGS + ["--synthetic_train_examples=128", "--synthetic_validation_examples=32"]
 TIMEOUT_SECONDS = 180
 
@@ -199,8 +214,7 @@ def mto_train_in_process(*args) -> subprocess.CompletedProcess:
 
 LAUNCHER = str(Path(__file__).parents[1] / "launch" / "local.py")
 LAUNCH_TIMEOUT_SECONDS = 240
-MULTI_WORKER_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()] + [
-    f"--batch_size={BATCH_SIZE}", "--strategy=multi_worker", "--optimizer=adam", "--learning_rate=0.01"]
+MULTI_WORKER_FLAGS = [*MODEL_FLAGS, "--strategy=multi_worker", "--optimizer=adam", "--learning_rate=0.01"]
 
 
 class Launch:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import BATCH_SIZE, HEADLINE, max_weight_difference, once, small_config, write_npz
+from helpers import BATCH_SIZE, HEADLINE, max_weight_difference, once, shared_npz_and_init_weights, small_config
 from mto_tf import train
 from mto_tf.core.models import build_headline
 from mto_tf.core.signature import ModelSignature
@@ -32,15 +32,9 @@ WEIGHT_ATOL = 1e-6
 def _setup(tmp_path, **overrides):
     """The module's data and initial weights (made once per test process), and a config."""
 
-    def make(directory):
-        arrays = write_npz(directory / "data.npz", num_examples=NUM_EXAMPLES)
-        build_headline(small_config(tmp_path)).save_weights(directory / "init.weights.h5")
-        return directory, arrays
-
-    directory, arrays = once("epochs data", make)
+    directory, arrays = shared_npz_and_init_weights("epochs", small_config(tmp_path), num_examples=NUM_EXAMPLES)
     settings = dict(dataset=f"npz:{directory / 'data.npz'}", init_weights=str(directory / "init.weights.h5"),
-                    optimizer="sgd",
-                    learning_rate=0.5, epochs=EPOCHS, train_steps=None, log_every=1, validation_split="")
+                    optimizer="sgd", learning_rate=0.5, epochs=EPOCHS, train_steps=None, log_every=1, validation_split="")
     return small_config(tmp_path, **{**settings, **overrides}), arrays
 
 

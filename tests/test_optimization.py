@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import BATCH_SIZE, HEADLINE, LOSS_RTOL, max_weight_difference, once, run_config, small_config, write_npz
+from helpers import (BATCH_SIZE, HEADLINE, LOSS_RTOL, max_weight_difference, once, run_config,
+                     shared_npz_and_init_weights, small_config)
 from mto_tf import train
 from mto_tf.core.models import build_headline
 from mto_tf.errors import ConfigError
@@ -36,12 +37,7 @@ DIFFERENT = 1e-4
 def _setup(tmp_path, **overrides):
     """The module's data and initial weights (made once per test process), and a config."""
 
-    def make(directory):
-        arrays = write_npz(directory / "data.npz")
-        build_headline(small_config(tmp_path)).save_weights(directory / "init.weights.h5")
-        return directory, arrays
-
-    directory, arrays = once("optimization data", make)
+    directory, arrays = shared_npz_and_init_weights("optimization", small_config(tmp_path))
     config = small_config(tmp_path, dataset=f"npz:{directory / 'data.npz'}",
                           init_weights=str(directory / "init.weights.h5"), validation_split="", **overrides)
     return config, arrays

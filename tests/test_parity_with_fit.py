@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (BATCH_SIZE, HEADLINE, LOSS_RTOL, keras_optimizer, max_weight_difference, once, small_config,
-                     write_npz)
+from helpers import (BATCH_SIZE, HEADLINE, LOSS_RTOL, keras_optimizer, max_weight_difference, once,
+                     shared_npz_and_init_weights, small_config)
 from mto_tf import train
 from mto_tf.core.models import build_headline
 
@@ -79,12 +79,8 @@ def custom_loop(config, strategy):
 def _setup(tmp_path, case, **overrides):
     """The case's data and initial weights (made once per test process), and its config."""
 
-    def make(directory):
-        arrays = write_npz(directory / "data.npz", with_sample_weights=case == "rmsprop_sample_weights")
-        build_headline(small_config(tmp_path, **CASES[case])).save_weights(directory / "init.weights.h5")
-        return directory, arrays
-
-    directory, arrays = once(("parity data", case), make)
+    directory, arrays = shared_npz_and_init_weights(("parity", case), small_config(tmp_path, **CASES[case]),
+                                                    with_sample_weights=case == "rmsprop_sample_weights")
     init_weights = str(directory / "init.weights.h5")
     config = small_config(tmp_path, dataset=f"npz:{directory / 'data.npz'}", init_weights=init_weights,
                           **CASES[case], **overrides)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import keras
 
 from mto_tf.config import TrainConfig, is_module_function
-from mto_tf.core import user_code
+from mto_tf.core import signature, user_code
 from mto_tf.core.signature import ModelSignature
 from mto_tf.errors import ConfigError, describe_error, first_line
 
@@ -168,9 +168,7 @@ def _check_model(model: object, name: str) -> None:
     if not outputs:
         raise ConfigError("model", f"{name} returned a model whose outputs are unknown before it is called; "
                                    f"expected a functional keras.Model built from keras.Input")
-    # Names as the signature will read them: dict keys, else the inputs' and output layers' names.
-    inputs = list(model.input) if isinstance(model.input, dict) else [tensor.name for tensor in model.inputs]
-    names = sorted(model.output) if isinstance(model.output, dict) else list(model.output_names)
+    inputs, names = signature.names(model)
     if len(names) < 2:
         raise ConfigError("model", f"{name} returned a model with one output {names}; expected two or more "
                                    f"named outputs (mto_tf trains multi-output models)")

@@ -30,18 +30,14 @@ class ModelSignature:
 
     @classmethod
     def of(cls, model: keras.Model) -> ModelSignature:
-        """Reads the signature of a built functional model."""
-        if isinstance(model.input, dict):
-            inputs = dict(model.input)
-        else:
-            inputs = {tensor.name: tensor for tensor in model.inputs}
+        """Reads the signature of a built functional model (whose names `names` found distinct)."""
+        input_names, output_names = names(model)
         outputs_are_dict = isinstance(model.output, dict)
-        if outputs_are_dict:
-            outputs = {name: model.output[name] for name in sorted(model.output)}
-        else:
-            outputs = dict(zip(model.output_names, model.outputs, strict=True))
-        return cls(model_name=model.name, inputs={name: _spec(tensor) for name, tensor in inputs.items()},
-                   outputs={name: _spec(tensor) for name, tensor in outputs.items()},
+        inputs = [model.input[name] for name in input_names] if isinstance(model.input, dict) else model.inputs
+        outputs = [model.output[name] for name in output_names] if outputs_are_dict else model.outputs
+        return cls(model_name=model.name,
+                   inputs={name: _spec(tensor) for name, tensor in zip(input_names, inputs, strict=True)},
+                   outputs={name: _spec(tensor) for name, tensor in zip(output_names, outputs, strict=True)},
                    outputs_are_dict=outputs_are_dict)
 
     @property
@@ -57,6 +53,13 @@ class ModelSignature:
         if isinstance(outputs, Mapping):
             return dict(outputs)
         return dict(zip(self.outputs, outputs, strict=True))
+
+
+def names(model: keras.Model) -> tuple[list[str], list[str]]:
+    """A built model's input and output names, as `fit` names them, repeats included (for checking them)."""
+    inputs = list(model.input) if isinstance(model.input, dict) else [tensor.name for tensor in model.inputs]
+    outputs = sorted(model.output) if isinstance(model.output, dict) else list(model.output_names)
+    return inputs, outputs
 
 
 def _spec(tensor: keras.KerasTensor) -> tf.TensorSpec:
