@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mto_tf import loss_weighting as loss_weighting_lib
 from mto_tf.errors import ConfigError
 
 _DEFAULT_TRAIN_STEPS = 500
@@ -51,7 +52,7 @@ DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSI
 PARTS = ("model", "data", "loss", "metrics", "training", "evaluation", "driver", "distribution")
 # How the command line writes a setting; mto_tf/programs/flags.py has a flag type and parser for each.
 KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weights", "metrics", "class_weights",
-         "feature_map", "keras_object", "keras_object_or_number")
+         "feature_map", "keras_object", "keras_object_or_number", "name_or_json")
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -189,6 +190,17 @@ class TrainConfig:
         "class_weights", {}, "JSON {\"OUTPUT\": {\"CLASS\": WEIGHT, ...}, ...}: each training example's loss for "
         "that output is multiplied by the weight of its class (binary labels: 0 and 1; one-hot: the argmax), "
         "and by its sample weight. Unnamed outputs and classes: 1.0.", reads=("loss",))
+    # A method of mto_tf/loss_weighting.py: a name, or {"name": ..., <hyper-parameter>: value}.
+    loss_weighting: str | Mapping[str, Any] = parsed(
+        "name_or_json", "fixed", "How the outputs' weighted losses train the model: 'fixed' (sum(weight * loss), "
+        "the step of model.fit), or an adaptive method, by name or as JSON {\"name\": NAME, HYPER_PARAMETER: "
+        "VALUE, ...}: uncertainty, dwa, rlw, famo (from the losses), gradnorm, pcgrad, mgda, cagrad, imtl, "
+        "aligned_mtl, upgrad (from the outputs' gradients of the weights several outputs share). See "
+        "docs/loss_weighting.md.", reads=("loss",))
+    weighting_gradients: str = text(
+        "shared_weights", "What a gradient method's Gramian is of: 'shared_weights' (each output's gradient of "
+        "the weights several outputs reach) or 'representation:LAYER' (MGDA-UB: of LAYER's output, per example; "
+        "then one backward pass of the combined gradient through the layers before it).", reads=("loss",))
 
     # Optimization, as Keras configures it (see mto_tf/core/optimization.py).
     optimizer: str | Mapping[str, Any] = parsed(
@@ -303,6 +315,7 @@ class TrainConfig:
             raise ConfigError("init_weights", f"file not found: {self.init_weights!r}")
         if self.init_weights is not None and not self.init_weights.endswith(".weights.h5"):
             raise ConfigError("init_weights", f"expected a Keras weights file PATH.weights.h5, got {self.init_weights!r}")
+        self._check_loss_weighting()
         if self.loop == "fit":
             _check_what_fit_cannot_do(self)
         for output, weight in (self.loss_weights or {}).items():
@@ -338,6 +351,38 @@ class TrainConfig:
                       if self.strategy in ("mirrored", "multi_worker") else None)
             if reason:
                 raise ConfigError("xla_update", f"not with {reason}")
+
+    @property
+    def representation_layer(self) -> str | None:
+        """The layer of `--weighting_gradients=representation:LAYER`; None for the shared weights."""
+        return self.weighting_gradients.removeprefix("representation:") if self.weighting_gradients != \
+            "shared_weights" else None
+
+    @property
+    def weighting(self) -> loss_weighting_lib.LossWeighting:
+        """`loss_weighting` read: the method and every hyper-parameter's value."""
+        return loss_weighting_lib.parse(self.loss_weighting)
+
+    def _check_loss_weighting(self):
+        weighting = self.weighting  # Checks the name and hyper-parameters.
+        gradients = self.weighting_gradients
+        if not (gradients == "shared_weights" or isinstance(gradients, str) and gradients.startswith(
+                "representation:") and gradients.removeprefix("representation:")):
+            raise ConfigError("weighting_gradients", f"expected shared_weights or representation:LAYER, "
+                                                     f"got {gradients!r}")
+        if gradients != "shared_weights" and not weighting.uses_gradients:
+            raise ConfigError("weighting_gradients", f"{gradients} serves the gradient methods; "
+                                                     f"--loss_weighting={weighting.name} weighs by the losses alone")
+        if weighting.name == "fixed":
+            return
+        if self.loop == "fit":
+            raise ConfigError("loss_weighting", f"{weighting.name} is the custom loop's: model.fit trains one "
+                                                f"fixed weighted sum; use --loop=custom")
+        if self.grad_accum_steps > 1:
+            # The methods weigh one batch's losses or gradients; an update of
+            # K accumulated batches would need K batches' per-output gradients.
+            raise ConfigError("loss_weighting", f"{weighting.name} weighs each batch's losses or gradients; "
+                                                f"not with --grad_accum_steps={self.grad_accum_steps}")
 
     def _check_model(self):
         if callable(self.model):

@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and those below:
 
-    errors <- config, _compat <- core <- data <- run <- programs <- the public API and the `python -m` modules
+    errors <- config, loss_weighting, _compat <- core <- data <- run <- programs <- the public API and the `python -m` modules
 """
 
 import ast
@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).parents[1] / "mto_tf"
 LAYERS = {
     "mto_tf.errors": 0,
     "mto_tf.config": 1,
+    "mto_tf.loss_weighting": 1,
     "mto_tf._compat": 1,
     "mto_tf.core": 2,
     "mto_tf.data": 3,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf.core import losses, optimization
+from mto_tf.core import losses, optimization, weighting
 from mto_tf.core.signature import ModelSignature
 
 
@@ -31,32 +31,45 @@ def make_train_step(
     accumulation: optimization.GradientAccumulation | None = None,
     jit_compile: bool = False,
     compile_update: bool = False,
+    method: weighting.Method | None = None,
+    representation: weighting.Representation | None = None,
 ) -> Callable[[object], dict[str, tf.Tensor]]:
     """Returns `train_step(batch)`: one step on one global batch, split across replicas.
 
     It returns the step's measurements: `loss` (the weighted total, as `fit`
-    reports it) and `<output>_loss` (unweighted). Metrics accumulate in
-    `output_metrics`; the caller reads and resets them. `loss_fns` return
-    per-example losses (Keras losses with reduction "none").
-    `global_batch_size` None: batches may hold fewer examples (a pass's last
-    one), so each step counts them. `optimizer` is made by
-    `optimization.make_optimizer(..., takes_all_reduced_gradients=True)`.
+    reports it) and `<output>_loss` (unweighted); with an adaptive `method`
+    (`--loss_weighting`), also `loss_weight/<output>`, the factor its
+    weighted loss had. Metrics accumulate in `output_metrics`; the caller
+    reads and resets them. `loss_fns` return per-example losses (Keras
+    losses with reduction "none"). `global_batch_size` None: batches may
+    hold fewer examples (a pass's last one), so each step counts them.
+    `optimizer` is made by `optimization.make_optimizer(...,
+    takes_all_reduced_gradients=True)`; with a `method`, it was built for
+    `model.trainable_variables + method.trainable` too. `representation`:
+    a gradient method's Gramian is of that layer's output (MGDA-UB).
     """
 
-    def gradient_on_batch(batch):
-        """Forward, weighted loss, one gradient, summed over replicas: on one replica's slice."""
+    def losses_on_batch(batch, training=True, forward=None):
+        """Forward (by `model`, or `forward`), and each output's share of its global-batch loss: on one replica's slice."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         # A pass's last batch may be partial and split unevenly across
         # replicas: dividing by the examples the WHOLE global batch holds
         # keeps the exact single-device mean (Keras's fit divides each
         # replica's local mean by the number of replicas instead).
         examples_in_batch = global_batch_size or examples_across_replicas(labels)
+        # Training: Dropout drops, BatchNorm normalizes by the batch and updates
+        # its moving statistics. training=False (FAMO's second look at the
+        # batch) changes nothing and counts in no metric.
+        predictions = signature.as_output_dict((forward or model)(inputs, training=training))
+        for output_name, metric in output_metrics.values() if training else ():
+            metric.update_state(labels[output_name], predictions[output_name])
+        return losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
+                                        sample_weights=sample_weights, global_batch_size=examples_in_batch)
+
+    def gradient_on_batch(batch):
+        """Weighted loss, one gradient, summed over replicas: on one replica's slice."""
         with tf.GradientTape() as tape:
-            # training=True: Dropout drops, BatchNorm normalizes by the batch and updates its moving statistics.
-            predictions = signature.as_output_dict(model(inputs, training=True))
-            output_losses = losses.per_output_losses(
-                loss_fns=loss_fns, labels=labels, predictions=predictions,
-                sample_weights=sample_weights, global_batch_size=examples_in_batch)
+            output_losses = losses_on_batch(batch)
             # model.losses recomputes the regularizers from the current
             # weights, so it must be read inside the tape.
             loss = losses.weighted_total_loss(
@@ -73,13 +86,20 @@ def make_train_step(
         # device would compute (Keras's fit clips each replica's part instead).
         if strategy.num_replicas_in_sync > 1:
             gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-        for output_name, metric in output_metrics.values():
-            metric.update_state(labels[output_name], predictions[output_name])
         return gradients, {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+
+    # --loss_weighting other than fixed: the same forward, each loss times a
+    # factor the method sets, or one gradient per output combined by it.
+    adaptive = method is not None and method.weighting.name != "fixed"
+    if adaptive:
+        gradient_on_batch, after_step = weighting.make_step_parts(
+            method, losses_on_batch, model=model, loss_weights=loss_weights, optimizer=optimizer, strategy=strategy,
+            representation=representation)
+    variables = model.trainable_variables + (method.trainable if adaptive else [])
 
     def apply(gradients):
         """The optimizer's update, identical on every replica: unscale, clip, update, as on one device."""
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, variables))
 
     # The update of every weight and slot is many element-wise ops: XLA
     # fuses them into one pass over memory (the same mathematics, rounded
@@ -96,8 +116,11 @@ def make_train_step(
             strategy.run(apply, args=(gradients,))
         # Each replica's value is its share of the global-batch value, so the
         # SUM over replicas is the value `fit` reports for the whole batch.
-        return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                for name, value in per_replica.items()}
+        measurements = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                        for name, value in per_replica.items()}
+        if adaptive:  # The method's state follows the global losses (FAMO's, after the update too).
+            after_step(batch, measurements)
+        return measurements
 
     # XLA compiles one step (as `compile(jit_compile=True)` does in Keras);
     # reading the iterator stays outside, where XLA cannot go.

@@ -196,6 +196,7 @@ _TEXT_PARSERS = {
     "feature_map": lambda flag, text: _parse_mapping(flag, text, _feature_from_text, json_ok=False),
     "keras_object": _parse_keras_object,
     "keras_object_or_number": lambda flag, text: _parse_keras_object(flag, text, number_ok=True),
+    "name_or_json": _parse_keras_object,
 }
 
 define_flags()

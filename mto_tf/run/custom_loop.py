@@ -25,7 +25,7 @@ def run_custom_loop(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] =
     evaluations have not improved `--save_best`'s value.
     """
     config, setup = run.config, run.setup
-    train_loop = step.make_train_loop(make_train_step(run), setup.loss_names)
+    train_loop = step.make_train_loop(make_train_step(run), run.measurement_names)
     iterator = iter(batching.distributed_batches(setup.strategy, setup.examples, signature=setup.signature,
                                                  batching=batching.Batching.for_training(config),
                                                  skip_batches=run.start_step))
@@ -83,7 +83,8 @@ def make_train_step(run: Run):
         # By --epochs, each pass ends with a partial batch: the step counts its examples.
         global_batch_size=None if run.config.epochs else run.config.batch_size,
         accumulation=run.accumulation, jit_compile=run.config.jit_compile,
-        compile_update=run.config.xla_update)
+        compile_update=run.config.xla_update, method=run.method,
+        representation=run.representation)
 
 
 def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:

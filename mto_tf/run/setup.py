@@ -15,10 +15,11 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from mto_tf import loss_weighting
 from mto_tf.config import TrainConfig
 from mto_tf.core import losses as losses_lib
 from mto_tf.core import metrics as metrics_lib
-from mto_tf.core import models, optimization, user_code
+from mto_tf.core import models, optimization, user_code, weighting
 from mto_tf.core.signature import ModelSignature
 from mto_tf.core.strategy import check_batch_split, is_chief
 from mto_tf.data import batching, sources
@@ -70,6 +71,8 @@ class Run:
     setup: ModelSetup
     optimizer: keras.optimizers.Optimizer  # The custom loop's takes gradients already summed over replicas.
     accumulation: optimization.GradientAccumulation | None  # The custom loop's, with --grad_accum_steps > 1.
+    method: weighting.Method | None  # --loss_weighting's, when it is not `fixed`: its state is checkpointed.
+    representation: weighting.Representation | None  # --weighting_gradients=representation:LAYER's.
     metrics: Metrics
     validation: Examples | None
     best_value: best.BestValue | None  # With --save_best.
@@ -82,6 +85,12 @@ class Run:
     @property
     def config(self) -> TrainConfig:
         return self.setup.config
+
+    @property
+    def measurement_names(self) -> list[str]:
+        """What each train step measures: the losses, and an adaptive method's factor of each output's loss."""
+        weights = [f"loss_weight/{name}" for name in self.setup.signature.output_names] if self.method else []
+        return [*self.setup.loss_names, *weights]
 
 
 def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
@@ -120,7 +129,10 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         # Adam's slots must exist before the first distributed step, hence build().
         custom_loop = config.loop == "custom"
         optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=custom_loop)
-        optimizer.build(setup.model.trainable_variables)
+        method = _make_method(config, setup) if config.weighting.name != "fixed" else None
+        representation = (weighting.make_representation(setup.model, config.representation_layer)
+                          if config.representation_layer else None)
+        optimizer.build(setup.model.trainable_variables + (method.trainable if method else []))
         accumulation = (optimization.GradientAccumulation(config.grad_accum_steps, setup.model.trainable_variables)
                         if custom_loop and config.grad_accum_steps > 1 else None)
 
@@ -138,18 +150,38 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
     chief = is_chief(strategy)
     if chief:
         model_dir.prepare(config)
-    more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation)) if state}
+    more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
+                                                  ("loss_weighting", method)) if state}
     checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer, is_chief=chief,
                                         **more_state)
     start_step = checkpoints.restore_latest()
     total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
                    if config.epochs else config.train_steps)
-    return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, metrics=metrics, validation=validation,
+    return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, method=method,
+               representation=representation, metrics=metrics,
+               validation=validation,
                best_value=best_value, checkpoints=checkpoints,
                metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
                progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
                                           total_steps=total_steps),
                start_step=start_step, total_steps=total_steps)
+
+
+def _make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
+    """--loss_weighting's method, for the model's outputs; a DWA period is a pass (with --epochs) or a window."""
+    num_outputs = len(setup.signature.output_names)
+    name = config.weighting.name
+    if num_outputs < 2:
+        raise ConfigError("loss_weighting", f"{name} weighs several outputs; model {setup.signature.model_name!r} "
+                                            f"has one")
+    if name in loss_weighting.EXACT_SOLVER_METHODS and num_outputs > loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS:
+        raise ConfigError("loss_weighting", f"{name} solves its problem exactly over every subset of the outputs: "
+                                            f"at most {loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS} outputs, "
+                                            f"not {num_outputs}")
+    period_steps = (batching.steps_per_pass(setup.examples.count(), config.batch_size) if config.epochs
+                    else config.log_every)
+    return weighting.make_method(config.weighting, num_outputs=num_outputs, seed=config.seed,
+                                 period_steps=period_steps)
 
 
 def _check_class_weight_outputs(config: TrainConfig, signature: ModelSignature) -> None:

@@ -1,0 +1,108 @@
+"""The gradient-based methods: each a small function from the Gramian `G` (and its state) to the weights `a`.
+
+The shared weights are then updated by `sum_k a_k g_k`, `g_k` output k's
+gradient (of its loss already times its `--loss_weights` weight). `G` is
+float64 `(K, K)`, the same on every replica; so are the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from mto_tf.core.weighting import solvers
+
+
+def mgda(gram: tf.Tensor) -> tf.Tensor:
+    """Sener and Koltun 2018: the min-norm point of the convex hull of the gradients (exact)."""
+    return solvers.min_norm_in_simplex(gram)
+
+
+def upgrad(gram: tf.Tensor) -> tf.Tensor:
+    """Quinton and Rey 2024: the mean of each gradient projected onto the dual cone of all (`J d >= 0`)."""
+    k = gram.shape[0]
+    # Row i: the weights of g_i / K projected; the update is their sum.
+    return tf.reduce_sum(solvers.project_onto_dual_cone(gram, tf.eye(k, dtype=tf.float64) / k), axis=0)
+
+
+def cagrad(gram: tf.Tensor, *, c: float) -> tf.Tensor:
+    """Liu et al. 2021, Algorithm 1: `d = g_0 + (c |g_0| / |g_w|) g_w`, g_0 the mean gradient."""
+    k = gram.shape[0]
+    w = solvers.conflict_averse(gram, c)
+    g_w_norm = tf.sqrt(tf.maximum(tf.einsum("i,ij,j->", w, gram, w), 0.0))
+    g_0_norm = tf.sqrt(tf.maximum(tf.reduce_mean(gram), 0.0))
+    # |g_w| = 0: a convex combination of the gradients vanishes (a Pareto-stationary point): no step.
+    scale = tf.math.divide_no_nan(c * g_0_norm, g_w_norm)
+    return tf.where(g_w_norm > 0, tf.fill([k], tf.constant(1.0 / k, tf.float64)) + scale * w, tf.zeros([k], tf.float64))
+
+
+def imtl(gram: tf.Tensor) -> tf.Tensor:
+    """Liu et al. 2021, IMTL-G: weights summing to 1 whose update has equal projections on every unit gradient.
+
+    `a_{2..K} = g_1 U^T (D U^T)^-1`, `a_1 = 1 - sum a_{2..K}`, with rows
+    `D_j = g_1 - g_j`, `U_j = u_1 - u_j`, `u_j = g_j / |g_j|`; every product
+    is read from G.
+    """
+    norms = tf.sqrt(tf.linalg.diag_part(gram))
+    # (g_i . u_j) = G[i, j] / |g_j|.
+    g_dot_u = gram / norms[None, :]
+    g1_u = g_dot_u[0, :1] - g_dot_u[0, 1:]  # g_1 . (u_1 - u_j), j = 2..K
+    d_u = (g_dot_u[:1, :1] - g_dot_u[:1, 1:]) - (g_dot_u[1:, :1] - g_dot_u[1:, 1:])  # (g_1 - g_i) . (u_1 - u_j)
+    rest = tf.linalg.solve(tf.transpose(d_u), g1_u[:, None])[:, 0]
+    return tf.concat([[1.0 - tf.reduce_sum(rest)], rest], axis=0)
+
+
+def aligned_mtl(gram: tf.Tensor) -> tf.Tensor:
+    """Senushkin et al. 2023: the gradients' matrix made orthogonal with equal singular values (the smallest).
+
+    `G = V diag(l) V^T`; the aligned update is `J^T B 1`, `B = sqrt(l_min) V diag(l)^-1/2 V^T`
+    over the non-zero eigenvalues (the rank of J).
+    """
+    eigenvalues, vectors = tf.linalg.eigh(gram)
+    # Zero within the rounding of a float32 Gramian: the rank of J.
+    tolerance = tf.reduce_max(eigenvalues) * gram.shape[0] * float(np.finfo(np.float32).eps)
+    kept = eigenvalues > tolerance
+    smallest = tf.reduce_min(tf.where(kept, eigenvalues, eigenvalues[-1]))
+    inverse_sqrt = tf.where(kept, tf.math.rsqrt(tf.where(kept, eigenvalues, 1.0)), 0.0)
+    balance = tf.sqrt(smallest) * (vectors * inverse_sqrt[None, :]) @ tf.transpose(vectors)
+    return tf.reduce_sum(balance, axis=1)
+
+
+def pcgrad(gram: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
+    """Yu et al. 2020: each gradient projected in turn off each conflicting other one (in `order[i]`); summed.
+
+    `g_i^PC` is kept as coefficients `c_i` (g_i^PC = J^T c_i), so each
+    projection `g_i^PC -= (g_i^PC . g_j / |g_j|^2) g_j` reads G only.
+    `order[i]`: the other outputs, in output i's random order.
+    """
+    k = gram.shape[0]
+    total = tf.zeros([k], tf.float64)
+    for i in range(k):
+        coefficients = tf.one_hot(i, k, dtype=tf.float64)
+        for position in range(k - 1):
+            j = order[i, position]
+            dot = tf.tensordot(coefficients, gram[:, j], 1)  # g_i^PC . g_j
+            squared_norm = gram[j, j]
+            step = tf.where((dot < 0) & (squared_norm > 0), dot / tf.where(squared_norm > 0, squared_norm, 1.0), 0.0)
+            coefficients -= step * tf.one_hot(j, k, dtype=tf.float64)
+        total += coefficients
+    return total
+
+
+def random_orders(k: int, seed: tf.Tensor) -> tf.Tensor:
+    """For each output i, the other outputs in a random order, `(K, K-1)`; the same wherever `seed` is."""
+    keys = tf.random.stateless_uniform([k, k], seed=seed, dtype=tf.float64)
+    keys = tf.where(tf.eye(k, dtype=tf.bool), tf.constant(2.0, tf.float64), keys)  # Output i itself last.
+    return tf.argsort(keys, axis=1)[:, :k - 1]
+
+
+def gradnorm_loss(weights: tf.Tensor, gradient_norms: tf.Tensor, loss_ratios: tf.Tensor, alpha: float) -> tf.Tensor:
+    """Chen et al. 2018, eq. 2: `sum_i |w_i |g_i| - mean(w |g|) * r_i^alpha|`, the target held constant.
+
+    `r_i` is output i's loss over its initial loss, relative to the mean of
+    those ratios (its inverse training rate).
+    """
+    weighted_norms = weights * gradient_norms
+    relative_rates = loss_ratios / tf.reduce_mean(loss_ratios)
+    target = tf.stop_gradient(tf.reduce_mean(weighted_norms) * relative_rates ** alpha)
+    return tf.reduce_sum(tf.abs(weighted_norms - target))

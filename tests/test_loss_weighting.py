@@ -1,0 +1,491 @@
+"""`--loss_weighting`: every method against an independent NumPy implementation of its paper's formula.
+
+The model is small enough to differentiate by hand: a shared linear layer
+`W` (the trunk) and one linear head per output, squared error per output:
+
+    y_k = x W v_k,    L_k = mean_n (y_k - t_k)^2,
+    dL_k/dW = 2/n x^T r_k v_k^T,    dL_k/dv_k = 2/n (x W)^T r_k,    r_k = y_k - t_k.
+
+Each NumPy reference below is written from the paper (in float64, not
+calling mto_tf); mto_tf trains the same model with SGD from the same
+weights, and the weights after a few steps must agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import run_config
+from mto_tf import TrainConfig, train
+from mto_tf import loss_weighting as catalog
+from mto_tf.core.weighting import gradient_methods, gramian
+from mto_tf.errors import ConfigError
+
+N, P, H = 16, 3, 4  # Examples (one full batch), input width, trunk width.
+OUTPUTS = ("first", "second")  # Sorted, as Keras orders a dict model's outputs.
+USER_WEIGHTS = {"first": 1.0, "second": 0.5}  # --loss_weights scale each loss before any method sees it.
+LEARNING_RATE = 0.1
+STEPS = 3
+SEED = 7
+# float32 training against a float64 reference over a few steps: rounding only.
+# The exact solvers and the closed forms agree to far better than this.
+WEIGHT_ATOL = 2e-5
+
+
+def _initial_weights():
+    rng = np.random.default_rng(3)
+    return {"trunk": rng.normal(size=(P, H)) * 0.5,
+            "first": rng.normal(size=(H, 1)) * 0.5, "second": rng.normal(size=(H, 1)) * 0.5}
+
+
+def _data():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(N, P)).astype(np.float32)
+    # Targets that pull the trunk apart: the two outputs' gradients of W conflict.
+    return {"features": x, "first": (x @ [[1.0], [-2.0], [0.5]]).astype(np.float32),
+            "second": (-3.0 * x @ [[1.0], [-1.5], [0.5]] + 1.0).astype(np.float32)}
+
+
+def build_linear_model():
+    """The hand-differentiable model, from `_initial_weights()`."""
+    initial = _initial_weights()
+    features = keras.Input((P,), name="features")
+    trunk = keras.layers.Dense(H, use_bias=False, name="trunk",
+                               kernel_initializer=keras.initializers.Constant(initial["trunk"]))(features)
+    outputs = {name: keras.layers.Dense(1, use_bias=False, name=f"{name}_head",
+                                        kernel_initializer=keras.initializers.Constant(initial[name]))(trunk)
+               for name in OUTPUTS}
+    return keras.Model(features, outputs, name="linear")
+
+
+def _config(tmp_path, weighting, data=None, **overrides) -> TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp_path / "data.npz", **(data or _data()))
+    settings = dict(model=build_linear_model, dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=N,
+                    train_steps=STEPS, losses={name: "mse" for name in OUTPUTS}, loss_weights=USER_WEIGHTS,
+                    metrics={}, loss_weighting=weighting, seed=SEED, learning_rate=LEARNING_RATE,
+                    checkpoint_every=STEPS, progress="quiet")
+    settings.update(overrides)
+    return run_config(tmp_path, **settings)
+
+
+def _trained(config, strategy=None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    result = train(config, strategy=strategy)
+    weights = {layer: result.model.get_layer(layer).kernel.numpy() for layer in ("trunk", "first_head", "second_head")}
+    return weights, result.history
+
+
+# --- The NumPy side: gradients by hand, and each paper's formula --------------------------------------------------
+
+
+def _losses_and_gradients(weights, data):
+    """Each output's weighted loss w_k L_k, its gradient of W (flattened) and of its own head."""
+    x = data["features"].astype(np.float64)
+    hidden = x @ weights["trunk"]
+    losses, trunk_gradients, head_gradients = [], [], []
+    for name in OUTPUTS:
+        w = USER_WEIGHTS[name]
+        residual = hidden @ weights[name] - data[name]
+        losses.append(w * np.mean(residual ** 2))
+        trunk_gradients.append((w * 2 / N * x.T @ residual @ weights[name].T).ravel())
+        head_gradients.append(w * 2 / N * hidden.T @ residual)
+    return np.array(losses), np.stack(trunk_gradients), head_gradients
+
+
+def _sgd(weights, trunk_direction, head_gradients):
+    updated = {"trunk": weights["trunk"] - LEARNING_RATE * trunk_direction.reshape(P, H)}
+    for name, gradient in zip(OUTPUTS, head_gradients):
+        updated[name] = weights[name] - LEARNING_RATE * gradient
+    return updated
+
+
+def numpy_mgda(J, state):
+    """Sener and Koltun 2018, Algorithm 1 for two tasks: gamma = clip((g2 - g1).g2 / |g1 - g2|^2, 0, 1)."""
+    g1, g2 = J
+    gamma = np.clip((g2 - g1) @ g2 / np.sum((g1 - g2) ** 2), 0.0, 1.0)
+    return np.array([gamma, 1 - gamma])
+
+
+def numpy_pcgrad(J, state):
+    """Yu et al. 2020, Algorithm 1 (with two tasks the order of 'the others' is that one)."""
+    g1, g2 = J
+    p1 = g1 - min(g1 @ g2, 0.0) / (g2 @ g2) * g2
+    p2 = g2 - min(g2 @ g1, 0.0) / (g1 @ g1) * g1
+    return np.linalg.lstsq(J.T, p1 + p2, rcond=None)[0]  # As weights of J's rows.
+
+
+def numpy_cagrad(J, state, c=0.5):
+    """Liu et al. 2021, Algorithm 1: minimise over the simplex by golden-section search (convex in w)."""
+    g0 = J.mean(axis=0)
+    phi_sqrt = c * np.linalg.norm(g0)
+
+    def objective(t):
+        gw = t * J[0] + (1 - t) * J[1]
+        return gw @ g0 + phi_sqrt * np.linalg.norm(gw)
+
+    low, high = 0.0, 1.0
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(200):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if objective(a) < objective(b) else (a, high)
+    t = (low + high) / 2
+    gw = t * J[0] + (1 - t) * J[1]
+    return np.array([0.5, 0.5]) + phi_sqrt / np.linalg.norm(gw) * np.array([t, 1 - t])
+
+
+def numpy_imtl(J, state):
+    """Liu et al. 2021, IMTL-G: alpha_2 = g1 U^T (D U^T)^-1, D = g1 - g2, U = u1 - u2."""
+    g1, g2 = J
+    u = (g1 / np.linalg.norm(g1)) - (g2 / np.linalg.norm(g2))
+    alpha_2 = (g1 @ u) / ((g1 - g2) @ u)
+    return np.array([1 - alpha_2, alpha_2])
+
+
+def numpy_aligned_mtl(J, state):
+    """Senushkin et al. 2023: J = U S V^T -> sigma_min U V^T; the update is its rows summed (from an SVD of J)."""
+    u, s, vt = np.linalg.svd(J, full_matrices=False)
+    aligned = s.min() * u @ vt
+    return np.linalg.lstsq(J.T, aligned.sum(axis=0), rcond=None)[0]
+
+
+def _project_onto_dual_cone(J, y):
+    """argmin |x - y| s.t. J x >= 0, in the weights' space R^n: over every set of active constraints."""
+    best = None
+    for size in range(len(J) + 1):
+        for active in itertools.combinations(range(len(J)), size):
+            x = y.copy()
+            if active:
+                rows = J[list(active)]
+                x = y - rows.T @ np.linalg.solve(rows @ rows.T, rows @ y)
+            if np.all(J @ x >= -1e-10) and (best is None or np.linalg.norm(x - y) < np.linalg.norm(best - y)):
+                best = x
+    return best
+
+
+def numpy_upgrad(J, state):
+    """Quinton and Rey 2024: the mean of the rows, each projected onto the dual cone {x : J x >= 0}."""
+    update = np.mean([_project_onto_dual_cone(J, g) for g in J], axis=0)
+    return np.linalg.lstsq(J.T, update, rcond=None)[0]
+
+
+GRAMIAN_REFERENCES = {"mgda": numpy_mgda, "pcgrad": numpy_pcgrad, "cagrad": numpy_cagrad, "imtl": numpy_imtl,
+                      "aligned_mtl": numpy_aligned_mtl, "upgrad": numpy_upgrad}
+
+
+def numpy_run(name, steps=STEPS, period_steps=1):
+    """The run by hand: the weights after `steps` SGD steps, and each step's factors or gradient weights."""
+    weights, data = _initial_weights(), _data()
+    k = len(OUTPUTS)
+    state = {"log_variances": np.zeros(k), "logits": np.zeros(k), "m": np.zeros(k), "v": np.zeros(k),
+             "dwa": np.ones(k), "sums": np.zeros(k), "last": None, "periods": 0, "initial": None}
+    factors_seen = []
+    for step in range(steps):
+        losses, J, heads = _losses_and_gradients(weights, data)
+        if name in GRAMIAN_REFERENCES:
+            a = GRAMIAN_REFERENCES[name](J, state)
+            weights = _sgd(weights, a @ J, heads)  # Heads: their own gradient, as with fixed weights.
+        elif name == "gradnorm":
+            # Chen et al. 2018: weights K softmax(logits); L_grad = sum |w_i |g_i| - mean(w|g|) r_i^alpha|.
+            if state["initial"] is None:
+                state["initial"] = losses
+            soft = np.exp(state["logits"]) / np.exp(state["logits"]).sum()
+            a = k * soft
+            norms = np.linalg.norm(J, axis=1)
+            ratios = losses / state["initial"]
+            target = np.mean(a * norms) * (ratios / ratios.mean()) ** 1.5
+            d_loss_d_a = np.sign(a * norms - target) * norms
+            d_a_d_logits = k * (np.diag(soft) - np.outer(soft, soft))
+            weights = _sgd(weights, a @ J, heads)
+            state["logits"] = state["logits"] - LEARNING_RATE * d_a_d_logits.T @ d_loss_d_a
+        else:  # Loss-based: one gradient of sum_k factor_k w_k L_k.
+            if name == "uncertainty":  # Kendall et al. 2018: sum exp(-s) L / 2 + s / 2.
+                a = np.exp(-state["log_variances"]) / 2
+                log_variance_gradient = -a * losses + 0.5
+            elif name == "dwa":
+                a = state["dwa"].copy()
+            elif name == "rlw":  # Lin et al. 2022: softmax of standard normal draws (TensorFlow's stateless draw).
+                draws = tf.random.stateless_normal([k], seed=tf.constant([SEED, step], tf.int64)).numpy()
+                a = np.exp(draws) / np.exp(draws).sum()
+            elif name == "famo":  # Liu et al. 2023: z_k / (c L_k), c = sum z / L.
+                z = np.exp(state["logits"]) / np.exp(state["logits"]).sum()
+                shifted = losses + 1e-8
+                a = z / (np.sum(z / shifted) * shifted)
+            else:
+                raise AssertionError(name)
+            weights = _sgd(weights, a @ J, [f * g for f, g in zip(a, heads)])
+            if name == "uncertainty":
+                state["log_variances"] = state["log_variances"] - LEARNING_RATE * log_variance_gradient
+            elif name == "dwa":  # Liu et al. 2019: K softmax(r / T), r = last period's mean / the one before.
+                state["sums"] = state["sums"] + losses
+                if (step + 1) % period_steps == 0:
+                    means = state["sums"] / period_steps
+                    if state["last"] is not None:
+                        r = means / state["last"] / 2.0
+                        state["dwa"] = k * np.exp(r) / np.exp(r).sum()
+                    state["last"], state["sums"] = means, np.zeros(k)
+            elif name == "famo":  # Algorithm 2: delta of log losses on the same batch; Adam (L2 decay 1e-3).
+                after, _, _ = _losses_and_gradients(weights, data)
+                delta = np.log(losses + 1e-8) - np.log(after + 1e-8)
+                gradient = z * (delta - z @ delta) + 1e-3 * state["logits"]
+                state["m"] = 0.9 * state["m"] + 0.1 * gradient
+                state["v"] = 0.999 * state["v"] + 0.001 * gradient ** 2
+                m_hat, v_hat = state["m"] / (1 - 0.9 ** (step + 1)), state["v"] / (1 - 0.999 ** (step + 1))
+                state["logits"] = state["logits"] - 0.025 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        factors_seen.append(a)
+    return weights, np.array(factors_seen), state
+
+
+ADAPTIVE = [name for name in catalog.METHODS if name != "fixed"]
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_each_method_equals_its_papers_formula_in_numpy(tmp_path, name):
+    trained, history = _trained(_config(tmp_path, name))
+    expected, factors, state = numpy_run(name)
+    for layer, reference in (("trunk", "trunk"), ("first_head", "first"), ("second_head", "second")):
+        np.testing.assert_allclose(trained[layer], expected[reference], atol=WEIGHT_ATOL, err_msg=layer)
+    # Each step's factors (one step per logging window here), as logged.
+    logged = np.array([[record[f"loss_weight/{output}"] for output in OUTPUTS] for record in history
+                       if "loss_weight/first" in record])
+    np.testing.assert_allclose(logged, factors, rtol=1e-5, atol=1e-6)
+    # Learned state is in the checkpoint (the final one is at the last step).
+    checkpoint = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    saved = {key.split("/")[1]: checkpoint.get_tensor(key) for key in checkpoint.get_variable_to_shape_map()
+             if key.startswith("loss_weighting/") and "OPTIMIZER" not in key}
+    if name == "uncertainty":
+        np.testing.assert_allclose(saved["log_variances"], state["log_variances"], atol=1e-6)
+    if name in ("gradnorm", "famo"):
+        np.testing.assert_allclose(saved["logits"], state["logits"], atol=1e-6)
+    assert saved["steps"] == STEPS
+
+
+def test_dwa_over_several_periods(tmp_path):
+    # Periods of 2 steps (--log_every): weights 1 for two periods, then from the ratio of their means.
+    trained, history = _trained(_config(tmp_path, "dwa", train_steps=8, log_every=2, checkpoint_every=8))
+    expected, factors, _ = numpy_run("dwa", steps=8, period_steps=2)
+    np.testing.assert_allclose(trained["trunk"], expected["trunk"], atol=WEIGHT_ATOL)
+    logged = np.array([[record[f"loss_weight/{output}"] for output in OUTPUTS] for record in history])
+    np.testing.assert_allclose(logged, factors.reshape(4, 2, 2).mean(axis=1), rtol=1e-5)
+    assert np.all(logged[:2] == 1.0) and not np.allclose(logged[2], 1.0)
+
+
+def test_gradnorm_and_famo_over_many_steps(tmp_path):
+    for name in ("gradnorm", "famo"):
+        trained, _ = _trained(_config(tmp_path / name, name, train_steps=12, checkpoint_every=12))
+        expected, _, _ = numpy_run(name, steps=12)
+        np.testing.assert_allclose(trained["trunk"], expected["trunk"], atol=5 * WEIGHT_ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_mirrored_equals_one_device(tmp_path, name, mirrored_strategy):
+    one_device, one_history = _trained(_config(tmp_path / "one", name))
+    mirrored, mirrored_history = _trained(_config(tmp_path / "mirrored", name, strategy="mirrored",
+                                                  num_cpu_devices=2), strategy=mirrored_strategy)
+    for layer in one_device:
+        # float32, summed over two replicas in another order: rounding only.
+        np.testing.assert_allclose(mirrored[layer], one_device[layer], atol=1e-6, err_msg=layer)
+    for one, other in zip(one_history, mirrored_history):
+        for key in (f"loss_weight/{output}" for output in OUTPUTS):
+            assert other[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7)
+
+
+# --- Properties on random Jacobians ------------------------------------------------------------------------------
+
+
+def _conflicting_jacobian(rng, k, n=12):
+    J = rng.normal(size=(k, n))
+    J[1] = -0.8 * J[0] + 0.3 * rng.normal(size=n)  # Rows 0 and 1 conflict.
+    return J
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad"])
+def test_mgda_and_upgrad_increase_no_loss_to_first_order(name):
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        J = _conflicting_jacobian(rng, k)
+        a = getattr(gradient_methods, name)(tf.constant(J @ J.T)).numpy()
+        d = a @ J
+        assert np.all(J @ d >= -1e-9 * np.linalg.norm(J) ** 2), (k, J @ d)
+        assert np.linalg.norm(d) > 0 or name == "mgda"
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "imtl", "aligned_mtl"])
+def test_methods_that_claim_it_do_not_depend_on_the_order_of_the_outputs(name):
+    rng = np.random.default_rng(1)
+    method = (lambda g: gradient_methods.cagrad(g, c=0.5)) if name == "cagrad" else getattr(gradient_methods, name)
+    J = _conflicting_jacobian(rng, 4)
+    weights = method(tf.constant(J @ J.T)).numpy()
+    order = [2, 0, 3, 1]
+    permuted = method(tf.constant(J[order] @ J[order].T)).numpy()
+    np.testing.assert_allclose(permuted, weights[order], rtol=1e-6, atol=1e-9)
+
+
+def test_exact_solvers_against_numpy_with_three_outputs():
+    rng = np.random.default_rng(2)
+    J = _conflicting_jacobian(rng, 3)
+    gram = tf.constant(J @ J.T)
+    upgrad = np.mean([_project_onto_dual_cone(J, g) for g in J], axis=0)
+    np.testing.assert_allclose(gradient_methods.upgrad(gram).numpy() @ J, upgrad, atol=1e-9)
+    # MGDA: the min-norm point of the hull, by projected gradient descent on the simplex in NumPy.
+    w = np.ones(3) / 3
+    for _ in range(20000):
+        w = _project_to_simplex(w - 0.01 * (J @ J.T) @ w / np.trace(J @ J.T))
+    np.testing.assert_allclose(gradient_methods.mgda(gram).numpy() @ J, w @ J, atol=1e-6)
+
+
+def _project_to_simplex(v):
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1
+    rho = np.nonzero(u - cumulative / np.arange(1, len(v) + 1) > 0)[0][-1]
+    return np.maximum(v - cumulative[rho] / (rho + 1), 0)
+
+
+def test_pcgrad_orders_are_permutations_of_the_others_and_follow_the_seed():
+    orders = gradient_methods.random_orders(4, tf.constant([SEED, 5], tf.int64)).numpy()
+    for i, row in enumerate(orders):
+        assert sorted(row) == sorted(set(range(4)) - {i})
+    again = gradient_methods.random_orders(4, tf.constant([SEED, 5], tf.int64)).numpy()
+    other_step = gradient_methods.random_orders(4, tf.constant([SEED, 6], tf.int64)).numpy()
+    assert (orders == again).all() and not (orders == other_step).all()
+
+
+def test_sparse_gradients_enter_the_gramian_as_their_dense_equivalents():
+    # Two outputs' embedding gradients with repeated indices (as an Embedding gives them).
+    table = tf.Variable(tf.zeros([6, 2]))
+    first = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]), tf.constant([4, 1, 4]),
+                             tf.constant([6, 2]))
+    second = tf.IndexedSlices(tf.constant([[-2.0, 1.0], [1.0, 1.0]]), tf.constant([4, 0]), tf.constant([6, 2]))
+    outputs = gramian.OutputGradients(shared=[0], own={}, per_output=[[first], [second]])
+    blocks = gramian.shared_blocks(outputs, [table])
+    dense = np.stack([tf.convert_to_tensor(g).numpy().ravel() for g in (first, second)])
+    np.testing.assert_allclose(gramian.gramian(blocks).numpy(), dense @ dense.T)
+    combined, = gramian.combined(blocks, tf.constant([0.25, 2.0], tf.float64))
+    assert isinstance(combined, tf.IndexedSlices)  # Stays sparse for Keras's optimizers, duplicates summed.
+    assert len(set(combined.indices.numpy())) == len(combined.indices.numpy())
+    np.testing.assert_allclose(tf.convert_to_tensor(combined).numpy().ravel(), [0.25, 2.0] @ dense, rtol=1e-6)
+
+
+# --- fixed, and what is refused ----------------------------------------------------------------------------------
+
+
+def test_fixed_is_the_default_step_and_logs_no_weights(tmp_path):
+    default, default_history = _trained(_config(tmp_path / "default", "fixed"))
+    # `fixed` by hand: one gradient of sum_k w_k L_k, every weight (heads included) by it.
+    expected, _, _ = numpy_run_fixed()
+    for layer, reference in (("trunk", "trunk"), ("first_head", "first"), ("second_head", "second")):
+        np.testing.assert_allclose(default[layer], expected[reference], atol=WEIGHT_ATOL)
+    assert not any(key.startswith("loss_weight/") for record in default_history for key in record)
+
+
+def numpy_run_fixed():
+    weights, data = _initial_weights(), _data()
+    for _ in range(STEPS):
+        _, J, heads = _losses_and_gradients(weights, data)
+        weights = _sgd(weights, J.sum(axis=0), heads)
+    return weights, None, None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nope", "unknown method 'nope'; expected one of fixed, uncertainty"),
+    ({"name": "cagrad", "c": 1.5}, "cagrad's c must be a number in [0, 1), got 1.5"),
+    ({"name": "cagrad", "alpha": 1}, "cagrad takes c; not 'alpha'"),
+    ({"name": "mgda", "c": 1}, "mgda takes no hyper-parameters; not 'c'"),
+    ({"name": "famo", "learning_rate": "fast"}, "famo's learning_rate must be a number > 0, got 'fast'"),
+    ({"c": 0.5}, "unknown method None"),
+    (3, "expected a method name or"),
+])
+def test_bad_values_name_the_flag(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=f"^--loss_weighting: {_escaped(message)}"):
+        _config(tmp_path, value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(loop="fit"), "mgda is the custom loop's: model.fit trains one fixed weighted sum"),
+    (dict(grad_accum_steps=2), "mgda weighs each batch's losses or gradients; not with --grad_accum_steps=2"),
+])
+def test_options_a_method_cannot_combine_with_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=f"^--loss_weighting: {_escaped(message)}"):
+        _config(tmp_path, "mgda", **overrides)
+
+
+def _escaped(text):
+    import re
+    return re.escape(text)
+
+
+def test_the_command_line_takes_a_name_or_json(tmp_path):
+    from mto_tf.programs import flags as flags_lib
+    parse = flags_lib._TEXT_PARSERS["name_or_json"]
+    assert parse("loss_weighting", "pcgrad") == "pcgrad"
+    assert catalog.parse(parse("loss_weighting", json.dumps({"name": "cagrad", "c": 0.2}))).parameters == {"c": 0.2}
+
+
+# --- --weighting_gradients=representation:LAYER --------------------------------------------------------------------
+
+
+def _orthonormal_config(tmp_path, weighting, gradients):
+    # One-hot inputs, one per example: x x^T = I, so each output's gradient of
+    # W (x^T dz) has the Gramian of its gradient of the trunk's output dz,
+    # and the trunk's update x^T (sum a_k dz_k) is sum a_k g_k: the two must agree.
+    data = _data()
+    data["features"] = np.eye(N, P * 6, dtype=np.float32)[np.random.default_rng(5).permutation(N)]
+
+    def build():
+        features = keras.Input((P * 6,), name="features")
+        rng = np.random.default_rng(6)
+        trunk = keras.layers.Dense(H, use_bias=False, name="trunk", kernel_initializer=keras.initializers.Constant(
+            rng.normal(size=(P * 6, H))))(features)
+        return keras.Model(features, {name: keras.layers.Dense(1, use_bias=False, name=f"{name}_head",
+                                                               kernel_initializer=keras.initializers.Constant(
+                                                                   rng.normal(size=(H, 1))))(trunk)
+                                      for name in OUTPUTS})
+
+    return _config(tmp_path, weighting, data=data, model=build, weighting_gradients=gradients)
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "gradnorm"])
+def test_representation_agrees_with_shared_weights_where_it_must(tmp_path, name):
+    shared, _ = _trained(_orthonormal_config(tmp_path / "shared", name, "shared_weights"))
+    through_trunk, history = _trained(_orthonormal_config(tmp_path / "representation", name,
+                                                           "representation:trunk"))
+    for layer in shared:
+        np.testing.assert_allclose(through_trunk[layer], shared[layer], atol=1e-6, err_msg=layer)
+    assert "loss_weight/first" in history[-1]
+
+
+def test_representation_of_the_headline_lstm_trains_and_equals_mirrored(tmp_path, mirrored_strategy):
+    from helpers import small_config
+    one, _ = _trained_headline(small_config(tmp_path / "one", loss_weighting="mgda",
+                                            weighting_gradients="representation:lstm"))
+    mirrored, _ = _trained_headline(small_config(tmp_path / "mirrored", loss_weighting="mgda",
+                                                 weighting_gradients="representation:lstm", strategy="mirrored",
+                                                 num_cpu_devices=2), strategy=mirrored_strategy)
+    for a, b in zip(one, mirrored):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def _trained_headline(config, strategy=None):
+    result = train(config, strategy=strategy)
+    return result.model.get_weights(), result.history
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(weighting_gradients="representation:nope"), "model 'linear' has no layer 'nope'; its layers: features, "
+                                                       "trunk, first_head, second_head"),
+    (dict(weighting_gradients="layer"), "expected shared_weights or representation:LAYER, got 'layer'"),
+    (dict(weighting_gradients="representation:trunk", loss_weighting="dwa"),
+     "representation:trunk serves the gradient methods; --loss_weighting=dwa weighs by the losses alone"),
+])
+def test_bad_weighting_gradients_name_the_flag(tmp_path, overrides, message):
+    settings = dict(loss_weighting="mgda")
+    settings.update(overrides)
+    weighting = settings.pop("loss_weighting")
+    with pytest.raises(ConfigError, match=f"^--weighting_gradients: {_escaped(message)}"):
+        train(_config(tmp_path, weighting, **settings))
+    assert not (tmp_path / "run").exists()
