@@ -44,12 +44,13 @@ def _initial_weights():
             "first": rng.normal(size=(H, 1)) * 0.5, "second": rng.normal(size=(H, 1)) * 0.5}
 
 
-def _data():
+def _data(scale=1.0):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(N, P)).astype(np.float32)
     # Targets that pull the trunk apart: the two outputs' gradients of W conflict.
-    return {"features": x, "first": (x @ [[1.0], [-2.0], [0.5]]).astype(np.float32),
+    data = {"features": x, "first": (x @ [[1.0], [-2.0], [0.5]]).astype(np.float32),
             "second": (-3.0 * x @ [[1.0], [-1.5], [0.5]] + 1.0).astype(np.float32)}
+    return {key: (scale * value).astype(np.float32) for key, value in data.items()}
 
 
 def build_linear_model():
@@ -178,9 +179,9 @@ GRAMIAN_REFERENCES = {"mgda": numpy_mgda, "pcgrad": numpy_pcgrad, "cagrad": nump
                       "aligned_mtl": numpy_aligned_mtl, "upgrad": numpy_upgrad}
 
 
-def numpy_run(name, steps=STEPS, period_steps=1):
+def numpy_run(name, steps=STEPS, period_steps=1, data_scale=1.0):
     """The run by hand: the weights after `steps` SGD steps, and each step's factors or gradient weights."""
-    weights, data = _initial_weights(), _data()
+    weights, data = _initial_weights(), _data(data_scale)
     k = len(OUTPUTS)
     state = {"log_variances": np.zeros(k), "logits": np.zeros(k), "m": np.zeros(k), "v": np.zeros(k),
              "dwa": np.ones(k), "sums": np.zeros(k), "last": None, "periods": 0, "initial": None}
@@ -489,3 +490,38 @@ def test_bad_weighting_gradients_name_the_flag(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=f"^--weighting_gradients: {_escaped(message)}"):
         train(_config(tmp_path, weighting, **settings))
     assert not (tmp_path / "run").exists()
+
+
+# --- State in checkpoints, mixed precision --------------------------------------------------------------------------
+
+STATEFUL = ["uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad"]  # Learned values, histories or seeded draws.
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_resumed_mid_run_ends_bit_identical_to_an_uninterrupted_run(tmp_path, name):
+    # Adam: the method's trainable variables have slots too. A DWA period of
+    # 2 steps, the checkpoint at step 3: resumed in the middle of a period.
+    settings = dict(optimizer="adam", learning_rate=0.01, log_every=2, checkpoint_every=3)
+    whole, whole_history = _trained(_config(tmp_path / "whole", name, train_steps=6, **settings))
+    _trained(_config(tmp_path / "split", name, train_steps=3, **settings))
+    resumed, resumed_history = _trained(_config(tmp_path / "split", name, train_steps=6, **settings))
+    for layer in whole:
+        np.testing.assert_array_equal(resumed[layer], whole[layer], err_msg=layer)
+    assert resumed_history[-1][f"loss_weight/{OUTPUTS[0]}"] == whole_history[-1][f"loss_weight/{OUTPUTS[0]}"]
+
+
+def test_mixed_float16_unscales_before_the_method_sees_a_gradient(tmp_path):
+    # Small data, so that float16 gradients times the initial loss scale
+    # (2^15) do not overflow and no step is skipped. GradNorm's weights
+    # follow its gradient norms: were they not unscaled, its logits would
+    # move 2^15 times too far.
+    scale = 0.05
+    for name in ("mgda", "gradnorm"):
+        mixed, history = _trained(_config(tmp_path / name, name, data=_data(scale), precision="mixed_float16",
+                                          train_steps=6))
+        expected, factors, _ = numpy_run(name, steps=6, data_scale=scale)
+        logged = np.array([[record[f"loss_weight/{output}"] for output in OUTPUTS] for record in history])
+        # float16 activations: float16's precision (about 1e-3), not float32's.
+        np.testing.assert_allclose(logged, factors, atol=3e-3, err_msg=name)
+        np.testing.assert_allclose(mixed["trunk"], expected["trunk"], atol=3e-3, err_msg=name)
+    assert np.ptp(factors) > 0.01  # GradNorm moved its weights: the check above could fail.

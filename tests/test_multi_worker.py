@@ -188,3 +188,28 @@ def test_validation_under_two_workers_evaluates_every_example_once_as_one_device
     for name in OUTPUTS:
         np.testing.assert_allclose(records[-1][f"val_{name}_loss"], exact[name], rtol=VALUE_RTOL, err_msg=name)
     np.testing.assert_allclose(records[-1]["val_loss"], _evaluate(model, arrays)["loss"], rtol=VALUE_RTOL)
+
+
+@pytest.mark.parametrize("weighting", ["upgrad", "rlw"])
+def test_adaptive_loss_weighting_under_two_workers_equals_one_process(tmp_path, weighting):
+    # A gradient method (per-output gradients summed over both workers before
+    # the Gramian) and a loss-based one with a seeded draw per step (the same
+    # on every worker): both end where one process ends.
+    from mto_tf import train
+
+    _, data_flags = _data(tmp_path)
+    steps = 6
+    launch = Launch(*data_flags, f"--model_dir={tmp_path / 'run'}", f"--train_steps={steps}", "--log_every=3",
+                    "--checkpoint_every=3", f"--loss_weighting={weighting}")
+    assert launch.wait() == 0, launch.output[-4000:]
+    found = fingerprints(launch.output)
+    assert sorted(found) == [0, 1] and found[0] == found[1]
+    one_process = train(small_config(tmp_path, dataset=f"npz:{tmp_path / 'data.npz'}",
+                                     init_weights=str(tmp_path / "init.weights.h5"), optimizer="adam",
+                                     learning_rate=0.01, train_steps=steps, log_every=3, checkpoint_every=3,
+                                     model_dir=str(tmp_path / "one"), loss_weighting=weighting, progress="quiet"))
+    # Sums over two workers in another order: float32 rounding only.
+    assert max_weight_difference(_final_weights(tmp_path, tmp_path / "run"), one_process.model.get_weights()) <= 1e-6
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for workers, one in zip(logged, one_process.history, strict=True):
+        assert workers["loss_weight/main_output"] == pytest.approx(one["loss_weight/main_output"], rel=1e-6)

@@ -54,15 +54,18 @@ def make_step_parts(method: Method, losses_on_batch, *, model: keras.Model, loss
                                             else None)
             weighted_losses = [loss_weights[name] * output_losses[name] for name in names]
             weighted = tf.stack(weighted_losses)
+            # mixed_float16: each loss times the loss scale, inside the tape (1 otherwise).
+            scaled_losses = [optimizer.scale_loss(loss) for loss in weighted_losses] if method.uses_gradients else []
             factors, extra_losses = method.loss_factors(global_values(weighted))
             # Regularization and uncertainty's log-variance term: every replica computes them whole; each adds its share.
             regularization = ([tf.nn.scale_regularization_loss(tf.add_n([*model.losses, *extra_losses]))]
                               if model.losses or extra_losses else [])
             scaled_loss = optimizer.scale_loss(tf.add_n([tf.reduce_sum(factors * weighted), *regularization]))
+            scaled_regularization = optimizer.scale_loss(regularization[0]) if regularization else None
         if method.uses_gradients:
             gradients, weights = combined_gradients(
-                tape=tape, method=method, weighted_losses=weighted_losses,
-                regularization=regularization[0] if regularization else None, variables=model.trainable_variables,
+                tape=tape, method=method, weighted_losses=weighted_losses, scaled_losses=scaled_losses,
+                scaled_regularization=scaled_regularization, variables=model.trainable_variables,
                 optimizer=optimizer, representation=representation, z=seen.get("z"))
             factors = tf.cast(weights, weighted.dtype)
         else:
@@ -103,7 +106,8 @@ def combined_gradients(
     tape: tf.GradientTape,
     method: Method,
     weighted_losses: list[tf.Tensor],
-    regularization: tf.Tensor | None,
+    scaled_losses: list[tf.Tensor],
+    scaled_regularization: tf.Tensor | None,
     variables: list[tf.Variable],
     optimizer: keras.optimizers.Optimizer,
     representation: Representation | None = None,
@@ -113,18 +117,19 @@ def combined_gradients(
 
     The gradients are those of `variables` (the model's), then of the
     method's own `method.trainable`. `weighted_losses`: this replica's share
-    of each `w_k L_k`, read inside the persistent `tape`; `regularization`:
-    its share of the regularization (its gradient is added whole, as with
-    `fixed`). With a `representation`, `z` is its layer's output in the forward.
+    of each `w_k L_k`; `scaled_losses`: the same times the loss scale
+    (mixed_float16), read inside the persistent `tape`;
+    `scaled_regularization`: its share of the regularization, likewise (its
+    gradient is added whole, as with `fixed`). With a `representation`, `z`
+    is its layer's output in the forward.
     """
     # mixed_float16: every gradient is of a scaled loss; the Gramian is unscaled before the method reads it.
     loss_scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float64)
-    scaled_losses = [optimizer.scale_loss(loss) for loss in weighted_losses]
     global_losses = global_values(tf.stack(weighted_losses))
     if representation is not None:
         gram, update = gradients_through_representation(tape=tape, representation=representation, z=z,
                                                         scaled_losses=scaled_losses, variables=variables)
-        weights, own_gradients = method.gradient_weights(gram / loss_scale ** 2, global_losses)
+        weights, own_gradients = _weights_of(method, gram / loss_scale ** 2, global_losses)
         gradients = update(weights)
     else:
         outputs = gramian.all_reduced(gramian.output_gradients(tape, scaled_losses, variables))
@@ -132,19 +137,27 @@ def combined_gradients(
             raise ConfigError("loss_weighting", f"{method.weighting.name} weighs the gradients of weights several "
                                                 f"outputs share; this model's outputs share none")
         blocks = gramian.shared_blocks(outputs, variables)
-        weights, own_gradients = method.gradient_weights(gramian.gramian(blocks) / loss_scale ** 2, global_losses)
+        weights, own_gradients = _weights_of(method, gramian.gramian(blocks) / loss_scale ** 2, global_losses)
         gradients = [None] * len(variables)
         for v, gradient in zip(outputs.shared, gramian.combined(blocks, weights)):
             gradients[v] = gradient
         for v, output in outputs.own.items():
             gradients[v] = outputs.per_output[output][v]
-    if regularization is not None:
+    if scaled_regularization is not None:
         regularization_gradients = gramian.all_reduced(gramian.OutputGradients(
-            shared=[], own={}, per_output=[tape.gradient(optimizer.scale_loss(regularization), variables)]))
+            shared=[], own={}, per_output=[tape.gradient(scaled_regularization, variables)]))
         gradients = [_add(g, r) for g, r in zip(gradients, regularization_gradients.per_output[0])]
     # The method's own variables (GradNorm's logits): scaled as the optimizer expects, identical on every replica.
     scale = tf.cast(loss_scale, tf.float32)
     return gradients + [g * scale for g in own_gradients], weights
+
+
+def _weights_of(method: Method, gram: tf.Tensor, global_losses: tf.Tensor) -> tuple[tf.Tensor, list]:
+    """The method's weights; ones when the gradients overflowed (mixed_float16 then skips the update, as with fixed)."""
+    finite = tf.reduce_all(tf.math.is_finite(gram))
+    weights, own_gradients = method.gradient_weights(tf.where(finite, gram, tf.eye(gram.shape[0], dtype=gram.dtype)),
+                                                     global_losses)
+    return tf.where(finite, weights, tf.ones_like(weights)), own_gradients
 
 
 def _add(gradient, more):
