@@ -14,6 +14,7 @@ weights, and the weights after a few steps must agree.
 from __future__ import annotations
 
 import itertools
+import re
 import json
 
 import keras
@@ -525,3 +526,42 @@ def test_mixed_float16_unscales_before_the_method_sees_a_gradient(tmp_path):
         np.testing.assert_allclose(logged, factors, atol=3e-3, err_msg=name)
         np.testing.assert_allclose(mixed["trunk"], expected["trunk"], atol=3e-3, err_msg=name)
     assert np.ptp(factors) > 0.01  # GradNorm moved its weights: the check above could fail.
+
+
+# --- From the command line -----------------------------------------------------------------------------------------
+
+
+def test_from_the_command_line_logged_each_window_and_in_the_summary(tmp_path):
+    from helpers import SMALL_FLAGS, data_dir, mto_train_in_process
+    from tensorboard.backend.event_processing import event_accumulator
+
+    process = mto_train_in_process(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}",
+                                   "--train_steps=4", "--log_every=2", '--loss_weighting={"name": "cagrad", "c": 0.3}',
+                                   "--progress=lines")
+    assert process.returncode == 0, process.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(key for key in record if key.startswith("loss_weight/")) for record in records] == [
+        ["loss_weight/aux_output", "loss_weight/main_output"]] * 2
+    summary = process.stdout[process.stdout.index("Trained to step 4"):]
+    assert re.search(r"last window: loss [\d.]+ \| aux_output: loss [\d.]+, loss weight [\d.]+, binary_accuracy "
+                     r"[\d.]+ \| main_output: loss [\d.]+, loss weight [\d.]+, binary_accuracy [\d.]+\n", summary), summary
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {"loss_weight/aux_output", "loss_weight/main_output"} <= set(events.Tags()["tensors"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss_weighting"] == {"name": "cagrad", "c": 0.3}
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--loss_weighting=magic", "--loss_weighting: unknown method 'magic'; expected one of fixed, uncertainty, dwa"),
+    ('--loss_weighting={"name": "dwa", "temperature": 0}', "--loss_weighting: dwa's temperature must be a number > 0"),
+    ("--loss_weighting={oops", "--loss_weighting: not valid JSON"),
+    ("--weighting_gradients=representation:", "--weighting_gradients: expected shared_weights or representation:LAYER"),
+])
+def test_bad_command_line_values_are_one_line_exit_2_and_nothing_written(tmp_path, flag, message):
+    from helpers import SMALL_FLAGS, data_dir, mto_train_in_process
+
+    process = mto_train_in_process(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}",
+                                   "--loss_weighting=mgda", flag)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith(f"mto-train: error: {message}"), process.stderr
+    assert "Traceback" not in process.stderr and not (tmp_path / "run").exists()

@@ -100,9 +100,16 @@ def summary_lines(*, step: int, seconds: float, records: list[Mapping[str, float
 
 
 def _by_output(record: Mapping[str, float], output_names: list[str], *, prefix: str) -> str:
-    """`loss 0.5 | aux_output: loss 0.6, binary_accuracy 0.7 | ...` from the keys that start with `prefix`."""
+    """`loss 0.5 | aux_output: loss 0.6, binary_accuracy 0.7 | ...` from the keys that start with `prefix`.
+
+    Training values also show an adaptive method's factor of each loss
+    (`loss_weight/<output>`) as `loss weight`.
+    """
     by_output = {name: [] for name in output_names}
     for key, value in record.items():
+        if not prefix and key.removeprefix("loss_weight/") in by_output:  # An adaptive --loss_weighting's factor.
+            by_output[key.removeprefix("loss_weight/")].append(f"loss weight {value:.4g}")
+            continue
         if not key.startswith(prefix):
             continue
         key = key.removeprefix(prefix)
