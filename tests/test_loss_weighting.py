@@ -565,3 +565,50 @@ def test_bad_command_line_values_are_one_line_exit_2_and_nothing_written(tmp_pat
     assert process.returncode == 2
     assert process.stderr.strip().splitlines()[-1].startswith(f"mto-train: error: {message}"), process.stderr
     assert "Traceback" not in process.stderr and not (tmp_path / "run").exists()
+
+
+def _sweep_in_process(*flags):
+    from helpers import run_in_process
+    from mto_tf.programs import flags as mto_flags
+    from mto_tf.programs import sweep
+
+    return run_in_process("mto_tf.sweep", sweep.sweep_main, *flags, define_flags=mto_flags.define_sweep_flags)
+
+
+def test_the_sweep_over_methods_trains_one_run_each_with_the_same_seed_and_data(tmp_path):
+    from helpers import SMALL_FLAGS, data_dir
+
+    sweep_dir = tmp_path / "sweep"
+    methods = ["fixed", "uncertainty", "dwa", "famo", "pcgrad", "mgda", "cagrad", "upgrad"]
+    process = _sweep_in_process(f"--loss_weighting={','.join(methods)}", f"--sweep_dir={sweep_dir}", *SMALL_FLAGS,
+                                f"--data_dir={data_dir()}", "--train_steps=2", "--log_every=2", "--progress=quiet")
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [run["loss_weighting"] for run in summary["runs"]] == methods
+    for run in summary["runs"]:
+        settings = json.loads((sweep_dir / run["loss_weighting"] / "config.json").read_text())
+        assert settings["loss_weighting"] == run["loss_weighting"] and settings["seed"] == 0
+        # val_loss is the same sum of --loss_weights for every method: compared too.
+        assert {"val_loss", "val_main_output_loss", "val_aux_output_loss"} <= set(run["values"])
+    # Same start: the methods' steps differ, so their validation values do; but DWA weighs 1 each for its
+    # first two periods (here the whole run), which is fixed's step exactly.
+    values = {run["loss_weighting"]: run["values"]["val_aux_output_loss"] for run in summary["runs"]}
+    assert values.pop("dwa") == values["fixed"]
+    assert len(set(values.values())) == len(methods) - 1
+    assert "loss weighting" in process.stdout.splitlines()[0] and "upgrad" in process.stdout
+    assert (sweep_dir / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss_weighting=fixed,nope"], "--loss_weighting: unknown method 'nope'"),
+    (["--loss_weighting=mgda,mgda"], "--loss_weighting: a method is given twice in 'mgda,mgda'"),
+    (["--loss_weighting=fixed,mgda", "--loss_weight=aux_output=1,2"], "--loss_weighting: sweeps the method; "),
+    (["--loss_weighting=fixed,mgda", "--loop=fit", "--train_steps=50"], "--loss_weighting: mgda is the custom "),
+])
+def test_the_sweep_over_methods_refuses_bad_flags(tmp_path, flags, message):
+    from helpers import SMALL_FLAGS, data_dir
+
+    process = _sweep_in_process(f"--sweep_dir={tmp_path / 'sweep'}", *SMALL_FLAGS, f"--data_dir={data_dir()}",
+                                *flags)
+    assert process.returncode == 2 and f"mto_tf.sweep: error: {message}" in process.stderr, process.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()

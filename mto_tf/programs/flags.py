@@ -63,8 +63,9 @@ def define_sweep_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         return
     flags.DEFINE_string("loss_weight", None, "OUTPUT=W1,W2,...: the output whose loss weight is swept, and its "
                                              "weights.", flag_values=flag_values)
-    flags.DEFINE_string("sweep_dir", None, "One run per weight in <sweep_dir>/<output>=<weight>; sweep.json, "
-                                           "sweep.png.", flag_values=flag_values)
+    flags.DEFINE_string("sweep_dir", None, "One run per weight in <sweep_dir>/<output>=<weight> (or, with "
+                                           "--loss_weighting=NAME1,NAME2,..., per method in <sweep_dir>/<method>); "
+                                           "sweep.json, sweep.png.", flag_values=flag_values)
 
 
 def define_bench_flags(variants: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> None:
