@@ -612,3 +612,40 @@ def test_the_sweep_over_methods_refuses_bad_flags(tmp_path, flags, message):
                                 *flags)
     assert process.returncode == 2 and f"mto_tf.sweep: error: {message}" in process.stderr, process.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()
+
+
+# --- mto-explain with the run's method -----------------------------------------------------------------------------
+
+
+def test_explain_reports_the_shares_of_the_methods_update(tmp_path):
+    from mto_tf.programs import explain
+
+    report = explain.explain(_config(tmp_path, "mgda"), strategy=tf.distribute.get_strategy(), explain_batches=1)
+    _, J, _ = _losses_and_gradients(_initial_weights(), _data())
+    a = numpy_mgda(J, None)
+    update = a @ J
+    trunk = next(layer for layer in report["layers"] if layer["name"] == "trunk")
+    for k, output in enumerate(OUTPUTS):
+        assert report["method_weights"][output] == pytest.approx(a[k], rel=1e-5)
+        assert trunk["share"][output] == pytest.approx(a[k] * J[k] @ update / (update @ update), rel=1e-4)
+        assert trunk["grad_norm"][output] == pytest.approx(a[k] * np.linalg.norm(J[k]), rel=1e-5)
+    cosine = J[0] @ J[1] / np.linalg.norm(J[0]) / np.linalg.norm(J[1])
+    assert trunk["cosine"]["first/second"] == pytest.approx(cosine, rel=1e-5)
+    # A head keeps its own output's gradient: all its update is that output's.
+    head = next(layer for layer in report["layers"] if layer["name"] == "first_head")
+    assert head["share"] == {"first": 1.0, "second": 0.0}
+    assert "update by --loss_weighting=mgda" in explain.format_table(report)
+
+
+def test_explain_of_a_finished_run_reads_the_methods_state_from_its_checkpoint(tmp_path):
+    from mto_tf.programs import explain
+
+    config = _config(tmp_path, "uncertainty")
+    _trained(config)
+    report = explain.explain(config, strategy=tf.distribute.get_strategy(), explain_batches=1,
+                             weights=str(tmp_path / "run" / "model.weights.h5"))
+    checkpoint = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    log_variances = checkpoint.get_tensor("loss_weighting/log_variances/.ATTRIBUTES/VARIABLE_VALUE")
+    assert not np.allclose(log_variances, 0)  # Trained: reading the initial state would fail below.
+    for k, output in enumerate(OUTPUTS):
+        assert report["method_weights"][output] == pytest.approx(np.exp(-log_variances[k]) / 2, rel=1e-6)

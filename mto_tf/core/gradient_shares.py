@@ -16,6 +16,12 @@ gradient can be taken apart:
 - `linearity_max_abs_error`: the largest `|grad(L) - sum_i w_i grad(L_i)|`
   over every weight, each side computed on its own: float32 rounding, nothing more.
 
+With an adaptive `--loss_weighting` method the update is not `grad(L)`:
+each contribution is the method's `a_i * w_i grad(L_i)` (for a gradient
+method, `a_i` weighs the shared weights' part; a head keeps its output's
+gradient), the total is their sum, and `method_weights` are each output's
+`a_i`, averaged over the batches.
+
 It costs one backward pass per output (and one for the total, which checks
 linearity), not one per layer. Gradients are summed over replicas and
 workers, as the train step sums them, so every strategy gives the same numbers.
@@ -32,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf.core import losses, step
+from mto_tf.core import losses, step, weighting
 from mto_tf.core.signature import ModelSignature
 
 REGULARIZATION = "regularization"  # The contribution of model.losses, when the model has any.
@@ -45,12 +51,13 @@ class Contributions:
     by_output: dict[str, list[np.ndarray]]  # Also REGULARIZATION, when the model has regularization losses.
     total: list[np.ndarray]
     reaches: dict[str, list[bool]]  # Whether each output's loss depends on each variable at all.
+    method_weights: list[np.ndarray] | None = None  # An adaptive method's a_i, one array per batch.
 
 
 def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature,
                                 loss_fns: Mapping[str, keras.losses.Loss],
                                 loss_weights: Mapping[str, float], strategy: tf.distribute.Strategy,
-                                global_batch_size: int | None):
+                                global_batch_size: int | None, method: weighting.Method | None = None):
     """Returns `contributions(batch)`: each output's weighted gradient and the total, summed over replicas.
 
     The forward pass is the train step's (`training=True`), but it changes
@@ -89,6 +96,9 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
                 variable.assign(value)
         if strategy.num_replicas_in_sync > 1:
             dense = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, dense)
+        if method is not None:
+            dense = _weighted_by(method, dense, weighting.global_values(tf.stack(
+                [terms[name] for name in output_losses])), list(output_losses), reaches)
         return dense
 
     @tf.function
@@ -99,10 +109,12 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
 
     def contributions(batch) -> Contributions:
         """The batch's contributions, as NumPy arrays."""
-        values = {name: [gradient.numpy() for gradient in term_gradients]
-                  for name, term_gradients in contributions_on_batch(batch).items()}
+        computed = contributions_on_batch(batch)
+        method_weights = computed.pop("method_weights", None)
+        values = {name: [gradient.numpy() for gradient in term_gradients] for name, term_gradients in computed.items()}
         total = values.pop("total")
-        return Contributions(by_output=values, total=total, reaches=dict(reaches))
+        return Contributions(by_output=values, total=total, reaches=dict(reaches),
+                             method_weights=None if method_weights is None else [method_weights.numpy()])
 
     return contributions
 
@@ -110,7 +122,8 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
 def added(a: Contributions, b: Contributions) -> Contributions:
     return Contributions(by_output={name: [x + y for x, y in zip(a.by_output[name], b.by_output[name])]
                                     for name in a.by_output},
-                         total=[x + y for x, y in zip(a.total, b.total)], reaches=a.reaches)
+                         total=[x + y for x, y in zip(a.total, b.total)], reaches=a.reaches,
+                         method_weights=None if a.method_weights is None else a.method_weights + b.method_weights)
 
 
 def layer_report(model: keras.Model, contributions: Contributions, *, loss_weights: Mapping[str, float]) -> dict:
@@ -142,8 +155,30 @@ def layer_report(model: keras.Model, contributions: Contributions, *, loss_weigh
             "share": {name: float(parts[name] @ total) / total_squared if total_squared else None for name in names},
             "cosine": _cosines(parts, [name for name in reached if name != REGULARIZATION]),
         })
-    return {"outputs": [name for name in names if name != REGULARIZATION],
-            "loss_weights": dict(loss_weights), "layers": layers, "linearity_max_abs_error": linearity}
+    report = {"outputs": [name for name in names if name != REGULARIZATION],
+              "loss_weights": dict(loss_weights), "layers": layers, "linearity_max_abs_error": linearity}
+    if contributions.method_weights is not None:
+        mean = np.mean(contributions.method_weights, axis=0)
+        report["method_weights"] = {name: float(value) for name, value in zip(report["outputs"], mean)}
+    return report
+
+
+def _weighted_by(method: weighting.Method, dense: dict, weighted_losses: tf.Tensor, names: list[str],
+                 reaches: dict[str, list[bool]]) -> dict:
+    """Each output's contribution times the method's `a_i` (a gradient method's: on the shared weights), and their sum."""
+    if method.uses_gradients:
+        shared = [v for v in range(len(dense["total"])) if sum(reaches[name][v] for name in names) > 1]
+        rows = [tf.concat([tf.reshape(tf.cast(dense[name][v], tf.float64), [-1]) for v in shared], 0) for name in names]
+        stacked = tf.stack(rows)
+        weights, _ = method.gradient_weights(tf.matmul(stacked, stacked, transpose_b=True), weighted_losses)
+        scaled = {name: [tf.cast(weights[k], g.dtype) * g if v in shared else g for v, g in enumerate(dense[name])]
+                  for k, name in enumerate(names)}
+    else:
+        weights, _ = method.loss_factors(weighted_losses)
+        scaled = {name: [tf.cast(weights[k], g.dtype) * g for g in dense[name]] for k, name in enumerate(names)}
+    terms = [*names, *([REGULARIZATION] if REGULARIZATION in dense else [])]
+    total = [tf.add_n([(scaled.get(name) or dense[name])[v] for name in terms]) for v in range(len(dense["total"]))]
+    return {**dense, **scaled, "total": total, "method_weights": tf.cast(weights, tf.float32)}
 
 
 def _cosines(parts: Mapping[str, np.ndarray], reached: list[str]) -> dict[str, float | None] | None:

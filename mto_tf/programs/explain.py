@@ -29,7 +29,7 @@ from mto_tf.data import batching
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data and loss ones are read.
 from mto_tf.run import model_dir
-from mto_tf.run.setup import build_model_setup
+from mto_tf.run.setup import build_model_setup, make_method
 
 # The parts of a run mto-explain runs (see PARTS in mto_tf/config.py). It does
 # not train or evaluate: the flags only those parts read are refused, not ignored.
@@ -52,9 +52,18 @@ def explain(config: TrainConfig, *, strategy: tf.distribute.Strategy, explain_ba
     setup = build_model_setup(config, strategy)
     if weights:
         models.load_weights(setup.model, weights, flag="model_dir")
+    method = None
+    if config.weighting.name != "fixed":
+        if config.representation_layer:
+            raise ConfigError("weighting_gradients", "mto-explain takes each output's gradient of every weight; "
+                                                     "leave it at shared_weights")
+        with strategy.scope():
+            method = make_method(config, setup)
+        if weights:  # The method's state (learned weights, histories) at the end of the run.
+            _restore_method_state(method, os.path.dirname(weights))
     contributions = gradient_shares.make_gradient_contributions(
         model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
-        loss_weights=setup.losses.weights, strategy=strategy, global_batch_size=config.batch_size)
+        loss_weights=setup.losses.weights, strategy=strategy, global_batch_size=config.batch_size, method=method)
     batches = batching.distributed_batches(strategy, setup.examples, signature=setup.signature,
                                            batching=batching.Batching.for_training(config))
     summed = None
@@ -64,7 +73,16 @@ def explain(config: TrainConfig, *, strategy: tf.distribute.Strategy, explain_ba
     report = gradient_shares.layer_report(setup.model, summed, loss_weights=setup.losses.weights)
     report["batches"] = explain_batches
     report["batch_size"] = config.batch_size
+    report["loss_weighting"] = config.weighting.describe()
     return report
+
+
+def _restore_method_state(method, run_dir: str) -> None:
+    """The method's variables from the run's newest checkpoint (as `run/model_dir.py` names them)."""
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, model_dir.CHECKPOINT_DIR))
+    if latest is None:
+        raise ConfigError("model_dir", f"no checkpoint in {run_dir!r} holds --loss_weighting's state")
+    tf.train.Checkpoint(loss_weighting=method).read(latest).expect_partial()
 
 
 def format_table(report: dict) -> str:
@@ -80,8 +98,13 @@ def format_table(report: dict) -> str:
     widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     weights = " + ".join(f"{weight:g} * {name}_loss" for name, weight in report["loss_weights"].items())
-    return "\n".join([f"loss = {weights}: each output's share of each layer's gradient over "
-                      f"{report.get('batches', '?')} batches", *lines,
+    heading = (f"loss = {weights}: each output's share of each layer's gradient over {report.get('batches', '?')} "
+               f"batches")
+    if "method_weights" in report:
+        mean = ", ".join(f"{name} {value:.3g}" for name, value in report["method_weights"].items())
+        heading = (f"update by --loss_weighting={report['loss_weighting']} of {weights} (mean a: {mean}): each "
+                   f"output's share of each layer's update over {report.get('batches', '?')} batches")
+    return "\n".join([heading, *lines,
                       f"linearity: max |grad(loss) - sum of contributions| = {report['linearity_max_abs_error']:.2g}"])
 
 

@@ -98,7 +98,7 @@ def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:
     contributions = gradient_shares.make_gradient_contributions(
         model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
         loss_weights=setup.losses.weights, strategy=setup.strategy,
-        global_batch_size=None if config.epochs else config.batch_size)
+        global_batch_size=None if config.epochs else config.batch_size, method=run.method)
     batches = iter(batching.distributed_batches(setup.strategy, setup.examples, signature=setup.signature,
                                                 batching=batching.Batching.for_training(config)))
 

@@ -129,7 +129,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         # Adam's slots must exist before the first distributed step, hence build().
         custom_loop = config.loop == "custom"
         optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=custom_loop)
-        method = _make_method(config, setup) if config.weighting.name != "fixed" else None
+        method = make_method(config, setup) if config.weighting.name != "fixed" else None
         representation = (weighting.make_representation(setup.model, config.representation_layer)
                           if config.representation_layer else None)
         optimizer.build(setup.model.trainable_variables + (method.trainable if method else []))
@@ -167,7 +167,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
                start_step=start_step, total_steps=total_steps)
 
 
-def _make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
+def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
     """--loss_weighting's method, for the model's outputs; a DWA period is a pass (with --epochs) or a window."""
     num_outputs = len(setup.signature.output_names)
     name = config.weighting.name
