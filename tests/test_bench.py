@@ -25,6 +25,11 @@ def test_variants_differ_from_the_defaults_only_as_documented(tmp_path):
     assert (mirrored.strategy, mirrored.num_cpu_devices, mirrored.steps_per_loop, mirrored.jit_compile) == (
         "mirrored", 2, 5, False)
     assert bench.variant_config("mirrored_fit_matched", config).steps_per_loop == 1
+    # weighting:NAME[/GRADIENTS]: custom_default with that method, nothing else changed.
+    assert bench.variant_config("weighting:fixed", config) == config
+    representation = bench.variant_config("weighting:mgda/representation:lstm", config)
+    assert dataclasses.replace(representation, loss_weighting="fixed", weighting_gradients="shared_weights") == config
+    assert (representation.loss_weighting, representation.weighting_gradients) == ("mgda", "representation:lstm")
 
 
 @pytest.mark.slow
@@ -81,10 +86,14 @@ def test_benchmark_takes_a_user_model_and_dataset_like_mto_train(tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "mto_tf.bench", f"--model={MODULE_NAME}:build", "--dataset=npz:tickets.npz",
          f"--losses={json.dumps(LOSSES)}", "--batch_size=16", "--steps_per_loop=5", "--windows=1",
-         "--window_steps=5", "--variants=custom_default,fit_default", f"--output_json={output}"],
+         "--window_steps=5", "--variants=fit_default,weighting:fixed,weighting:mgda", f"--output_json={output}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert list(report["variants"]) == ["custom_default", "fit_default"]
+    assert list(report["variants"]) == ["fit_default", "weighting:fixed", "weighting:mgda"]
     assert all(result["examples_per_sec"] > 0 for result in report["variants"].values())
+    # Each method against fixed, measured side by side.
+    assert report["ratios"]["weighting:mgda/weighting:fixed"] == pytest.approx(
+        report["variants"]["weighting:mgda"]["examples_per_sec"]
+        / report["variants"]["weighting:fixed"]["examples_per_sec"])
     assert f"--model={MODULE_NAME}:build" in report["machine"]["command"]

@@ -21,7 +21,12 @@ memory of the variant's processes.
 - custom_matched: the custom loop with fit's defaults (1 step per call, no XLA);
 - limit: the same train step in one `tf.function` loop over batches already in memory;
 - mirrored_custom_default, mirrored_fit_matched: the same under `mirrored`, 2 logical CPU devices
-  (fit there with steps_per_execution=1: more fails in Keras 3.15, keras-team/keras#19246).
+  (fit there with steps_per_execution=1: more fails in Keras 3.15, keras-team/keras#19246);
+- weighting:NAME[/GRADIENTS]: custom_default with `--loss_weighting=NAME` (its defaults) and
+  `--weighting_gradients=GRADIENTS`, e.g. `weighting:mgda/representation:lstm`; each against
+  `weighting:fixed` when that runs too:
+
+      python -m mto_tf.bench --variants=weighting:fixed,weighting:uncertainty,weighting:mgda
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import time
 from absl import app, flags
 
 from mto_tf.config import TrainConfig
+from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags
 from mto_tf.programs import tensorflow_logs
 
@@ -50,6 +56,7 @@ VARIANTS = ("fit_default", "fit_matched", "custom_default", "custom_matched", "l
 RATIOS = (("custom_default", "fit_default"), ("custom_default", "fit_matched"), ("custom_matched", "fit_default"),
           ("custom_default", "limit"),
           ("mirrored_custom_default", "mirrored_fit_matched"))
+WEIGHTING_PREFIX = "weighting:"  # weighting:NAME[/GRADIENTS]: custom_default with that --loss_weighting.
 RESULT_PREFIX = "BENCH_RESULT "
 TURN_DONE = "BENCH_TURN_DONE"
 
@@ -57,6 +64,9 @@ TURN_DONE = "BENCH_TURN_DONE"
 
 def variant_config(name: str, config: TrainConfig) -> TrainConfig:
     """The configuration a variant trains with, from the benchmark's base configuration."""
+    if name.startswith(WEIGHTING_PREFIX):
+        method, _, gradients = name.removeprefix(WEIGHTING_PREFIX).partition("/")
+        return dataclasses.replace(config, loss_weighting=method, weighting_gradients=gradients or "shared_weights")
     if name.startswith("mirrored_"):
         config = dataclasses.replace(config, strategy="mirrored", num_cpu_devices=2, jit_compile=False,
                                      xla_update=False)
@@ -119,7 +129,9 @@ def run_all(config: TrainConfig, variants: list[str], argv: list[str], *, turns:
         for name, result in _run_taking_turns(variants, argv, turns=turns).items():
             runs[name].append(result)
     results = {name: _combine(name_runs) for name, name_runs in runs.items()}
-    pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
+    weighted = [name for name in results if name.startswith(WEIGHTING_PREFIX) and name != f"{WEIGHTING_PREFIX}fixed"]
+    pairs = [(a, b) for a, b in [*RATIOS, *((name, f"{WEIGHTING_PREFIX}fixed") for name in weighted)]
+             if a in results and b in results]
     gpus = max(run["gpus"] for name_runs in runs.values() for run in name_runs)
     return {"machine": machine(gpus=gpus), "variants": results,
             "ratios": {f"{a}/{b}": results[a]["examples_per_sec"] / results[b]["examples_per_sec"] for a, b in pairs},
@@ -213,9 +225,15 @@ def main(argv: list[str]) -> None:
                                            turns=turns)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
-    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    unknown = sorted(name for name in FLAGS.variants if name not in VARIANTS and not name.startswith(WEIGHTING_PREFIX))
     if unknown:
-        raise app.UsageError(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
+        raise app.UsageError(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}, or "
+                             f"{WEIGHTING_PREFIX}NAME[/GRADIENTS]")
+    try:  # Each weighting variant's method and gradients, checked as mto-train checks them.
+        for name in FLAGS.variants:
+            variant_config(name, config)
+    except ConfigError as error:
+        raise app.UsageError(f"--variants: {error}") from None
     del argv  # absl keeps only non-flag arguments; the variants get the original flags.
     report = run_all(config, FLAGS.variants, sys.argv[1:], repeats=FLAGS.repeats,
                      turns=1 + FLAGS.warmup_windows + FLAGS.windows)

@@ -45,7 +45,7 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
             config, model_dir=model_dir, train_steps=(warmup_windows + windows) * window_steps, epochs=None,
             log_every=window_steps, progress="quiet", **NO_EVALUATION, loop="fit" if fit else "custom",
             xla_update=config.xla_update and not fit), strategy)
-        if name.endswith("custom_default") or name == "custom_matched":
+        if name.endswith("custom_default") or name == "custom_matched" or name.startswith("weighting:"):
             rates = _time_custom_loop(run, turns)
         elif name == "limit":
             rates = _time_limit(run, turns)

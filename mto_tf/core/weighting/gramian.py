@@ -53,11 +53,10 @@ def all_reduced(gradients: OutputGradients) -> OutputGradients:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """One shared variable's K gradients as a `(K, n)` matrix (rows summed per index for a sparse one)."""
+    """One shared variable's K gradients (rows summed per index for a sparse one), each in its own tensor."""
 
-    rows: tf.Tensor  # (K, n): output k's gradient, flattened.
+    rows: list[tf.Tensor]  # Output k's gradient: the variable's shape, or (unique indices, row...) when sparse.
     indices: tf.Tensor | None  # A sparse gradient's unique row indices; None for a dense one.
-    shape: tf.Tensor  # The gradient's shape: the variable's, or (unique rows, row width) when sparse.
     dense_shape: tf.Tensor | None
 
 
@@ -69,10 +68,8 @@ def shared_blocks(gradients: OutputGradients, variables: list[tf.Variable]) -> l
         if all(g is None or isinstance(g, tf.IndexedSlices) for g in column):
             blocks.append(_sparse_block(column))
         else:
-            dense = [tf.zeros_like(variables[v]) if g is None else tf.convert_to_tensor(g) for g in column]
-            stacked = tf.stack(dense)
-            blocks.append(Block(rows=tf.reshape(stacked, [len(column), -1]), indices=None,
-                                shape=tf.shape(variables[v]), dense_shape=None))
+            blocks.append(Block(rows=[tf.zeros_like(variables[v]) if g is None else tf.convert_to_tensor(g)
+                                      for g in column], indices=None, dense_shape=None))
     return blocks
 
 
@@ -90,23 +87,29 @@ def _sparse_block(column: list[tf.IndexedSlices | None]) -> Block:
         count = tf.shape(g.indices)[0]
         rows.append(tf.math.unsorted_segment_sum(g.values, positions[offset:offset + count], num_rows))
         offset += count
-    stacked = tf.stack(rows)
-    return Block(rows=tf.reshape(stacked, [len(column), -1]), indices=indices,
-                 shape=tf.shape(stacked)[1:], dense_shape=present[0].dense_shape)
+    return Block(rows=rows, indices=indices, dense_shape=present[0].dense_shape)
 
 
 def gramian(blocks: list[Block]) -> tf.Tensor:
-    """`G[i, j] = g_i . g_j` over every shared weight, `(K, K)`, in float64 for the methods' small solves."""
-    return tf.add_n([tf.matmul(tf.cast(b.rows, tf.float64), tf.cast(b.rows, tf.float64), transpose_b=True)
-                     for b in blocks])
+    """`G[i, j] = g_i . g_j` over every shared weight, `(K, K)`, in float64 for the methods' small solves.
+
+    Each product is one pass over the two gradients (no copy of them
+    stacked); float32 products summed as TensorFlow sums, then float64.
+    """
+    k = len(blocks[0].rows)
+    entries = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            entries[i][j] = entries[j][i] = tf.add_n([tf.reduce_sum(b.rows[i] * b.rows[j]) for b in blocks])
+    return tf.cast(tf.stack([tf.stack(row) for row in entries]), tf.float64)
 
 
 def combined(blocks: list[Block], weights: tf.Tensor) -> list:
     """`sum_k a_k g_k` for each shared variable, in its gradient's form (sparse stays sparse)."""
     combined_gradients = []
     for block in blocks:
-        flat = tf.linalg.matvec(block.rows, tf.cast(weights, block.rows.dtype), transpose_a=True)
-        values = tf.reshape(flat, block.shape)
+        a = tf.unstack(tf.cast(weights, block.rows[0].dtype))
+        values = tf.add_n([a_k * row for a_k, row in zip(a, block.rows)])
         combined_gradients.append(values if block.indices is None else
                                   tf.IndexedSlices(values, block.indices, block.dense_shape))
     return combined_gradients

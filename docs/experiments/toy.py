@@ -1,0 +1,151 @@
+"""The two-objective toy of CAGrad (Liu et al. 2021, `toy.py` of github.com/Cranial-XIX/CAGrad), trained through mto_tf.
+
+    python docs/experiments/toy.py --steps=100000 --output_dir=docs/figures
+
+The model has one shared weight, the point x in R^2, and two outputs, f1(x)
+and f2(x), the toy's two objectives, each its own loss (the loss is the
+output itself). It is trained from the toy's three starting points with
+Adam (learning rate 0.001), as the toy trains it, once per method; the
+point is recorded every `--record_every` steps. The Pareto set is the
+segment x1 in [-7, 7], x2 = -8.3552 (the toy's plot draws it so).
+Writes `toy.json` (the trajectories and where each ended) and `toy.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from mto_tf import TrainConfig
+from mto_tf.core.strategy import make_strategy
+from mto_tf.run import custom_loop
+from mto_tf.run.setup import build_run
+
+LOWER = 0.000005  # The toy's clamp.
+STARTS = [(-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)]
+PARETO_X2 = -8.3552
+METHODS = ["fixed", "mgda", "pcgrad", "cagrad", "imtl", "aligned_mtl", "upgrad"]
+
+
+def objectives(x1, x2):
+    """f1 and f2 of the toy, as its `Toy.forward` computes them."""
+    f1 = ops.log(ops.maximum(ops.abs(0.5 * (-x1 - 7) - ops.tanh(-x2)), LOWER)) + 6
+    f2 = ops.log(ops.maximum(ops.abs(0.5 * (-x1 + 3) + ops.tanh(-x2) + 2), LOWER)) + 6
+    c1 = ops.maximum(ops.tanh(x2 * 0.5), 0)
+    f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    c2 = ops.maximum(ops.tanh(-x2 * 0.5), 0)
+    return f1 * c1 + f1_sq * c2, f2 * c1 + f2_sq * c2
+
+
+class Point(keras.layers.Layer):
+    """The toy's one trainable thing: the point x; its input only gives the batch its size."""
+
+    def __init__(self, start, **kwargs):
+        super().__init__(**kwargs)
+        self.start = start
+
+    def build(self, input_shape):
+        self.x = self.add_weight(shape=(2,), initializer=keras.initializers.Constant(self.start), name="x")
+
+    def call(self, inputs):
+        f1, f2 = objectives(self.x[0], self.x[1])
+        ones = ops.ones_like(inputs)
+        return {"f1": ones * f1, "f2": ones * f2}
+
+
+def builder(start):
+    def build():
+        inputs = keras.Input((1,), name="batch")
+        return keras.Model(inputs, Point(start, name="point")(inputs), name="toy")
+    return build
+
+
+def the_output_itself(y_true, y_pred):
+    """Each output is its own objective: its loss is its value."""
+    return y_pred[:, 0]
+
+
+def run(method: str, start, *, steps: int, record_every: int) -> np.ndarray:
+    dataset = tf.data.Dataset.from_tensors(({"batch": [1.0]}, {"f1": [0.0], "f2": [0.0]})).repeat()
+    with tempfile.TemporaryDirectory() as model_dir:
+        config = TrainConfig(model=builder(start), dataset=dataset, batch_size=1, train_steps=steps,
+                             log_every=record_every, checkpoint_every=steps, steps_per_loop=record_every,
+                             losses={"f1": the_output_itself, "f2": the_output_itself},
+                             loss_weights={"f1": 0.5, "f2": 0.5},  # The toy's mean of the two.
+                             metrics={}, optimizer="adam", learning_rate=0.001, loss_weighting=method,
+                             validation_split="", model_dir=model_dir, progress="quiet", seed=0)
+        train_run = build_run(config, make_strategy(config))
+        point = train_run.setup.model.get_layer("point").x
+        trajectory = [point.numpy().copy()]
+        custom_loop.run_custom_loop(train_run, on_window_end=[lambda step, record: trajectory.append(
+            point.numpy().copy())])
+    return np.array(trajectory)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(-11, 11, 300)
+    x1, x2 = np.meshgrid(grid, grid)
+    f1, f2 = (np.asarray(value) for value in objectives(x1, x2))
+    columns = 4
+    rows = -(-len(results) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+    for axis in axes.flat[len(results):]:
+        axis.axis("off")
+    for axis, (method, trajectories) in zip(axes.flat, results.items()):
+        axis.contour(x1, x2, (f1 + f2) / 2, levels=25, cmap="viridis", linewidths=0.8)
+        axis.plot([-7, 7], [PARETO_X2, PARETO_X2], color="grey", linewidth=5, alpha=0.6, label="Pareto set")
+        for start, trajectory in zip(STARTS, trajectories):
+            trajectory = np.array(trajectory["points"])
+            axis.plot(trajectory[:, 0], trajectory[:, 1], color="tab:red", linewidth=1.5)
+            axis.plot(*start, "ko", markersize=5)
+            axis.plot(*trajectory[-1], "r*", markersize=9)
+        axis.set_title(method)
+        axis.set_xlim(-11, 11)
+        axis.set_ylim(-11, 11)
+        axis.set_aspect("equal")
+    figure.suptitle("CAGrad's two-objective toy through mto_tf: contours of (f1 + f2) / 2, the Pareto set (grey), "
+                    "from each start (black) to the end (red star)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100000)
+    parser.add_argument("--record_every", type=int, default=500)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--output_dir", default="docs/figures")
+    arguments = parser.parse_args()
+    tf.get_logger().setLevel("ERROR")
+    results = {}
+    for method in arguments.methods.split(","):
+        results[method] = []
+        for start in STARTS:
+            trajectory = run(method, start, steps=arguments.steps, record_every=arguments.record_every)
+            end = trajectory[-1]
+            on_pareto_set = bool(abs(end[1] - PARETO_X2) < 0.05 and -7 <= end[0] <= 7)
+            results[method].append({"start": start, "end": [float(v) for v in end], "on_pareto_set": on_pareto_set,
+                                    "points": trajectory.tolist()})
+            print(f"{method:12s} from {start}: ends at ({end[0]:.3f}, {end[1]:.3f}), "
+                  f"{'on' if on_pareto_set else 'NOT on'} the Pareto set", flush=True)
+    os.makedirs(arguments.output_dir, exist_ok=True)
+    with open(os.path.join(arguments.output_dir, "toy.json"), "w") as file:
+        json.dump({"steps": arguments.steps, "results": results}, file)
+    plot(results, os.path.join(arguments.output_dir, "toy.png"))
+
+
+if __name__ == "__main__":
+    main()
