@@ -89,8 +89,18 @@ class Worker:
         self._relay.join(timeout=5)
 
 
+class StopRequest(threading.Event):
+    """SIGTERM or Ctrl-C reached the launcher: it forwards the same signal to every worker."""
+
+    signum = signal.SIGTERM
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = signum
+        super().set()
+
+
 def run_workers(command: list[str], *, workers: int, deadline: float, grace: float,
-                stop_requested: threading.Event) -> tuple[int, str]:
+                stop_requested: StopRequest) -> tuple[int, str]:
     """Runs one attempt; returns (exit status, what happened)."""
     ports = free_ports(workers)
     started = [Worker(index, command, dict(os.environ, TF_CONFIG=tf_config(ports, index)))
@@ -107,10 +117,11 @@ def run_workers(command: list[str], *, workers: int, deadline: float, grace: flo
             if all(status == 0 for status in statuses):
                 return 0, "all workers finished"
             if stop_requested.is_set():
+                # The same signal: mto-train checkpoints and stops (Ctrl-C exits 130, SIGTERM 143).
                 for worker in started:
-                    worker.signal_group(signal.SIGTERM)  # mto-train checkpoints and stops.
+                    worker.signal_group(stop_requested.signum)
                 _wait_all(started, time.monotonic() + grace)
-                return 143, "stopped on request"
+                return 128 + stop_requested.signum, f"stopped on request ({signal.Signals(stop_requested.signum).name})"
             if time.monotonic() > deadline:
                 return 1, "timed out; workers still running: " + ", ".join(
                     str(worker.index) for worker, status in zip(started, statuses) if status is None)
@@ -143,9 +154,9 @@ def main(argv: list[str]) -> int:
     if args.workers < 1 or args.restarts < 0 or args.timeout <= 0:
         parser.error("--workers must be >= 1, --restarts >= 0 and --timeout > 0")
 
-    stop_requested = threading.Event()
+    stop_requested = StopRequest()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
+        signal.signal(signum, lambda received, _: stop_requested.set(received))
     deadline = time.monotonic() + args.timeout
     for attempt in range(args.restarts + 1):
         print(f"launch: attempt {attempt + 1} of {args.restarts + 1}: {args.workers} worker(s) of: "

@@ -176,8 +176,9 @@ class TrainConfig:
     # must be given, weights default to 1.0, no metrics).
     losses: Mapping[str, LossSpec] | None = parsed(
         "losses", None, "OUTPUT=LOSS,... (a Keras loss name or MODULE:FUNCTION), or a JSON object mapping each "
-        "output to a Keras loss name, a Keras loss config ({\"class_name\": ..., \"config\": ...}) or "
-        "MODULE:FUNCTION. Unset: the built-in model's own.", reads=("loss",))
+        "output to a Keras loss name, a Keras loss config ({\"class_name\": ..., \"config\": ...}), "
+        "MODULE:FUNCTION, or null (the output is predicted and its metrics computed, but not trained). Unset: "
+        "the built-in model's own.", reads=("loss",))
     loss_weights: Mapping[str, float] | None = parsed(
         "loss_weights", None, "OUTPUT=WEIGHT,... (or a JSON object) for every output: the total loss is "
         "sum(weight * loss). Unset: the built-in model's own, else 1.0 each.", reads=("loss",))

@@ -2,7 +2,9 @@
 
 - `ConfigError`: a setting that cannot work, named by its flag (exit 2);
 - `NonFiniteError`: a loss or weight became NaN or infinite (exit 3);
-- `Preempted`: SIGTERM stopped the run after a checkpoint (exit 143).
+- `Preempted`: SIGTERM stopped the run after a checkpoint (exit 143);
+  `Interrupted`, Ctrl-C did (exit 130); `InterruptedAtOnce`, a second Ctrl-C
+  stopped it where it was (exit 130).
 
 No TensorFlow here: the flags and `TrainConfig` use these too.
 """
@@ -34,9 +36,23 @@ class NonFiniteError(Exception):
 class Preempted(Exception):
     """Training stopped early on SIGTERM, after saving a checkpoint at `step`."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after step {step}, checkpoint saved")
+    def __init__(self, step: int, *, by: str = "SIGTERM"):
+        super().__init__(f"stopped by {by} after step {step}, checkpoint saved")
         self.step = step
+
+
+class Interrupted(Preempted):
+    """Ctrl-C (SIGINT): training stopped after the current call, with a checkpoint at `step` (exit 130)."""
+
+    def __init__(self, step: int):
+        super().__init__(step, by="Ctrl-C")
+
+
+class InterruptedAtOnce(Exception):
+    """A second Ctrl-C: training stopped at once; the newest complete checkpoint is kept (exit 130)."""
+
+    def __init__(self):
+        super().__init__("stopped at once by a second Ctrl-C; the newest complete checkpoint is kept")
 
 
 def first_line(error: BaseException) -> str:

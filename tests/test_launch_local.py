@@ -93,12 +93,14 @@ def test_command_is_required():
     assert process.returncode == 2 and "put the worker command after --" in process.stderr
 
 
-def test_sigterm_to_the_launcher_reaches_every_worker_and_nothing_is_left():
-    # Workers that, like mto-train, finish cleanly on SIGTERM (saying so).
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_to_the_launcher_reaches_every_worker_and_nothing_is_left(signum, status):
+    # Workers that, like mto-train, finish cleanly on SIGTERM or Ctrl-C (saying so, with 128 + the signal).
     graceful = ("import signal, sys, time\n"
-                "def stop(*_):\n"
-                "    print('stopping cleanly', flush=True); sys.exit(143)\n"
+                "def stop(signum, _):\n"
+                "    print('stopping cleanly', flush=True); sys.exit(128 + signum)\n"
                 "signal.signal(signal.SIGTERM, stop)\n"
+                "signal.signal(signal.SIGINT, stop)\n"
                 "print('ready', flush=True)\n"
                 "time.sleep(600)\n")
     launcher = subprocess.Popen([sys.executable, LAUNCHER, "--workers=2", "--grace=20", "--", sys.executable, "-c",
@@ -106,9 +108,9 @@ def test_sigterm_to_the_launcher_reaches_every_worker_and_nothing_is_left():
     lines = []
     while sum("] ready" in line for line in lines) < 2:
         lines.append(launcher.stdout.readline())
-    launcher.send_signal(signal.SIGTERM)
+    launcher.send_signal(signum)
     output = "".join(lines) + launcher.stdout.read()
-    assert launcher.wait(timeout=30) == 143
+    assert launcher.wait(timeout=30) == status
     assert "[worker 0] stopping cleanly" in output and "[worker 1] stopping cleanly" in output
-    assert "launch: stopped on request" in output
+    assert f"launch: stopped on request ({signal.Signals(signum).name})" in output
     assert not any(is_running(pid) for pid in worker_pids(output))

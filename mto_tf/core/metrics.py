@@ -44,8 +44,31 @@ def make_output_metrics(identifiers: Mapping[str, list], *, y_true: Mapping[str,
             except Exception as error:  # Keras raises ValueError, TypeError, ... for unknown names.
                 raise ConfigError("metrics", f"output {output!r}: Keras cannot make a metric of {identifier!r} "
                                              f"({describe_error(error)})") from None
+            _try_on_zeros(metric, output=output, y_true=y_true[output], y_pred=y_pred[output])
             log_name = f"{output}_{metric.name}"
             if log_name in output_metrics:
                 raise ConfigError("metrics", f"output {output!r}: metric {metric.name!r} given twice")
             output_metrics[log_name] = (output, metric)
     return output_metrics
+
+
+def _try_on_zeros(metric: keras.metrics.Metric, *, output: str, y_true, y_pred) -> None:
+    """One update on a batch of zeros shaped as the output's labels and predictions, then reset.
+
+    It builds the metrics Keras builds on their first update (F1Score's
+    variables take the number of classes from it) in the strategy's scope,
+    and a metric that cannot take this output fails here, before anything
+    is written, not in the first step.
+    """
+    def zeros(spec):
+        shape = [2, *(1 if size is None else size for size in tuple(spec.shape)[1:])]
+        return tf.zeros(shape, dtype=spec.dtype)
+
+    try:
+        metric.update_state(zeros(y_true), zeros(y_pred))
+        metric.result()
+    except Exception as error:  # Whatever Keras raises for shapes or dtypes it cannot take.
+        raise ConfigError("metrics", f"output {output!r}: metric {metric.name!r} cannot take its labels "
+                                     f"{tuple(y_true.shape)} and predictions {tuple(y_pred.shape)} "
+                                     f"({describe_error(error)})") from None
+    metric.reset_state()

@@ -131,6 +131,8 @@ def _parse_keras_object(flag: str, text: str, *, number_ok: bool = False):
 
 
 def _loss_from_text(flag: str, key: str, value):
+    if value is None:  # JSON null: the output is predicted, not trained (as compile takes None).
+        return None
     if not (isinstance(value, str) or (isinstance(value, dict) and "class_name" in value)):
         raise ConfigError(flag, f"output {key!r}: expected a Keras loss name, MODULE:FUNCTION or "
                                 f"{{\"class_name\": ..., \"config\": ...}}, got {value!r}")

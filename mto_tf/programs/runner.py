@@ -9,7 +9,9 @@ program runs.
 Exit statuses: 0 done; 2 a bad setting, or a --model_dir that cannot be
 written or resumed from (found before anything is written); 3 a loss or
 weight became NaN or infinite (the last good checkpoint is kept, no final
-model); 143 stopped by SIGTERM with a checkpoint (rerun to resume).
+model); 130 stopped by Ctrl-C (SIGINT), after the current call with a
+checkpoint, or at once on a second Ctrl-C (rerun to resume); 143 stopped by
+SIGTERM with a checkpoint (rerun to resume).
 
 Quiet by default: the program's own messages, warnings and errors.
 `--verbosity=0` (absl's flag) shows TensorFlow's and TFDS's Python
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging as std_logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,13 +32,14 @@ from typing import Any
 from absl import app, logging
 from absl import flags as absl_flags
 
-from mto_tf.errors import ConfigError, NonFiniteError, Preempted
+from mto_tf.errors import ConfigError, Interrupted, InterruptedAtOnce, NonFiniteError, Preempted
 from mto_tf.programs import flags as mto_flags
 from mto_tf.programs import tensorflow_logs
 
 EXIT_OK = 0
 EXIT_BAD_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C.
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if the signal had ended the process.
 
 logger = std_logging.getLogger("mto_tf")
@@ -76,6 +80,17 @@ def run_parsed(program: str, program_main: Callable[..., None], argv: list[str],
             return _error(program, str(error))
         except NonFiniteError as error:
             return _error(program, str(error), status=EXIT_NON_FINITE)
+        except Interrupted as interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # The program is ending: no KeyboardInterrupt in clean-up.
+            logger.warning("Interrupted: %s; rerun the same command to resume", interrupted)
+            return EXIT_INTERRUPTED
+        except (InterruptedAtOnce, KeyboardInterrupt) as interrupted:
+            # KeyboardInterrupt: Ctrl-C before the loop watched for it (set-up), or in a program that does not.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            message = str(interrupted) if isinstance(interrupted, InterruptedAtOnce) else "stopped by Ctrl-C"
+            logger.warning("Interrupted: %s; rerun the same command to resume from the newest checkpoint, if any",
+                           message)
+            return EXIT_INTERRUPTED
         except Preempted as preempted:
             # Non-zero, so that a launcher restarts the job; it resumes from the checkpoint.
             logger.warning("Preempted: %s; rerun the same command to resume", preempted)

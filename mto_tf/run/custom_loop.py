@@ -54,8 +54,8 @@ def run_custom_loop(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] =
             current_step += num_steps
             run.progress.update(current_step, {name: value / num_steps for name, value in loop_totals.items()})
             finished = current_step == run.total_steps
-            preempted = not finished and preemption.stop_agreed()
-            window_ended = current_step % config.log_every == 0 or finished or preempted
+            preempted = None if finished else preemption.stop_agreed()  # SIGTERM or Ctrl-C on any worker.
+            window_ended = current_step % config.log_every == 0 or finished or preempted is not None
             record = {}
             if window_ended:
                 record.update(window.means())

@@ -10,7 +10,7 @@ from there on both do the same, in this order:
 3. the window-end hooks, with the record (the benchmark passes its turn here);
 4. the next window's timer starts: evaluating and logging are not training;
 5. a checkpoint, when one is due, at the end, on SIGTERM, or when stopping early;
-6. SIGTERM raises `Preempted`; an early stop is logged, and the loop told to stop.
+6. SIGTERM raises `Preempted`, Ctrl-C `Interrupted`; an early stop is logged, and the loop told to stop.
 
 Losses are checked for NaN and infinity before any of it (`check_finite`),
 so nothing non-finite is logged or saved.
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import numpy as np
 
-from mto_tf.errors import NonFiniteError, Preempted
+from mto_tf.errors import Interrupted, NonFiniteError, Preempted
 from mto_tf.run.setup import Run
 
 logger = logging.getLogger(__name__)
@@ -36,16 +36,20 @@ WindowEndHook = Callable[[int, dict], None]
 
 def check_finite(values: Mapping[str, float], *, where: str, run: Run) -> None:
     """Raises `NonFiniteError` naming the values that are NaN or infinite, and `where` (the steps)."""
-    not_finite = [name for name, value in values.items() if not np.isfinite(value)]
+    not_finite = [name for name, value in values.items() if not np.all(np.isfinite(value))]
     if not_finite:
         raise NonFiniteError(f"{', '.join(not_finite)} not finite in {where}", kept_step=run.checkpoints.latest_step)
 
 
-def metric_results(output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]) -> dict[str, float]:
-    """Each metric's result since it was last read, by log name; the metrics start again from zero."""
+def metric_results(output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]) -> dict[str, float | list]:
+    """Each metric's result since it was last read, by log name; the metrics start again from zero.
+
+    A result with a value per class (F1Score, FBetaScore with `average=None`) is a list of floats.
+    """
     results = {}
     for log_name, (_, metric) in output_metrics.items():
-        results[log_name] = float(metric.result())
+        result = np.asarray(metric.result(), dtype=np.float64)
+        results[log_name] = float(result) if result.ndim == 0 else result.ravel().tolist()
         metric.reset_state()
     return results
 
@@ -67,7 +71,7 @@ class WindowEnds:
         return num_steps * self._run.config.batch_size / (time.perf_counter() - self._started)
 
     def __call__(self, step: int, record: dict[str, float], *, window_ended: bool, finished: bool,
-                 preempted: bool = False) -> bool:
+                 preempted: str | None = None) -> bool:
         """After the call or epoch that reached `step`; returns True when the loop must stop early.
 
         Args:
@@ -75,10 +79,10 @@ class WindowEnds:
           record: what to log at `step` (empty: nothing), in the order to log it.
           window_ended: a logging window ended here (its means are in `record`).
           finished: `step` is the run's last.
-          preempted: every worker agreed to stop on SIGTERM.
+          preempted: the signal every worker agreed to stop on ("SIGTERM" or "SIGINT"), or None.
 
         Raises:
-          Preempted: after the checkpoint, when `preempted`.
+          Preempted: after the checkpoint, on SIGTERM; Interrupted on SIGINT (Ctrl-C).
         """
         run = self._run
         stop_early = False
@@ -95,7 +99,7 @@ class WindowEnds:
         if step % run.config.checkpoint_every == 0 or finished or preempted or stop_early:
             run.checkpoints.save(step)
         if preempted:
-            raise Preempted(step)
+            raise Interrupted(step) if preempted == "SIGINT" else Preempted(step)
         if stop_early:
             logger.info("Early stopping at step %d: %s", step, run.best_value.describe_stop())
         return stop_early

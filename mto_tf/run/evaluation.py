@@ -27,7 +27,7 @@ def make_evaluation(run: Run) -> Callable[[], dict[str, float]]:
 
     def evaluate_once() -> dict[str, float]:
         values = evaluate(iter(batches), tf.constant(num_steps), tf.constant(num_examples, tf.int64))
-        return {**{f"val_{name}": float(value) for name, value in values.items()},
+        return {**{f"val_{name}": float(values[name]) for name in setup.losses.names},
                 **driver.metric_results(run.metrics.validation)}
 
     return evaluate_once

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from mto_tf.core import optimization
 from mto_tf.data import batching
 from mto_tf.run import driver
 from mto_tf.run.setup import Run
@@ -53,8 +54,9 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
-    """`model.compile` with the run's losses, weights, metrics and optimizer.
+def compile_model(run: Run, *, keras_defaults: bool = False, optimizer: keras.optimizers.Optimizer | None = None
+                  ) -> None:
+    """`model.compile` with the run's losses, weights, metrics and optimizer (or `optimizer`).
 
     With the run's steps per call and XLA setting, or, for comparison, with
     Keras's defaults for those two.
@@ -63,7 +65,7 @@ def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
     settings = {} if keras_defaults else dict(jit_compile=config.jit_compile, steps_per_execution=config.steps_per_loop)
     with setup.strategy.scope():
         setup.model.compile(
-            optimizer=run.optimizer,
+            optimizer=optimizer or run.optimizer,
             loss={name: _configured(identifier, keras.losses.get)
                   for name, identifier in setup.losses.identifiers.items()},
             loss_weights=setup.losses.weights,
@@ -76,6 +78,33 @@ def compile_model(run: Run, *, keras_defaults: bool = False) -> None:
 def _configured(identifier, get):
     """A Keras config (a dict) as the object it describes: `compile` would read a dict as one entry per key."""
     return get(identifier) if isinstance(identifier, dict) else identifier
+
+
+def compile_as_fit_saves(run: Run) -> None:
+    """The custom loop's model compiled as `fit` leaves it: its losses, weights, metrics, and an optimizer with the run's state.
+
+    So `keras.models.load_model` of `model.keras` can `evaluate` (and go on
+    training) as after `fit`. The optimizer is Keras's own, made from the
+    run's settings (the custom loop's takes gradients already summed over
+    replicas), holding the run's slots and step count. Called on every
+    worker: variables are made in the strategy's scope.
+    """
+    config, setup = run.config, run.setup
+    with setup.strategy.scope():
+        optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=False)
+        optimizer.build(setup.model.trainable_variables)
+    # The same optimizer class and settings: its variables, named after the
+    # model's weights, are the run's, bar the optimizer's own name in front.
+    run_state = {_without_optimizer_name(variable.path): variable for variable in run.optimizer.variables}
+    for variable in optimizer.variables:
+        source = run_state.get(_without_optimizer_name(variable.path))
+        if source is not None and tuple(source.shape) == tuple(variable.shape):
+            variable.assign(source)
+    compile_model(run, optimizer=optimizer)
+
+
+def _without_optimizer_name(path: str) -> str:
+    return path.split("/", 1)[-1]
 
 
 def fit_batches(run: Run, *, skip_batches: int = 0) -> tf.data.Dataset:

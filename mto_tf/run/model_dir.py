@@ -5,7 +5,9 @@
   measurement averaged over the window's steps, as `fit` averages over an epoch);
 - `tensorboard/`: the same numbers as scalars;
 - `checkpoints/`: model and optimizer state, every `--checkpoint_every` steps;
-- `model.weights.h5` and `model.keras` at the end.
+- `model.weights.h5` and `model.keras` at the end;
+- `.lock`: the chief's OS file lock for the whole run (one run per
+  directory; the kernel releases it if the process dies), and its pid.
 
 Nothing non-finite is kept: a checkpoint is written only when every weight
 and optimizer slot is finite, and a run that stops on a non-finite value
@@ -16,6 +18,7 @@ disk mid-save) is passed over for the newest one that can.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +27,7 @@ import shutil
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mto_tf import config as config_lib
@@ -36,15 +40,57 @@ WEIGHTS_FILE = "model.weights.h5"
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".lock"
 
 logger = logging.getLogger(__name__)
 
 
-def prepare(config: TrainConfig) -> None:
-    """Creates `--model_dir`, or checks that the run it holds is this run, so resuming is safe.
+class Lock:
+    """The chief's hold on `--model_dir` for the whole run: an OS file lock (`flock`) on `.lock`.
+
+    A lock file a killed run left behind does not block: the kernel released
+    its lock with the process. `release()` at the end of the run.
+    """
+
+    def __init__(self, model_dir: str):
+        path = os.path.join(model_dir, LOCK_FILE)
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            self._file = open(path, "a+")
+        except OSError as error:
+            raise ConfigError("model_dir", f"cannot write {path}: {first_line(error)}") from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ConfigError("model_dir", f"{model_dir!r} is in use by another run (pid {holder}); wait for it "
+                                           f"to end, or use another --model_dir") from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()  # Closing the file releases the lock.
+
+
+def prepare(config: TrainConfig) -> Lock:
+    """Locks `--model_dir`, creates it or checks that the run it holds is this run (so resuming is safe).
 
     `config.json` records every setting a resumed run may not change.
+    Returns the lock, held until released; on an error it is released.
     """
+    lock = Lock(config.model_dir)
+    try:
+        _check_or_record_settings(config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_or_record_settings(config: TrainConfig) -> None:
     config_path = os.path.join(config.model_dir, CONFIG_FILE)
     resumable = config_lib.resumable_settings()
     settings = {name: value for name, value in config.describe().items() if name not in resumable}
@@ -57,11 +103,10 @@ def prepare(config: TrainConfig) -> None:
                 raise ConfigError("model_dir", f"{config.model_dir!r} holds a run with --{name}={saved.get(name)}, "
                                                f"not {value}; resume it with the same settings or use a new --model_dir")
         return
-    if os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
+    if set(os.listdir(config.model_dir)) - {LOCK_FILE}:
         raise ConfigError("model_dir", f"{config.model_dir!r} is not empty and holds no mto_tf run; "
                                        f"use a new or empty directory")
     try:
-        os.makedirs(config.model_dir, exist_ok=True)
         with open(config_path, "w") as config_file:
             json.dump(settings, config_file, indent=2, sort_keys=True)
     except OSError as error:
@@ -97,19 +142,35 @@ class MetricsLog:
                 metrics_file.writelines(kept)
 
     def write(self, step: int, measurements: dict[str, float]) -> dict:
-        """Writes `measurements` at `step`; returns the record written."""
-        record = {"step": int(step), **{name: value if isinstance(value, int) else float(value)
-                                        for name, value in measurements.items()}}
+        """Writes `measurements` at `step`; returns the record written.
+
+        A metric with a value per class (F1Score with `average=None`) is a
+        list, as `fit`'s history holds it, and one TensorBoard scalar per
+        class, `<name>/<class>`.
+        """
+        record = {"step": int(step), **{name: _as_json_value(value) for name, value in measurements.items()}}
         if self._write_files:
             with _naming_model_dir(self._path):
                 with open(self._path, "a") as metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                 with self._summary_writer.as_default(step=record["step"]):
-                    for name, value in measurements.items():
-                        tf.summary.scalar(name, value)
+                    for name, value in record.items():
+                        if name == "step":
+                            continue
+                        for tag, scalar in ([(f"{name}/{index}", part) for index, part in enumerate(value)]
+                                            if isinstance(value, list) else [(name, value)]):
+                            tf.summary.scalar(tag, scalar)
                 self._summary_writer.flush()
         self.records.append(record)
         return record
+
+
+def _as_json_value(value):
+    """An int as it is, a scalar as a float, a value per class as a list of floats."""
+    if isinstance(value, int):
+        return value
+    array = np.asarray(value, dtype=np.float64)
+    return float(array) if array.ndim == 0 else array.ravel().tolist()
 
 
 class Checkpoints:

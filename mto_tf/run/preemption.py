@@ -1,4 +1,10 @@
-"""SIGTERM on any worker -> every worker stops after the same step, checkpointed.
+"""SIGTERM or Ctrl-C on any worker -> every worker stops after the same step, checkpointed.
+
+Ctrl-C (SIGINT, as a terminal sends it) is taken like SIGTERM: the run stops
+after the current `tf.function` call with a checkpoint. A second Ctrl-C
+stops at once (`InterruptedAtOnce`), wherever Python is: a checkpoint being
+written then never becomes the latest (TensorFlow's CheckpointManager
+records a checkpoint only once it is complete).
 
 A preempted machine gets SIGTERM shortly before it is taken away. Workers
 train in lock step, so they must agree on where to stop: after every loop
@@ -16,44 +22,77 @@ import threading
 
 import tensorflow as tf
 
+from mto_tf.errors import InterruptedAtOnce
+
 logger = logging.getLogger(__name__)
 
 
+# The signals as the workers' agreement codes them: the highest any worker received wins.
+SIGNALS = {1: "SIGTERM", 2: "SIGINT"}
+
+
 class PreemptionWatcher:
-    """Notes SIGTERM in this process; `stop_agreed()` asks all workers (a collective: call it on every worker)."""
+    """Notes SIGTERM and SIGINT in this process; `stop_agreed()` asks all workers (a collective: call it on every worker)."""
 
     def __init__(self, strategy: tf.distribute.Strategy):
-        self._signal_received = False
-        self._previous_handler = None
+        self._received = 0  # A key of SIGNALS, or 0.
+        self._previous_handlers = {}
         if threading.current_thread() is threading.main_thread():  # Python only signals the main thread.
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
         # One process needs no agreement; asking would cost a second
         # function call per loop, as much as a small model's step.
-        self._count_workers_signalled = None
+        self._highest_signal_received = None
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
 
             @tf.function
-            def count_workers_signalled(flag):
-                per_replica = strategy.run(lambda: tf.identity(flag))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            def highest_signal_received(code):
+                per_replica = strategy.run(lambda: tf.identity(code))
+                return strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
 
-            self._count_workers_signalled = count_workers_signalled
+            self._highest_signal_received = highest_signal_received
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        logger.warning("SIGTERM received: stopping after the current loop, with a checkpoint")
-        self._signal_received = True
+    def _on_signal(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT:
+            if self._received == 2:
+                raise InterruptedAtOnce()
+            logger.warning("Ctrl-C: stopping after the current call, with a checkpoint (Ctrl-C again: at once)")
+            self._received = 2
+        else:
+            logger.warning("SIGTERM received: stopping after the current loop, with a checkpoint")
+            self._received = max(self._received, 1)
 
-    def stop_agreed(self) -> bool:
-        """True when any worker has received SIGTERM; the same answer on every worker."""
-        if self._count_workers_signalled is None:
-            return self._signal_received
-        flag = tf.constant(1.0 if self._signal_received else 0.0)
-        return bool(self._count_workers_signalled(flag) > 0)
+    def stop_agreed(self) -> str | None:
+        """The signal any worker received ("SIGINT" over "SIGTERM"), or None; the same answer on every worker."""
+        if self._highest_signal_received is None:
+            return SIGNALS.get(self._received)
+        return SIGNALS.get(int(self._highest_signal_received(tf.constant(self._received, tf.int32))))
 
     def close(self) -> None:
-        """Gives SIGTERM back to whoever handled it before."""
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        """Gives the signals back to whoever handled them before.
+
+        After a Ctrl-C the run is ending: a further Ctrl-C is ignored until
+        `restore_after_interrupt()` (in `train`, once the run has ended), so
+        that it cannot raise a KeyboardInterrupt in the middle of clean-up.
+        """
+        global _handler_before_interrupt
+        for signum, handler in self._previous_handlers.items():
+            if signum == signal.SIGINT and self._received == 2:
+                _handler_before_interrupt = handler
+                signal.signal(signum, signal.SIG_IGN)
+            else:
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
+_handler_before_interrupt = None
+
+
+def restore_after_interrupt() -> None:
+    """Ctrl-C handled as before the run again (after a run that Ctrl-C stopped)."""
+    global _handler_before_interrupt
+    if _handler_before_interrupt is not None:
+        signal.signal(signal.SIGINT, _handler_before_interrupt)
+        _handler_before_interrupt = None

@@ -44,7 +44,7 @@ class Progress:
         elapsed = time.perf_counter() - self._start_time
         rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self._total_steps - step) / rate if rate > 0 else 0.0
-        losses = " ".join(f"{name} {value:.4f}" for name, value in latest_losses.items())
+        losses = " ".join(f"{name} {shown(value, '.4f')}" for name, value in latest_losses.items())
         line = (f"step {step}/{self._total_steps} [{'=' * filled}{'.' * (_BAR_WIDTH - filled)}] "
                 f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}, {rate:.1f} steps/s | {losses}")
         self._draw(line[:shutil.get_terminal_size().columns - 1])
@@ -54,7 +54,7 @@ class Progress:
         if self.mode == "quiet":
             return
         # Not the per-layer gradient shares (grad_share/<layer>/<output>): metrics.jsonl and TensorBoard have them.
-        values = ", ".join(f"{name}={value:.4g}" for name, value in record.items()
+        values = ", ".join(f"{name}={shown(value)}" for name, value in record.items()
                            if name != "step" and "/" not in name)
         if values:
             self._print_line(f"step {step}/{self._total_steps}: {values}")
@@ -84,6 +84,14 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
 
 
+def shown(value, spec: str = ".4g") -> str:
+    """A value as a line shows it; a value per class as its mean, saying so."""
+    if isinstance(value, list | tuple) or getattr(value, "ndim", 0):
+        parts = [float(part) for part in (value.ravel() if hasattr(value, "ravel") else value)]
+        return f"{format(sum(parts) / len(parts), spec)} (mean of {len(parts)} classes)"
+    return format(value, spec)
+
+
 def summary_lines(*, step: int, seconds: float, records: list[Mapping[str, float]], output_names: list[str],
                   model_dir: str, files: list[str]) -> list[str]:
     """The end of a run in a few lines: the last training window's and evaluation's values by output, and the files."""
@@ -108,7 +116,7 @@ def _by_output(record: Mapping[str, float], output_names: list[str], *, prefix: 
     by_output = {name: [] for name in output_names}
     for key, value in record.items():
         if not prefix and key.removeprefix("loss_weight/") in by_output:  # An adaptive --loss_weighting's factor.
-            by_output[key.removeprefix("loss_weight/")].append(f"loss weight {value:.4g}")
+            by_output[key.removeprefix("loss_weight/")].append(f"loss weight {shown(value)}")
             continue
         if not key.startswith(prefix):
             continue
@@ -117,7 +125,7 @@ def _by_output(record: Mapping[str, float], output_names: list[str], *, prefix: 
         owner = next((name for name in sorted(output_names, key=len, reverse=True) if key.startswith(name + "_")),
                      None)
         if owner:
-            by_output[owner].append(f"{key.removeprefix(owner + '_')} {value:.4g}")
+            by_output[owner].append(f"{key.removeprefix(owner + '_')} {shown(value)}")
     parts = [f"loss {record[prefix + 'loss']:.4g}"] + [f"{name}: {', '.join(values)}"
                                                       for name, values in by_output.items()]
     return " | ".join(parts)

@@ -30,11 +30,22 @@ from mto_tf.run import best, model_dir, progress
 
 @dataclasses.dataclass(frozen=True)
 class Losses:
-    """Each output's loss and weight: what the one total loss is made of."""
+    """Each output's loss and weight: what the one total loss is made of.
 
-    identifiers: dict[str, object]  # Each output's loss as `compile` takes it (name, config or function).
-    per_example: dict[str, keras.losses.Loss]  # The same losses, per example, for the custom step.
-    weights: dict[str, float]
+    An output whose loss is None (`null` in `--losses`) is predicted and
+    its metrics computed, but it is not in the total: it has no entry in
+    `per_example` or `weights`, as `compile` leaves it out.
+    """
+
+    identifiers: dict[str, object]  # Each output's loss as `compile` takes it (name, config, function, None).
+    per_example: dict[str, keras.losses.Loss]  # The trained outputs' losses, per example, for the custom step.
+    weights: dict[str, float]  # The trained outputs' weights.
+
+    @property
+    def names(self) -> list[str]:
+        """What a step or an evaluation reports, named as `fit`'s history names it: `loss`, and `<output>_loss`
+        for each trained output when there are several (Keras 3.15 reports no per-output loss for a single one)."""
+        return ["loss", *(f"{name}_loss" for name in self.per_example)] if len(self.per_example) > 1 else ["loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +62,8 @@ class ModelSetup:
 
     @property
     def loss_names(self) -> list[str]:
-        """What the train step measures: the total loss, then each output's loss, named as `fit` names them."""
-        return ["loss", *(f"{name}_loss" for name in self.signature.output_names)]
+        """What the train step measures: the total loss, then each trained output's loss, named as `fit` names them."""
+        return self.losses.names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,12 @@ class Run:
     progress: progress.Progress  # What the person watching sees (the chief's only).
     start_step: int  # Where a restored run stopped; 0 for a new run.
     total_steps: int  # --train_steps, or --epochs passes over the data, each ending with its partial batch.
+    lock: model_dir.Lock | None = None  # The chief's hold on --model_dir: `release()` when the run ends.
+
+    def release(self) -> None:
+        """Ends the run's hold on --model_dir (another run may then use it)."""
+        if self.lock:
+            self.lock.release()
 
     @property
     def config(self) -> TrainConfig:
@@ -89,7 +106,7 @@ class Run:
     @property
     def measurement_names(self) -> list[str]:
         """What each train step measures: the losses, and an adaptive method's factor of each output's loss."""
-        weights = [f"loss_weight/{name}" for name in self.setup.signature.output_names] if self.method else []
+        weights = [f"loss_weight/{name}" for name in self.setup.losses.weights] if self.method else []
         return [*self.setup.loss_names, *weights]
 
 
@@ -142,38 +159,40 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
 
         metrics = Metrics(identifiers=metric_identifiers, training=make_metrics(""),
                           validation=make_metrics("val_") if validation else {})
-    best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics,
-                                  output_names=setup.signature.output_names)
+    best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)
 
     # Everything is checked: only now may the model directory be written
-    # (by the chief alone; the other workers read its checkpoints).
+    # (by the chief alone, holding its lock; the other workers read its checkpoints).
     chief = is_chief(strategy)
-    if chief:
-        model_dir.prepare(config)
-    more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
-                                                  ("loss_weighting", method)) if state}
-    checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer, is_chief=chief,
-                                        **more_state)
-    start_step = checkpoints.restore_latest()
-    total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
-                   if config.epochs else config.train_steps)
-    return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, method=method,
-               representation=representation, metrics=metrics,
-               validation=validation,
-               best_value=best_value, checkpoints=checkpoints,
-               metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
-               progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
-                                          total_steps=total_steps),
-               start_step=start_step, total_steps=total_steps)
+    lock = model_dir.prepare(config) if chief else None
+    try:
+        more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
+                                                      ("loss_weighting", method)) if state}
+        checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer,
+                                            is_chief=chief, **more_state)
+        start_step = checkpoints.restore_latest()
+        total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
+                       if config.epochs else config.train_steps)
+        return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, method=method,
+                   representation=representation, metrics=metrics, validation=validation,
+                   best_value=best_value, checkpoints=checkpoints,
+                   metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
+                   progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
+                                              total_steps=total_steps),
+                   start_step=start_step, total_steps=total_steps, lock=lock)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
     """--loss_weighting's method, for the model's outputs; a DWA period is a pass (with --epochs) or a window."""
-    num_outputs = len(setup.signature.output_names)
+    num_outputs = len(setup.losses.weights)  # The trained outputs.
     name = config.weighting.name
     if num_outputs < 2:
-        raise ConfigError("loss_weighting", f"{name} weighs several outputs; model {setup.signature.model_name!r} "
-                                            f"has one")
+        raise ConfigError("loss_weighting", f"{name} weighs several outputs' losses; model "
+                                            f"{setup.signature.model_name!r} has one to train")
     if name in loss_weighting.EXACT_SOLVER_METHODS and num_outputs > loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS:
         raise ConfigError("loss_weighting", f"{name} solves its problem exactly over every subset of the outputs: "
                                             f"at most {loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS} outputs, "
@@ -192,15 +211,19 @@ def _check_class_weight_outputs(config: TrainConfig, signature: ModelSignature) 
 
 
 def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validation: Examples | None,
-                     metrics: Metrics, output_names: list[str]) -> best.BestValue | None:
+                     metrics: Metrics, losses: Losses) -> best.BestValue | None:
     """`--save_best`'s tracker, checked against what the evaluation reports."""
     if config.save_best is None:
         return None
     if validation is None:
         raise ConfigError("save_best", "needs validation data: --validation_data=npz:PATH, or a dataset with a "
                                        "validation split (--validation_split)")
+    watched = metrics.validation.get(config.save_best)
+    if watched is not None and tuple(watched[1].result().shape) != ():
+        raise ConfigError("save_best", f"{config.save_best} has a value per class; name a single value (a loss, or a "
+                                       f"metric with average='macro' or 'micro')")
     higher = best.higher_is_better(
-        config.save_best, val_loss_names=["val_loss", *(f"val_{name}_loss" for name in output_names)],
+        config.save_best, val_loss_names=[f"val_{name}" for name in losses.names],
         val_metrics={name: metric for name, (_, metric) in metrics.validation.items()})
     return best.BestValue(config.save_best, higher_is_better=higher, patience=config.early_stopping_patience,
                           model_dir=config.model_dir, is_chief=is_chief(strategy))
@@ -216,23 +239,42 @@ def _default_for(config: TrainConfig, field: str, user_model_default):
 
 
 def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec]) -> Losses:
-    """Each output's loss (as `compile` takes it, and per example) and weight; every output must have both."""
+    """Each output's loss (as `compile` takes it, and per example) and weight; every trained output must have both."""
     output_names = signature.output_names
-    given = {"losses": _default_for(config, "losses", {}),
-             # Keras's default: every output counts once.
-             "loss_weights": _default_for(config, "loss_weights", {name: 1.0 for name in output_names})}
-    for flag, mapping in given.items():
-        unknown = sorted(set(mapping) - set(output_names))
-        if unknown:
-            raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {signature.model_name!r} has outputs "
-                                    f"{sorted(output_names)}")
-        missing = [name for name in output_names if name not in mapping]
-        if missing:
-            raise ConfigError(flag, f"no entry for output {missing[0]!r}; expected one for each of "
-                                    f"{sorted(output_names)}")
-    identifiers = {name: user_code.resolve_identifier(given["losses"][name], output=name, flag="losses")
-                   for name in output_names}
+    losses = _default_for(config, "losses", {})
+    _check_output_names("losses", losses, signature)
+    missing = [name for name in output_names if name not in losses]
+    if missing:
+        raise ConfigError("losses", f"no entry for output {missing[0]!r}; expected one for each of "
+                                    f"{sorted(output_names)} (null for an output that is not trained)")
+    trained = [name for name in output_names if losses[name] is not None]
+    if not trained:
+        raise ConfigError("losses", "every output's loss is null: nothing would be trained")
+    # Keras's default: every output counts once.
+    weights = _default_for(config, "loss_weights", {name: 1.0 for name in output_names})
+    _check_output_names("loss_weights", weights, signature)
+    if config.loss_weights is not None:  # Given: for the trained outputs, and those only.
+        untrained = sorted(set(weights) - set(trained))
+        if untrained:
+            raise ConfigError("loss_weights", f"output {untrained[0]!r} has no loss (null in --losses): leave out "
+                                              f"its weight")
+    missing = [name for name in trained if name not in weights]
+    if missing:
+        raise ConfigError("loss_weights", f"no entry for output {missing[0]!r}; expected one for each of "
+                                          f"{sorted(trained)}")
+    for output in config.class_weights:
+        if output not in trained:
+            raise ConfigError("class_weights", f"output {output!r} has no loss (null in --losses): nothing to weigh")
+    identifiers = {name: user_code.resolve_identifier(losses[name], output=name, flag="losses") if name in trained
+                   else None for name in output_names}
     per_example = {name: losses_lib.per_example_loss(identifiers[name], output=name, y_true=labels_spec[name],
-                                                     y_pred=signature.outputs[name]) for name in output_names}
+                                                     y_pred=signature.outputs[name]) for name in trained}
     return Losses(identifiers=identifiers, per_example=per_example,
-                  weights={name: float(given["loss_weights"][name]) for name in output_names})
+                  weights={name: float(weights[name]) for name in trained})
+
+
+def _check_output_names(flag: str, mapping, signature: ModelSignature) -> None:
+    unknown = sorted(set(mapping) - set(signature.output_names))
+    if unknown:
+        raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {signature.model_name!r} has outputs "
+                                f"{sorted(signature.output_names)}")

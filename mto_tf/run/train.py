@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from mto_tf.config import TrainConfig
 from mto_tf.core.strategy import is_chief, make_strategy
-from mto_tf.run import best, custom_loop, fit_loop, model_dir, progress
-from mto_tf.run.setup import build_run
+from mto_tf.run import best, custom_loop, fit_loop, model_dir, preemption, progress
+from mto_tf.run.setup import Run, build_run
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,24 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
 
     Raises:
       ConfigError: a setting that cannot work (before anything is written), or
-        a --model_dir that cannot be written or resumed from.
+        a --model_dir that cannot be written or resumed from, or that another
+        run holds (its lock).
       Preempted: SIGTERM reached a worker; all saved a checkpoint and stopped.
       NonFiniteError: a loss or weight became NaN or infinite; all workers
         stopped, no final model was written, the last good checkpoint is kept.
     """
     run = build_run(config, strategy or make_strategy(config))
+    try:
+        _drive(run)
+    finally:
+        run.release()
+        preemption.restore_after_interrupt()
+    return TrainResult(model=run.setup.model, optimizer=run.optimizer, history=run.metrics_log.records)
+
+
+def _drive(run: Run) -> None:
+    """Drives the run, saves its final model and says how it went."""
+    config = run.config
     started = time.perf_counter()
     if run.best_value and run.best_value.patience_exhausted:  # Resumed after it had stopped early.
         logger.info("Stopped early before: %s", run.best_value.describe_stop())
@@ -55,6 +67,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
     else:
         final_step = custom_loop.run_custom_loop(run)
     model = run.setup.model
+    if config.loop == "custom":  # fit compiled it already.
+        fit_loop.compile_as_fit_saves(run)
     if is_chief(run.setup.strategy):
         model_dir.save_final_model(config.model_dir, model)
     logger.info("Final weights fingerprint: %s", model_dir.weights_fingerprint(model))
@@ -64,4 +78,3 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
         files=[model_dir.MODEL_FILE, model_dir.WEIGHTS_FILE, *([best.BEST_WEIGHTS_FILE] if run.best_value else []),
                model_dir.METRICS_FILE, f"{model_dir.CHECKPOINT_DIR}/", f"{model_dir.TENSORBOARD_DIR}/",
                model_dir.CONFIG_FILE]))
-    return TrainResult(model=model, optimizer=run.optimizer, history=run.metrics_log.records)

@@ -1,0 +1,324 @@
+"""What a Keras user reaches for around a run: one run per `--model_dir`, Ctrl-C that keeps the work, and more."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import SMALL_FLAGS, TIMEOUT_SECONDS, data_dir, mto_train_in_process
+
+# Holds `.lock` as a run's chief does, prints its pid, and waits to be killed.
+HOLD_THE_LOCK = textwrap.dedent("""
+    import fcntl, os, sys, time
+    os.makedirs(sys.argv[1], exist_ok=True)
+    lock = open(os.path.join(sys.argv[1], ".lock"), "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.truncate(0); lock.write(str(os.getpid())); lock.flush()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def _hold_the_lock(model_dir) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(model_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _train(model_dir, *flags):
+    return mto_train_in_process(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={model_dir}",
+                                "--train_steps=2", "--progress=quiet", *flags)
+
+
+def test_a_second_run_into_a_held_model_dir_stops_before_writing_naming_the_holder(tmp_path):
+    model_dir = tmp_path / "run"
+    holder = _hold_the_lock(model_dir)
+    try:
+        process = _train(model_dir)
+        assert process.returncode == 2
+        assert process.stderr.strip().splitlines()[-1] == (
+            f"mto-train: error: --model_dir: '{model_dir}' is in use by another run (pid {holder.pid}); wait for "
+            f"it to end, or use another --model_dir")
+        assert sorted(os.listdir(model_dir)) == [".lock"]  # Nothing written.
+        # Reading a run takes no lock: mto-explain works while it is held.
+        from helpers import run_in_process
+        from mto_tf.programs import explain
+        from mto_tf.programs import flags as mto_flags
+        explained = run_in_process("mto-explain", explain.explain_main, *SMALL_FLAGS, f"--data_dir={data_dir()}",
+                                   "--explain_batches=1", define_flags=mto_flags.define_explain_flags)
+        assert explained.returncode == 0, explained.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the killed holder's lock: its lock file does not block the next run.
+    assert _train(model_dir).returncode == 0
+    assert (model_dir / "model.keras").exists()
+
+
+def test_two_runs_started_into_one_model_dir_one_trains_the_other_is_refused(tmp_path):
+    model_dir = tmp_path / "run"
+    first = subprocess.Popen(["mto-train", *SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={model_dir}",
+                              "--train_steps=400", "--steps_per_loop=1", "--log_every=50", "--progress=lines"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        assert first.stdout.readline().startswith("step 50/400")  # Training, holding the lock.
+        second = _train(model_dir, "--train_steps=400")
+        assert second.returncode == 2 and f"in use by another run (pid {first.pid})" in second.stderr
+        assert first.wait(timeout=TIMEOUT_SECONDS) == 0, first.stderr.read()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(50, 401, 50))  # Each step logged once, by the one run.
+
+
+# --- Ctrl-C, as a terminal sends it ----------------------------------------------------------------------------------
+
+
+class UnderATerminal:
+    """`mto-train` on a pseudo-terminal, in its own session: SIGINT to its process group is a terminal's Ctrl-C."""
+
+    def __init__(self, *flags):
+        import pty
+        controller, terminal = pty.openpty()
+        self.process = subprocess.Popen(["mto-train", *flags], stdin=terminal, stdout=terminal, stderr=terminal,
+                                        start_new_session=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        os.close(terminal)
+        self._controller = controller
+        self.screen = ""
+
+    def wait_for(self, pattern: str) -> None:
+        import re
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        while not re.search(pattern, self.screen):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.screen[-3000:]
+            self._read()
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.process.pid, signal.SIGINT)
+
+    def wait(self) -> int:
+        status = self.process.wait(timeout=TIMEOUT_SECONDS)
+        while self._read():
+            pass
+        os.close(self._controller)
+        return status
+
+    def _read(self) -> bool:
+        import select
+        if not select.select([self._controller], [], [], 1)[0]:
+            return True
+        try:
+            chunk = os.read(self._controller, 65536)
+        except OSError:  # The terminal closed: the process ended.
+            return False
+        self.screen += chunk.decode(errors="replace")
+        return bool(chunk)
+
+
+def test_ctrl_c_checkpoints_says_how_to_resume_exits_130_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
+    from helpers import small_config
+    from mto_tf import train
+
+    flags = [*SMALL_FLAGS, f"--data_dir={data_dir()}", "--train_steps=600", "--steps_per_loop=5", "--log_every=50",
+             "--checkpoint_every=1000", "--optimizer=adam", "--learning_rate=0.01"]
+    run = UnderATerminal(*flags, f"--model_dir={tmp_path / 'run'}")
+    run.wait_for(r"step 100/600")
+    run.ctrl_c()
+    assert run.wait() == 130, run.screen[-3000:]
+    assert "Traceback" not in run.screen
+    assert "Ctrl-C: stopping after the current call, with a checkpoint" in run.screen
+    stopped = int(__import__("re").search(r"Interrupted: stopped by Ctrl-C after step (\d+), checkpoint saved; "
+                                          r"rerun the same command to resume", run.screen).group(1))
+    assert 100 <= stopped < 600 and (tmp_path / "run" / "checkpoints" / f"ckpt-{stopped}.index").exists()
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+    # The same command resumes it; it ends with the weights of an uninterrupted run, bit for bit.
+    resumed = _train(tmp_path / "run", *flags[len(SMALL_FLAGS) + 1:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = train(small_config(tmp_path, train_steps=600, steps_per_loop=5, log_every=50, checkpoint_every=1000,
+                               optimizer="adam", learning_rate=0.01, model_dir=str(tmp_path / "whole")))
+    import numpy as np
+    from mto_tf.core.models import build_headline
+    model = build_headline(small_config(tmp_path))
+    model.load_weights(tmp_path / "run" / "model.weights.h5")
+    for expected, got in zip(whole.model.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_second_ctrl_c_stops_without_a_traceback_and_the_newest_checkpoint_reads(tmp_path):
+    import tensorflow as tf
+
+    run = UnderATerminal(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}",
+                         "--train_steps=100000", "--steps_per_loop=200", "--log_every=200", "--checkpoint_every=200")
+    run.wait_for(r"step 400/100000")
+    run.ctrl_c()
+    run.wait_for("Ctrl-C: stopping after the current call")  # The first was handled: the second is a second.
+    run.ctrl_c()
+    assert run.wait() == 130, run.screen[-3000:]
+    assert "Traceback" not in run.screen
+    # At once if it landed before the run stopped; after the run stopped it changes nothing.
+    assert ("Interrupted: stopped at once by a second Ctrl-C; the newest complete checkpoint is kept" in run.screen
+            or "Interrupted: stopped by Ctrl-C after step" in run.screen), run.screen[-2000:]
+    latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    assert latest and tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+
+
+def test_a_second_ctrl_c_while_the_run_goes_on_stops_it_at_once(tmp_path):
+    import tensorflow as tf
+
+    from mto_tf.errors import InterruptedAtOnce
+    from mto_tf.run.preemption import PreemptionWatcher
+
+    watcher = PreemptionWatcher(tf.distribute.get_strategy())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watcher.stop_agreed() == "SIGINT"
+        with pytest.raises(InterruptedAtOnce):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # Python runs the handler here, at once.
+    finally:
+        watcher.close()
+    # After a Ctrl-C stop, Ctrl-C is ignored until the run has ended and gives it back.
+    from mto_tf.run import preemption
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    preemption.restore_after_interrupt()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- A compiled model.keras ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["custom", "fit"])
+def test_model_keras_loads_compiled_and_evaluates_as_mto_tf_computes(tmp_path, loop):
+    import keras
+    import numpy as np
+
+    from helpers import BATCH_SIZE, OUTPUTS, VALUE_RTOL, exact_means, small_config, write_npz
+    from mto_tf import train
+
+    arrays = write_npz(tmp_path / "data.npz", num_examples=4 * BATCH_SIZE, with_sample_weights=True)
+    result = train(small_config(tmp_path, dataset=f"npz:{tmp_path / 'data.npz'}", loop=loop, optimizer="adam",
+                                learning_rate=0.01, train_steps=4, log_every=2, steps_per_loop=2,
+                                loss_weights={"main_output": 1.0, "aux_output": 0.3},
+                                metrics={"main_output": ("binary_accuracy",), "aux_output": ("auc",)}))
+    loaded = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)
+    # The optimizer as fit saves it: the run's step count and slots.
+    assert int(loaded.optimizer.iterations) == 4
+    run_slots = {v.path.split("/", 1)[1]: v.numpy() for v in result.optimizer.variables}
+    for variable in loaded.optimizer.variables:
+        np.testing.assert_array_equal(variable.numpy(), run_slots[variable.path.split("/", 1)[1]])
+    # Keras's evaluate is exact on full batches: it equals the NumPy means of the trained model.
+    inputs = {"main_input": arrays["main_input"].astype("int32"), "aux_input": arrays["aux_input"]}
+    labels = {name: arrays[name].reshape(-1, 1) for name in OUTPUTS}
+    weights = {name: arrays[f"sample_weight/{name}"] for name in OUTPUTS}
+    evaluated = loaded.evaluate(inputs, labels, sample_weight=weights, batch_size=BATCH_SIZE, return_dict=True,
+                                verbose=0)
+    means = exact_means(result.model, arrays)
+    for name in OUTPUTS:
+        assert evaluated[f"{name}_loss"] == pytest.approx(means[name], rel=VALUE_RTOL)
+    assert evaluated["loss"] == pytest.approx(means["main_output"] + 0.3 * means["aux_output"], rel=VALUE_RTOL)
+    assert {"main_output_binary_accuracy", "aux_output_auc"} <= set(evaluated)
+
+
+# --- An output that is not trained ---------------------------------------------------------------------------------
+
+
+def test_a_null_loss_predicts_and_measures_the_output_but_trains_only_the_others_as_fit_does(tmp_path):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from helpers import run_config
+    from mto_tf import train
+
+    rng = np.random.default_rng(0)
+    data = {"features": rng.normal(size=(32, 3)).astype("float32"),
+            "priority": rng.normal(size=(32, 1)).astype("float32"), "department": rng.normal(size=(32, 1)).astype(
+                "float32")}
+    np.savez(tmp_path / "data.npz", **data)
+
+    def build():
+        keras.utils.set_random_seed(1)
+        features = keras.Input((3,), name="features")
+        trunk = keras.layers.Dense(4, name="trunk")(features)
+        return keras.Model(features, {"priority": keras.layers.Dense(1, name="priority_head")(trunk),
+                                      "department": keras.layers.Dense(1, name="department_head")(trunk)})
+
+    losses = {"priority": None, "department": "mse"}
+    result = train(run_config(tmp_path, model=build, dataset=f"npz:{tmp_path / 'data.npz'}", losses=losses,
+                              metrics={"priority": ("mae",), "department": ("mae",)}, train_steps=4,
+                              log_every=2, progress="quiet", validation_data=f"npz:{tmp_path / 'data.npz'}"))
+    reference = build()
+    initial_head = reference.get_layer("priority_head").get_weights()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1), loss=losses,
+                      metrics={"priority": ["mae"], "department": ["mae"]})
+    history = reference.fit(tf.data.Dataset.from_tensor_slices(({"features": data["features"]}, {
+        name: data[name] for name in losses})).batch(16).repeat(), epochs=2, steps_per_epoch=2, verbose=0,
+        shuffle=False).history
+    # Trained as fit trains it; the untrained output's own layer is not moved at all.
+    for layer in ("trunk", "priority_head", "department_head"):
+        for got, expected in zip(result.model.get_layer(layer).get_weights(), reference.get_layer(layer).get_weights()):
+            np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=layer)
+    for got, initial in zip(result.model.get_layer("priority_head").get_weights(), initial_head):
+        np.testing.assert_array_equal(got, initial)
+    # Logged as fit's history names it: no per-output loss for a single trained output; the metric of both.
+    logged = result.history[-1]
+    assert set(history) == {"loss", "priority_mae", "department_mae"}
+    assert set(history) <= set(logged) and "priority_loss" not in logged and "department_loss" not in logged
+    assert logged["priority_mae"] == pytest.approx(history["priority_mae"][-1], rel=1e-5)
+    assert {"val_loss", "val_priority_mae"} <= set(logged) and "val_priority_loss" not in logged
+
+
+def test_null_losses_that_cannot_work_are_refused_naming_the_flag(tmp_path):
+    from helpers import SMALL_FLAGS
+
+    for flags, message in [
+        (['--losses={"main_output": null, "aux_output": null}'], "--losses: every output's loss is null"),
+        (['--losses={"main_output": "binary_crossentropy", "aux_output": null}',
+          "--loss_weights=main_output=1,aux_output=0.5"], "--loss_weights: output 'aux_output' has no loss"),
+        (['--losses={"main_output": "binary_crossentropy", "aux_output": null}', "--loss_weighting=mgda"],
+         "--loss_weighting: mgda weighs several outputs' losses; model 'headline' has one to train"),
+    ]:
+        process = _train(tmp_path / "run", *flags)
+        assert process.returncode == 2 and f"mto-train: error: {message}" in process.stderr, process.stderr[-1500:]
+        assert not (tmp_path / "run" / "config.json").exists()
+
+
+# --- Every metric Keras has: a value per class ----------------------------------------------------------------------
+
+
+def test_a_metric_with_a_value_per_class_is_logged_as_fits_history_holds_it_by_both_loops(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logged = {}
+    for loop in ("custom", "fit"):
+        model_dir = tmp_path / loop
+        process = _train(model_dir, "--metrics=main_output=accuracy,aux_output=f1_score", "--train_steps=4",
+                         "--log_every=2", "--steps_per_loop=2", f"--loop={loop}", "--progress=lines")
+        assert process.returncode == 0, process.stderr[-3000:]
+        records = logged[loop] = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        # F1Score's default average=None: a value per class (one sigmoid unit: one class), a list as fit's history.
+        assert all(isinstance(record["aux_output_f1_score"], list) and len(record["aux_output_f1_score"]) == 1
+                   for record in records), loop
+        assert isinstance(records[-1]["val_aux_output_f1_score"], list)
+        assert isinstance(records[-1]["main_output_accuracy"], float)
+        events = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"), size_guidance={"tensors": 0})
+        events.Reload()
+        assert {"aux_output_f1_score/0", "val_aux_output_f1_score/0"} <= set(events.Tags()["tensors"])
+        assert "(mean of 1 classes)" in process.stdout
+    for custom, fit in zip(logged["custom"], logged["fit"], strict=True):
+        assert custom["aux_output_f1_score"] == pytest.approx(fit["aux_output_f1_score"], rel=1e-5, abs=1e-6)
+
+
+def test_a_per_class_value_cannot_be_save_best(tmp_path):
+    process = _train(tmp_path / "run", "--metrics=aux_output=f1_score", "--save_best=val_aux_output_f1_score")
+    assert process.returncode == 2 and "--save_best: val_aux_output_f1_score has a value per class" in process.stderr
+    assert not (tmp_path / "run").exists()
