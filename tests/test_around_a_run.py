@@ -322,3 +322,88 @@ def test_a_per_class_value_cannot_be_save_best(tmp_path):
     process = _train(tmp_path / "run", "--metrics=aux_output=f1_score", "--save_best=val_aux_output_f1_score")
     assert process.returncode == 2 and "--save_best: val_aux_output_f1_score has a value per class" in process.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- mto-evaluate ----------------------------------------------------------------------------------------------------
+
+
+def _evaluate(*flags):
+    from helpers import run_in_process
+    from mto_tf.programs import evaluate
+    from mto_tf.programs import flags as mto_flags
+
+    return run_in_process("mto-evaluate", evaluate.evaluate_main, *flags, define_flags=mto_flags.define_evaluate_flags)
+
+
+def test_mto_evaluate_gives_exact_means_over_every_example_and_keras_agrees_where_it_is_exact(tmp_path,
+                                                                                             mirrored_strategy):
+    import keras
+
+    from helpers import BATCH_SIZE, OUTPUTS, VALUE_RTOL, exact_means, small_config, write_npz
+    from mto_tf.core.models import build_headline
+    from mto_tf.programs import evaluate
+
+    assert _train(tmp_path / "run", "--train_steps=4", "--save_best=val_loss", "--eval_every=2",
+                  "--checkpoint_every=2").returncode == 0
+    # 40 examples, batch 16: the last batch holds 8 (Keras's evaluate averages per-output losses over batches).
+    partial = write_npz(tmp_path / "partial.npz", num_examples=40, with_sample_weights=True, seed=5)
+    full = write_npz(tmp_path / "full.npz", num_examples=2 * BATCH_SIZE, with_sample_weights=True, seed=6)
+    model = build_headline(small_config(tmp_path))
+    model.load_weights(tmp_path / "run" / "model.weights.h5")
+    flags = [*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}"]
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")}
+
+    process = _evaluate(*flags, f"--eval_data=npz:{tmp_path / 'partial.npz'}", f"--output_json={tmp_path / 'e.json'}")
+    assert process.returncode == 0, process.stderr[-2000:]
+    values = json.loads((tmp_path / "e.json").read_text())
+    means = exact_means(model, partial)  # NumPy, every example counted once.
+    for name in OUTPUTS:
+        assert values[f"{name}_loss"] == pytest.approx(means[name], rel=VALUE_RTOL)
+    assert values["loss"] == pytest.approx(means["main_output"] + 0.2 * means["aux_output"], rel=VALUE_RTOL)
+    assert values["examples"] == 40 and "main_output_binary_accuracy" in values
+    assert "main_output_loss" in process.stdout
+
+    # The compiled model.keras, evaluated by Keras on full batches, says the same.
+    loaded = keras.models.load_model(tmp_path / "run" / "model.keras")
+    inputs = {"main_input": full["main_input"].astype("int32"), "aux_input": full["aux_input"]}
+    keras_values = loaded.evaluate(inputs, {name: full[name].reshape(-1, 1) for name in OUTPUTS},
+                                   sample_weight={name: full[f"sample_weight/{name}"] for name in OUTPUTS},
+                                   batch_size=BATCH_SIZE, return_dict=True, verbose=0)
+    ours = evaluate.evaluate(small_config(tmp_path, dataset=f"npz:{tmp_path / 'full.npz'}"),
+                             strategy=tf_default_strategy(), eval_data=f"npz:{tmp_path / 'full.npz'}", eval_split=None,
+                             weights=str(tmp_path / "run" / "model.weights.h5"))
+    for name in ("loss", *(f"{output}_loss" for output in OUTPUTS), "main_output_binary_accuracy"):
+        assert ours[name] == pytest.approx(keras_values[name], rel=VALUE_RTOL), name
+    # Mirrored (2 replicas, the partial batch split unevenly) equals one device.
+    mirrored = evaluate.evaluate(small_config(tmp_path, strategy="mirrored", num_cpu_devices=2),
+                                 strategy=mirrored_strategy, eval_data=f"npz:{tmp_path / 'partial.npz'}",
+                                 eval_split=None, weights=str(tmp_path / "run" / "model.weights.h5"))
+    for name in OUTPUTS:
+        assert mirrored[f"{name}_loss"] == pytest.approx(values[f"{name}_loss"], rel=VALUE_RTOL)
+
+    # Other weights of the run: best, a checkpoint's; a split of the dataset.
+    for weights in ("best", "step:2"):
+        other = _evaluate(*flags, "--eval_split=validation", f"--weights={weights}")
+        assert other.returncode == 0 and "loss" in other.stdout, other.stderr[-2000:]
+    # It only read the run: no file added or changed, no lock taken.
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")} == before
+
+
+def tf_default_strategy():
+    import tensorflow as tf
+    return tf.distribute.get_strategy()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--eval_data: give the examples to evaluate"),
+    (["--eval_data=test.npz"], "--eval_data: expected npz:PATH"),
+    (["--eval_split=validation", "--weights=last"], "--weights: expected final, best or step:N, got 'last'"),
+    (["--eval_split=validation", "--weights=step:7"], "--weights: no checkpoint of step 7"),
+    (["--eval_split=validation", "--train_steps=3"], "--train_steps: mto-evaluate does not train"),
+    (["--eval_split=test"], "--eval_split: synthetic_headlines has splits train and validation, not 'test'"),
+])
+def test_mto_evaluate_bad_flags_are_one_line_and_exit_2(tmp_path, flags, message):
+    assert _train(tmp_path / "run").returncode == 0
+    process = _evaluate(*SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={tmp_path / 'run'}", *flags)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith(f"mto-evaluate: error: {message}"), process.stderr

@@ -36,23 +36,33 @@ def load_examples(config: TrainConfig, signature: ModelSignature) -> Examples:
 
 def load_validation_examples(config: TrainConfig, signature: ModelSignature) -> Examples | None:
     """The validation examples (`--validation_data`, or the dataset's validation split), or None."""
-    if config.validation_data is not None:
-        if not isinstance(config.validation_data, str):
-            return _python_examples(config.validation_data, signature, flag="validation_data")
-        return _npz_examples(config.validation_data.removeprefix("npz:"), signature, flag="validation_data")
-    split = config.validation_split_or_default
+    return load_evaluation_examples(config, signature, data=config.validation_data,
+                                    split=config.validation_split_or_default,
+                                    split_must_exist=config.validation_split is not None,
+                                    data_flag="validation_data", split_flag="validation_split")
+
+
+def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, data, split: str | None,
+                             split_must_exist: bool, data_flag: str, split_flag: str) -> Examples | None:
+    """Examples to evaluate on: `data` (`npz:PATH`, or from Python a dataset), else `split` of the run's dataset.
+
+    None when there is neither (or `split` is not `split_must_exist` and the
+    dataset has no such split). Errors name `data_flag` or `split_flag`.
+    """
+    if data is not None:
+        if not isinstance(data, str):
+            return _python_examples(data, signature, flag=data_flag)
+        return _npz_examples(data.removeprefix("npz:"), signature, flag=data_flag)
     if split is None or not isinstance(config.dataset, str) or config.dataset.startswith("npz:"):
         return None
-    explicit = config.validation_split is not None  # Else only if the dataset has that split.
     if config.dataset == "synthetic_headlines":
         if split not in ("train", "validation"):
-            raise ConfigError("validation_split", f"synthetic_headlines has splits train and validation, "
-                                                  f"not {split!r}")
+            raise ConfigError(split_flag, f"synthetic_headlines has splits train and validation, not {split!r}")
         return synthetic_headlines.load(config, split)
     name = config.dataset.removeprefix("tfds:")
-    if not explicit and split not in tfds_dataset.split_names(name, data_dir=config.data_dir):
+    if not split_must_exist and split not in tfds_dataset.split_names(name, data_dir=config.data_dir):
         return None
-    return _tfds_examples(config, signature, split=split, split_flag="validation_split")
+    return _tfds_examples(config, signature, split=split, split_flag=split_flag)
 
 
 def _npz_examples(path: str, signature: ModelSignature, *, flag: str) -> Examples:

@@ -1,4 +1,4 @@
-"""Where each program starts: the console scripts and `python -m mto_tf[.explain|.sweep|.bench]`.
+"""Where each program starts: the console scripts and `python -m mto_tf[.evaluate|.explain|.sweep|.bench]`.
 
 Each program's flags are parsed (and mto-train's checked into a
 `TrainConfig`) before TensorFlow is imported, so a bad flag is reported at
@@ -33,6 +33,17 @@ def mto_explain() -> None:
 
     mto_flags.define_explain_flags()
     runner.run_program("mto-explain", main)
+
+
+def mto_evaluate() -> None:
+    """`mto-evaluate`, `python -m mto_tf.evaluate`."""
+
+    def main():
+        from mto_tf.programs import evaluate as program
+        program.evaluate_main()
+
+    mto_flags.define_evaluate_flags()
+    runner.run_program("mto-evaluate", main)
 
 
 def sweep() -> None:

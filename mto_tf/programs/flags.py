@@ -53,8 +53,23 @@ def define_explain_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         return
     flags.DEFINE_integer("explain_batches", 4, "Training batches (from the start of the data) to sum the gradients "
                                                "over.", flag_values=flag_values)
-    flags.DEFINE_string("output_json", None, "Write the report here as JSON.", flag_values=flag_values)
+    if "output_json" not in flag_values:  # mto-evaluate's, in the same process.
+        flags.DEFINE_string("output_json", None, "Write the report here as JSON.", flag_values=flag_values)
     flags.DEFINE_string("output_png", None, "Draw each layer's shares per output here (PNG).", flag_values=flag_values)
+
+
+def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """mto-evaluate's own flags, beside mto-train's (defined when it runs: mto-explain has an --output_json too)."""
+    if "eval_data" in flag_values:  # Defined already, by an earlier run in this process.
+        return
+    flags.DEFINE_string("eval_data", None, "npz:PATH of the examples to evaluate (keys as for --dataset=npz:).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, synthetic_headlines).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("weights", "final", "With --model_dir: final (model.weights.h5), best (best.weights.h5) or "
+                                            "step:N (the checkpoint of step N).", flag_values=flag_values)
+    if "output_json" not in flag_values:
+        flags.DEFINE_string("output_json", None, "Write the values here as JSON.", flag_values=flag_values)
 
 
 def define_sweep_flags(flag_values: flags.FlagValues = FLAGS) -> None:

@@ -1,0 +1,122 @@
+"""A trained run on other data, with mto_tf's exact means: `mto-evaluate` (`python -m mto_tf.evaluate`).
+
+    mto-evaluate --model_dir=/tmp/run --eval_data=npz:/data/test.npz --output_json=/tmp/test.json
+    mto-evaluate --model_dir=/tmp/run --eval_split=test --weights=best
+
+The same model, data and loss flags as `mto-train` (and its metrics and
+`--batch_size`); the weights of a run (`--model_dir` with `--weights=final`,
+`best` or `step:N`) or `--init_weights`; the examples from
+`--eval_data=npz:PATH` or a split of the run's dataset (`--eval_split`).
+It prints `loss`, each `<output>_loss` and each metric, named as `fit`
+names them, each an exact mean over every example (the last partial batch
+included, sample weights as in training), under any strategy. It only
+reads: it takes no lock on `--model_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+from absl import flags
+
+from mto_tf import config as config_lib
+from mto_tf.config import TrainConfig
+from mto_tf.core import metrics as metrics_lib
+from mto_tf.core import models, step
+from mto_tf.core.strategy import make_strategy
+from mto_tf.data import batching, sources
+from mto_tf.errors import ConfigError
+from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
+from mto_tf.run import best, driver, model_dir
+from mto_tf.run.setup import build_model_setup
+
+# The parts of a run mto-evaluate runs (see PARTS in mto_tf/config.py); the other flags are refused.
+READS = ("model", "data", "loss", "metrics", "distribution")
+
+
+def refused_flags() -> list[str]:
+    """mto-train's flags that say how to train, or what to validate on (--model_dir only names the weights)."""
+    read = {*config_lib.settings_read_by(*READS), "model_dir"}
+    return [name for name in config_lib.SETTINGS if name not in read]
+
+
+def weights_file(run_dir: str, weights: str) -> str:
+    """The file `--weights` names in a run's directory: final, best or `step:N` (a checkpoint's prefix)."""
+    if weights == "final":
+        path = os.path.join(run_dir, model_dir.WEIGHTS_FILE)
+    elif weights == "best":
+        path = os.path.join(run_dir, best.BEST_WEIGHTS_FILE)
+    elif weights.startswith("step:") and weights[5:].isdigit():
+        path = os.path.join(run_dir, model_dir.CHECKPOINT_DIR, f"ckpt-{int(weights[5:])}")
+        if not os.path.isfile(path + ".index"):
+            raise ConfigError("weights", f"no checkpoint of step {weights[5:]} in {run_dir!r}")
+        return path
+    else:
+        raise ConfigError("weights", f"expected final, best or step:N, got {weights!r}")
+    if not os.path.isfile(path):
+        raise ConfigError("weights", f"{path!r} not found (--weights={weights})")
+    return path
+
+
+def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data: str | None,
+             eval_split: str | None, weights: str | None = None) -> dict[str, float | list]:
+    """The model's losses and metrics on the examples, each an exact mean over all of them."""
+    setup = build_model_setup(config, strategy)
+    if weights and weights.endswith(".weights.h5"):
+        models.load_weights(setup.model, weights, flag="weights")
+    elif weights:  # A checkpoint: the model's part of it.
+        tf.train.Checkpoint(model=setup.model).read(weights).expect_partial()
+    examples = sources.load_evaluation_examples(config, setup.signature, data=eval_data, split=eval_split,
+                                                split_must_exist=True, data_flag="eval_data",
+                                                split_flag="eval_split")
+    identifiers = metrics_lib.resolve_identifiers(
+        config.metrics if config.metrics is not None else getattr(models.builtin_spec(config.model), "metrics", {}),
+        output_names=setup.signature.output_names)
+    with strategy.scope():
+        output_metrics = metrics_lib.make_output_metrics(identifiers, y_true=setup.labels_spec,
+                                                         y_pred=setup.signature.outputs)
+    run_evaluation = step.make_evaluate(model=setup.model, signature=setup.signature,
+                                        loss_fns=setup.losses.per_example, loss_weights=setup.losses.weights,
+                                        output_metrics=output_metrics, strategy=strategy)
+    batches = batching.distributed_batches(strategy, examples, signature=setup.signature,
+                                           batching=batching.Batching.for_evaluation(config))
+    num_examples = examples.count()
+    values = run_evaluation(iter(batches), tf.constant(batching.steps_per_pass(num_examples, config.batch_size)),
+                            tf.constant(num_examples, tf.int64))
+    return {**{name: float(values[name]) for name in setup.losses.names}, **driver.metric_results(output_metrics),
+            "examples": num_examples}
+
+
+def evaluate_main() -> None:
+    """`mto-evaluate`: the flags' model, data and losses, a run's weights, the examples named; the values."""
+    given = flags.FLAGS
+    for name in refused_flags():
+        if name in given and given[name].present:
+            raise ConfigError(name, "mto-evaluate does not train: it reads the model, data, loss and metric flags")
+    if (given.eval_data is None) == (given.eval_split is None):
+        raise ConfigError("eval_data", "give the examples to evaluate: --eval_data=npz:PATH or --eval_split=NAME "
+                                       "(a split of --dataset), one of them")
+    if given.eval_data is not None and not given.eval_data.startswith("npz:"):
+        raise ConfigError("eval_data", f"expected npz:PATH, got {given.eval_data!r}")
+    if given.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(given.output_json))):
+        raise ConfigError("output_json", f"no directory to write {given.output_json!r} in")
+    config = mto_flags.config_from_flags()
+    weights = None
+    if given["model_dir"].present:
+        if config.init_weights:
+            raise ConfigError("init_weights", "give --model_dir (a run's weights) or --init_weights, not both")
+        weights = weights_file(config.model_dir, given.weights)
+    elif given["weights"].present:
+        raise ConfigError("weights", "chooses a run's weights: give --model_dir too")
+    strategy = make_strategy(config)  # First: it may split the CPU into devices.
+    values = evaluate(config, strategy=strategy, eval_data=given.eval_data, eval_split=given.eval_split,
+                      weights=weights)
+    width = max(len(name) for name in values)
+    for name, value in values.items():
+        shown = json.dumps(value) if isinstance(value, list) else f"{value:.6g}"
+        print(f"{name.ljust(width)}  {shown}")
+    if given.output_json:
+        with open(given.output_json, "w") as file:
+            json.dump(values, file, indent=2)
