@@ -159,6 +159,24 @@ def test_sigterm_checkpoints_at_an_agreed_step_and_the_restart_loses_or_repeats_
         np.testing.assert_array_equal(whole, resumed)
 
 
+def test_ctrl_c_to_the_launcher_stops_every_worker_at_the_same_step_with_status_130_and_a_rerun_resumes(
+        uninterrupted):
+    tmp_path, data_flags, expected_weights = uninterrupted
+    model_dir = tmp_path / "interrupted"
+    launch = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}")
+    launch.wait_for_line(r"\[worker 0\] step 50/")
+    launch.process.send_signal(signal.SIGINT)  # As a terminal's Ctrl-C reaches launch/local.py.
+    assert launch.wait() == 130, launch.output[-4000:]
+    stopped = {int(worker): int(step) for worker, step in re.findall(
+        r"\[worker (\d)\] .*Interrupted: stopped by Ctrl-C after step (\d+), checkpoint saved", launch.output)}
+    assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1], launch.output[-3000:]
+    assert "launch: stopped on request (SIGINT)" in launch.output and "Traceback" not in launch.output
+    rerun = Launch(*data_flags, *FAULT_FLAGS, f"--model_dir={model_dir}")
+    assert rerun.wait() == 0, rerun.output[-4000:]
+    for whole, resumed in zip(expected_weights, _final_weights(tmp_path, model_dir), strict=True):
+        np.testing.assert_array_equal(whole, resumed)
+
+
 def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_path):
     model_dir = tmp_path / "never"
     started = time.monotonic()

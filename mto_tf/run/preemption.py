@@ -27,7 +27,7 @@ from mto_tf.errors import InterruptedAtOnce
 logger = logging.getLogger(__name__)
 
 
-# The signals as the workers' agreement codes them: the highest any worker received wins.
+# The signals as a worker notes them: Ctrl-C wins over SIGTERM.
 SIGNALS = {1: "SIGTERM", 2: "SIGINT"}
 
 
@@ -43,15 +43,15 @@ class PreemptionWatcher:
 
         # One process needs no agreement; asking would cost a second
         # function call per loop, as much as a small model's step.
-        self._highest_signal_received = None
+        self._workers_signalled = None
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
 
             @tf.function
-            def highest_signal_received(code):
-                per_replica = strategy.run(lambda: tf.identity(code))
-                return strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
+            def workers_signalled(flags):
+                per_replica = strategy.run(lambda: tf.identity(flags))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-            self._highest_signal_received = highest_signal_received
+            self._workers_signalled = workers_signalled
 
     def _on_signal(self, signum, frame):
         del frame
@@ -66,9 +66,11 @@ class PreemptionWatcher:
 
     def stop_agreed(self) -> str | None:
         """The signal any worker received ("SIGINT" over "SIGTERM"), or None; the same answer on every worker."""
-        if self._highest_signal_received is None:
+        if self._workers_signalled is None:
             return SIGNALS.get(self._received)
-        return SIGNALS.get(int(self._highest_signal_received(tf.constant(self._received, tf.int32))))
+        # How many workers noted SIGTERM, and how many Ctrl-C: one tiny all-reduce.
+        sigterm, sigint = self._workers_signalled(tf.constant([self._received == 1, self._received == 2], tf.float32))
+        return "SIGINT" if sigint > 0 else "SIGTERM" if sigterm > 0 else None
 
     def close(self) -> None:
         """Gives the signals back to whoever handled them before.
