@@ -151,7 +151,8 @@ def plot(summary: dict, path: str) -> None:
     for axis, group in zip(axes[0], groups):
         for name in group:
             axis.plot(positions, [run["values"][name] for run in runs], marker="o", label=name)
-        axis.set_xticks(positions, _swept(summary)[1], rotation=0 if "output" in summary else 30)
+        axis.set_xticks(positions, _swept(summary)[1], rotation=0 if "output" in summary else 40,
+                        ha="center" if "output" in summary else "right")
         axis.set_xlabel(f"loss weight of {summary['output']}" if "output" in summary else "loss weighting")
         axis.set_ylabel("final validation value")
         axis.legend(fontsize="small")
