@@ -278,8 +278,6 @@ def test_a_null_loss_predicts_and_measures_the_output_but_trains_only_the_others
 
 
 def test_null_losses_that_cannot_work_are_refused_naming_the_flag(tmp_path):
-    from helpers import SMALL_FLAGS
-
     for flags, message in [
         (['--losses={"main_output": null, "aux_output": null}'], "--losses: every output's loss is null"),
         (['--losses={"main_output": "binary_crossentropy", "aux_output": null}',

@@ -91,10 +91,9 @@ def make_train_step(
     # --loss_weighting other than fixed: the same forward, each loss times a
     # factor the method sets, or one gradient per output combined by it.
     adaptive = method is not None and method.weighting.name != "fixed"
-    if adaptive:
-        gradient_on_batch, after_step = weighting.make_step_parts(
-            method, losses_on_batch, model=model, loss_weights=loss_weights, optimizer=optimizer, strategy=strategy,
-            representation=representation)
+    on_batch, after_step = weighting.make_step_parts(
+        method, losses_on_batch, model=model, loss_weights=loss_weights, optimizer=optimizer, strategy=strategy,
+        representation=representation) if adaptive else (gradient_on_batch, None)
     variables = model.trainable_variables + (method.trainable if adaptive else [])
 
     def apply(gradients):
@@ -109,7 +108,7 @@ def make_train_step(
 
     def one_step_on_data(batch):
         """One global batch: each replica takes its slice; one update; the shares of each measurement summed."""
-        gradients, per_replica = strategy.run(gradient_on_batch, args=(batch,))
+        gradients, per_replica = strategy.run(on_batch, args=(batch,))
         if accumulation:  # Every K-th batch applies the mean of K batches' gradients.
             accumulation.add_or_apply(strategy, gradients, apply)
         else:
