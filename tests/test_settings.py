@@ -21,7 +21,7 @@ def test_every_field_declares_a_setting_and_every_flag_is_one():
     defined_here = {flag.name for flag in mto_flags.FLAGS.get_flags_for_module(mto_flags.__name__)}
     # Beside mto-train's, only the other programs' own flags (defined when one of them runs).
     programs_own = {"explain_batches", "output_json", "output_png", "loss_weight", "sweep_dir", "variants", "windows",
-                    "window_steps", "warmup_windows", "repeats", "run_variant"}
+                    "window_steps", "warmup_windows", "repeats", "run_variant", "eval_data", "eval_split", "weights"}
     assert set(fields) <= defined_here and defined_here - set(fields) <= programs_own
     for name, setting in config_lib.SETTINGS.items():
         flag = mto_flags.FLAGS[name]

@@ -9,6 +9,7 @@ same window end as the custom loop's (`driver.py`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import keras
@@ -18,6 +19,8 @@ from mto_tf.core import optimization
 from mto_tf.data import batching
 from mto_tf.run import driver
 from mto_tf.run.setup import Run
+
+logger = logging.getLogger(__name__)
 
 
 class _WindowEndsOfEpochs(keras.callbacks.Callback):
@@ -90,6 +93,13 @@ def compile_as_fit_saves(run: Run) -> None:
     worker: variables are made in the strategy's scope.
     """
     config, setup = run.config, run.setup
+    unloadable = _not_reloadable(setup.losses.identifiers, run.metrics.identifiers)
+    if unloadable:
+        # Keras 3.15 writes an unregistered function into the compile config as
+        # a builtin, and load_model then fails on it: keep model.keras loadable.
+        logger.warning("model.keras is saved uncompiled: Keras cannot reload a compile config with %s unless it is "
+                       "registered (@keras.saving.register_keras_serializable())", unloadable)
+        return
     with setup.strategy.scope():
         optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=False)
         optimizer.build(setup.model.trainable_variables)
@@ -101,6 +111,20 @@ def compile_as_fit_saves(run: Run) -> None:
         if source is not None and tuple(source.shape) == tuple(variable.shape):
             variable.assign(source)
     compile_model(run, optimizer=optimizer)
+
+
+def _not_reloadable(losses: dict, metrics: dict) -> str | None:
+    """The first loss or metric of the user's own that Keras would not find again on load, by name; else None."""
+    for output, identifiers in [*((name, [identifier]) for name, identifier in losses.items()), *metrics.items()]:
+        for identifier in identifiers:
+            if identifier is None or isinstance(identifier, str | dict):
+                continue
+            is_object = isinstance(identifier, keras.losses.Loss | keras.metrics.Metric)
+            owner = type(identifier) if is_object or not callable(identifier) else identifier
+            if not owner.__module__.startswith("keras") and keras.saving.get_registered_object(
+                    keras.saving.get_registered_name(owner)) is None:
+                return f"{owner.__module__}:{owner.__name__} (output {output!r})"
+    return None
 
 
 def _without_optimizer_name(path: str) -> str:
