@@ -12,7 +12,8 @@ import pytest
 
 from helpers import SMALL_FLAGS, TIMEOUT_SECONDS, data_dir, mto_train_in_process
 
-# Holds `.lock` as a run's chief does, prints its pid, and waits to be killed.
+# Holds `.lock` as a run's chief does, prints its pid, and waits to be killed (not `time.sleep(600)`:
+# test_launch_local looks for leftover processes by that text).
 HOLD_THE_LOCK = textwrap.dedent("""
     import fcntl, os, sys, time
     os.makedirs(sys.argv[1], exist_ok=True)
@@ -20,7 +21,7 @@ HOLD_THE_LOCK = textwrap.dedent("""
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     lock.truncate(0); lock.write(str(os.getpid())); lock.flush()
     print("held", flush=True)
-    time.sleep(600)
+    time.sleep(3600)
 """)
 
 
@@ -60,6 +61,7 @@ def test_a_second_run_into_a_held_model_dir_stops_before_writing_naming_the_hold
     assert (model_dir / "model.keras").exists()
 
 
+@pytest.mark.slow  # A fresh TensorFlow process.
 def test_two_runs_started_into_one_model_dir_one_trains_the_other_is_refused(tmp_path):
     model_dir = tmp_path / "run"
     first = subprocess.Popen(["mto-train", *SMALL_FLAGS, f"--data_dir={data_dir()}", f"--model_dir={model_dir}",
@@ -122,6 +124,7 @@ class UnderATerminal:
         return bool(chunk)
 
 
+@pytest.mark.slow  # A fresh TensorFlow process.
 def test_ctrl_c_checkpoints_says_how_to_resume_exits_130_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
     from helpers import small_config
     from mto_tf import train
@@ -152,6 +155,7 @@ def test_ctrl_c_checkpoints_says_how_to_resume_exits_130_and_the_resumed_run_end
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow  # A fresh TensorFlow process.
 def test_a_second_ctrl_c_stops_without_a_traceback_and_the_newest_checkpoint_reads(tmp_path):
     import tensorflow as tf
 

@@ -575,6 +575,7 @@ def _sweep_in_process(*flags):
     return run_in_process("mto_tf.sweep", sweep.sweep_main, *flags, define_flags=mto_flags.define_sweep_flags)
 
 
+@pytest.mark.slow  # Eight short runs.
 def test_the_sweep_over_methods_trains_one_run_each_with_the_same_seed_and_data(tmp_path):
     from helpers import SMALL_FLAGS, data_dir
 
