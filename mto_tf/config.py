@@ -272,6 +272,11 @@ class TrainConfig:
     early_stopping_patience: int | None = integer(
         None, "Stop after this many evaluations without improvement of --save_best's value.",
         reads=("evaluation",), resumable=True, positive=True)
+    # From Python, `train(config, callbacks=[...])` takes the callbacks themselves (after these).
+    callbacks: str | None = text(
+        None, "MODULE:FUNCTION, a function of yours returning a list of keras.callbacks.Callback (EarlyStopping, "
+              "ReduceLROnPlateau, CSVLogger, ...): called as model.fit calls them; an epoch is a pass with --epochs, "
+              "else a --log_every window.", reads=("driver",), resumable=True)
 
     def __post_init__(self):
         if self.epochs is not None:
@@ -317,6 +322,9 @@ class TrainConfig:
         if self.init_weights is not None and not self.init_weights.endswith(".weights.h5"):
             raise ConfigError("init_weights", f"expected a Keras weights file PATH.weights.h5, got {self.init_weights!r}")
         self._check_loss_weighting()
+        if self.callbacks is not None and not is_module_function(self.callbacks):
+            raise ConfigError("callbacks", f"expected MODULE:FUNCTION (a function returning a list of "
+                                           f"keras.callbacks.Callback), got {self.callbacks!r}")
         if self.loop == "fit":
             _check_what_fit_cannot_do(self)
         for output, weight in (self.loss_weights or {}).items():

@@ -21,7 +21,6 @@ import os
 import tensorflow as tf
 from absl import flags
 
-from mto_tf import config as config_lib
 from mto_tf.config import TrainConfig
 from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import models, step
@@ -30,16 +29,10 @@ from mto_tf.data import batching, sources
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
 from mto_tf.run import best, driver, model_dir
-from mto_tf.run.setup import build_model_setup
+from mto_tf.run.setup import build_model_setup, resolve_metric_identifiers
 
 # The parts of a run mto-evaluate runs (see PARTS in mto_tf/config.py); the other flags are refused.
 READS = ("model", "data", "loss", "metrics", "distribution")
-
-
-def refused_flags() -> list[str]:
-    """mto-train's flags that say how to train, or what to validate on (--model_dir only names the weights)."""
-    read = {*config_lib.settings_read_by(*READS), "model_dir"}
-    return [name for name in config_lib.SETTINGS if name not in read]
 
 
 def weights_file(run_dir: str, weights: str) -> str:
@@ -71,9 +64,7 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
     examples = sources.load_evaluation_examples(config, setup.signature, data=eval_data, split=eval_split,
                                                 split_must_exist=True, data_flag="eval_data",
                                                 split_flag="eval_split")
-    identifiers = metrics_lib.resolve_identifiers(
-        config.metrics if config.metrics is not None else getattr(models.builtin_spec(config.model), "metrics", {}),
-        output_names=setup.signature.output_names)
+    identifiers = resolve_metric_identifiers(config, setup.signature)
     with strategy.scope():
         output_metrics = metrics_lib.make_output_metrics(identifiers, y_true=setup.labels_spec,
                                                          y_pred=setup.signature.outputs)
@@ -92,9 +83,8 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
 def evaluate_main() -> None:
     """`mto-evaluate`: the flags' model, data and losses, a run's weights, the examples named; the values."""
     given = flags.FLAGS
-    for name in refused_flags():
-        if name in given and given[name].present:
-            raise ConfigError(name, "mto-evaluate does not train: it reads the model, data, loss and metric flags")
+    mto_flags.refuse_flags_not_read_by(
+        READS, reason="mto-evaluate does not train: it reads the model, data, loss and metric flags")
     if (given.eval_data is None) == (given.eval_split is None):
         raise ConfigError("eval_data", "give the examples to evaluate: --eval_data=npz:PATH or --eval_split=NAME "
                                        "(a split of --dataset), one of them")

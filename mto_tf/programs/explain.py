@@ -21,7 +21,6 @@ import os
 import tensorflow as tf
 from absl import flags
 
-from mto_tf import config as config_lib
 from mto_tf.config import TrainConfig
 from mto_tf.core import gradient_shares, models
 from mto_tf.core.strategy import make_strategy
@@ -34,12 +33,6 @@ from mto_tf.run.setup import build_model_setup, make_method
 # The parts of a run mto-explain runs (see PARTS in mto_tf/config.py). It does
 # not train or evaluate: the flags only those parts read are refused, not ignored.
 READS = ("model", "data", "loss", "distribution")
-
-
-def refused_flags() -> list[str]:
-    """mto-train's flags that say how to train or evaluate (--model_dir only names the weights to read)."""
-    read = {*config_lib.settings_read_by(*READS), "model_dir"}
-    return [name for name in config_lib.SETTINGS if name not in read]
 
 
 def explain(config: TrainConfig, *, strategy: tf.distribute.Strategy, explain_batches: int,
@@ -159,9 +152,8 @@ def _write_json(report: dict, path: str) -> None:
 def explain_main() -> None:
     """`mto-explain`: the flags' model, data and losses, weights from --model_dir or --init_weights; the report."""
     given = flags.FLAGS
-    for name in refused_flags():
-        if name in given and given[name].present:
-            raise ConfigError(name, "mto-explain does not train: it reads the model, data and loss flags only")
+    mto_flags.refuse_flags_not_read_by(
+        READS, reason="mto-explain does not train: it reads the model, data and loss flags only")
     if given.explain_batches < 1:
         raise ConfigError("explain_batches", f"expected an integer > 0, got {given.explain_batches}")
     for flag in ("output_json", "output_png"):

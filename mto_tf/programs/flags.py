@@ -99,6 +99,22 @@ def define_bench_flags(variants: Sequence[str], flag_values: flags.FlagValues = 
                         flag_values=flag_values)
 
 
+def flags_not_read_by(reads: Sequence[str]) -> list[str]:
+    """mto-train's flags that none of `reads` (parts of a run, see PARTS in config.py) reads.
+
+    --model_dir is read by every program: it names the run (and the weights to read).
+    """
+    read = {*config_lib.settings_read_by(*reads), "model_dir"}
+    return [name for name in config_lib.SETTINGS if name not in read]
+
+
+def refuse_flags_not_read_by(reads: Sequence[str], *, reason: str, flag_values: flags.FlagValues = FLAGS) -> None:
+    """A program that runs only `reads` refuses, rather than ignores, a given flag of the other parts."""
+    for name in flags_not_read_by(reads):
+        if name in flag_values and flag_values[name].present:
+            raise ConfigError(name, reason)
+
+
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     """Builds and validates a `TrainConfig` from parsed flags; raises `ConfigError`."""
     if flag_values["epochs"].value is not None and flag_values["train_steps"].present:

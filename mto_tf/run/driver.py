@@ -9,7 +9,8 @@ from there on both do the same, in this order:
 2. the record: `metrics.jsonl`, TensorBoard, and the progress line;
 3. the window-end hooks, with the record (the benchmark passes its turn here);
 4. the next window's timer starts: evaluating and logging are not training;
-5. a checkpoint, when one is due, at the end, on SIGTERM, or when stopping early;
+5. a checkpoint, when one is due, at the end, on SIGTERM, or when stopping early
+   (patience ran out, or a Keras callback set `model.stop_training`);
 6. SIGTERM raises `Preempted`, Ctrl-C `Interrupted`; an early stop is logged, and the loop told to stop.
 
 Losses are checked for NaN and infinity before any of it (`check_finite`),
@@ -48,10 +49,15 @@ def metric_results(output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]
     """
     results = {}
     for log_name, (_, metric) in output_metrics.items():
-        result = np.asarray(metric.result(), dtype=np.float64)
-        results[log_name] = float(result) if result.ndim == 0 else result.ravel().tolist()
+        results[log_name] = log_value(metric.result())
         metric.reset_state()
     return results
+
+
+def log_value(result) -> float | list:
+    """A metric's result as the logs hold it: a float, or a list of floats for a value per class."""
+    result = np.asarray(result, dtype=np.float64)
+    return float(result) if result.ndim == 0 else result.ravel().tolist()
 
 
 class WindowEnds:
@@ -71,7 +77,7 @@ class WindowEnds:
         return num_steps * self._run.config.batch_size / (time.perf_counter() - self._started)
 
     def __call__(self, step: int, record: dict[str, float], *, window_ended: bool, finished: bool,
-                 preempted: str | None = None) -> bool:
+                 preempted: str | None = None, stop_requested: bool = False) -> bool:
         """After the call or epoch that reached `step`; returns True when the loop must stop early.
 
         Args:
@@ -80,6 +86,7 @@ class WindowEnds:
           window_ended: a logging window ended here (its means are in `record`).
           finished: `step` is the run's last.
           preempted: the signal every worker agreed to stop on ("SIGTERM" or "SIGINT"), or None.
+          stop_requested: a Keras callback set `model.stop_training` (the window has ended).
 
         Raises:
           Preempted: after the checkpoint, on SIGTERM; Interrupted on SIGINT (Ctrl-C).
@@ -96,10 +103,12 @@ class WindowEnds:
                 hook(step, record)
         if window_ended:
             self.restart_timer()
-        if step % run.config.checkpoint_every == 0 or finished or preempted or stop_early:
+        if step % run.config.checkpoint_every == 0 or finished or preempted or stop_early or stop_requested:
             run.checkpoints.save(step)
         if preempted:
             raise Interrupted(step) if preempted == "SIGINT" else Preempted(step)
         if stop_early:
             logger.info("Early stopping at step %d: %s", step, run.best_value.describe_stop())
-        return stop_early
+        elif stop_requested and not finished:
+            logger.info("Stopping at step %d: a callback set model.stop_training", step)
+        return stop_early or stop_requested

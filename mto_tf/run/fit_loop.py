@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class _WindowEndsOfEpochs(keras.callbacks.Callback):
-    """Ends each window (logs, best value, checkpoint) as the custom loop does, at the end of each fit epoch."""
+    """Ends each window (logs, best value, checkpoint) as the custom loop does, at the end of each fit epoch.
+
+    It comes after the run's own callbacks: what they do at an epoch's end
+    (a new learning rate, `stop_training`) is in the window's checkpoint.
+    """
 
     def __init__(self, run: Run, window_ends: driver.WindowEnds):
         super().__init__()
@@ -33,6 +37,7 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
         self._log_names = [*run.setup.loss_names, *run.metrics.training]
         self._val_names = [f"val_{name}" for name in self._log_names]
         self.last_step = run.start_step
+        self._stop_requested = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window_ends.restart_timer()
@@ -41,6 +46,9 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         current_step = self._epoch * self._run.config.log_every + batch + 1
         self._run.progress.update(current_step, {name: logs[name] for name in self._log_names if name in logs})
+        if self.model.stop_training:
+            # fit would cut the epoch short; as in the custom loop, the window ends first.
+            self._stop_requested, self.model.stop_training = True, False
 
     def on_epoch_end(self, epoch, logs=None):
         config = self._run.config
@@ -52,8 +60,9 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
         record["examples_per_sec"] = self._window_ends.examples_per_sec(config.log_every)
         if "val_loss" in logs:  # fit evaluated after this window.
             record.update({name: logs[name] for name in self._val_names})
-        if self._window_ends(current_step, record, window_ended=True,
-                             finished=current_step == self._run.total_steps):
+        stop_requested = self._stop_requested or self.model.stop_training
+        if self._window_ends(current_step, record, window_ended=True, finished=current_step == self._run.total_steps,
+                             stop_requested=stop_requested):
             self.model.stop_training = True
 
 
@@ -183,7 +192,7 @@ def run_fit(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] = ()) -> 
         initial_epoch=run.start_step // config.log_every,
         epochs=windows,
         steps_per_epoch=config.log_every,
-        callbacks=[window_ends],
+        callbacks=[*run.callbacks, window_ends],
         shuffle=False,  # The dataset is already in the order the custom loop reads.
         verbose=0,
         **validation,

@@ -11,6 +11,7 @@ holds.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -24,7 +25,7 @@ from mto_tf.core.signature import ModelSignature
 from mto_tf.core.strategy import check_batch_split, is_chief
 from mto_tf.data import batching, sources
 from mto_tf.data.examples import Examples
-from mto_tf.errors import ConfigError
+from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
 
 
@@ -93,6 +94,7 @@ class Run:
     start_step: int  # Where a restored run stopped; 0 for a new run.
     total_steps: int  # --train_steps, or --epochs passes over the data, each ending with its partial batch.
     lock: model_dir.Lock | None = None  # The chief's hold on --model_dir: `release()` when the run ends.
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()  # --callbacks' list, then those `train` was given.
 
     def release(self) -> None:
         """Ends the run's hold on --model_dir (another run may then use it)."""
@@ -102,6 +104,11 @@ class Run:
     @property
     def config(self) -> TrainConfig:
         return self.setup.config
+
+    @property
+    def epoch_steps(self) -> int:
+        """One epoch, as Keras callbacks count it: a pass with --epochs, else a logging window (as --loop=fit)."""
+        return self.total_steps // self.config.epochs if self.config.epochs else self.config.log_every
 
     @property
     def measurement_names(self) -> list[str]:
@@ -129,8 +136,9 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
                       labels_spec=labels_spec, losses=_resolve_losses(config, signature, labels_spec))
 
 
-def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
-    """Builds model, data, losses, metrics and optimizer; checks them all before writing anything."""
+def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
+              callbacks: Sequence[keras.callbacks.Callback] = ()) -> Run:
+    """Builds model, data, losses, metrics, optimizer and callbacks; checks them all before writing anything."""
     if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
         raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
     setup = build_model_setup(config, strategy)
@@ -140,8 +148,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
             raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
                                     "with a validation split")
 
-    metric_identifiers = metrics_lib.resolve_identifiers(_default_for(config, "metrics", {}),
-                                                         output_names=setup.signature.output_names)
+    metric_identifiers = resolve_metric_identifiers(config, setup.signature)
     with strategy.scope():
         # Adam's slots must exist before the first distributed step, hence build().
         custom_loop = config.loop == "custom"
@@ -160,6 +167,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
         metrics = Metrics(identifiers=metric_identifiers, training=make_metrics(""),
                           validation=make_metrics("val_") if validation else {})
     best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)
+    callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone, holding its lock; the other workers read its checkpoints).
@@ -179,7 +187,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy) -> Run:
                    metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
                    progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
                                               total_steps=total_steps),
-                   start_step=start_step, total_steps=total_steps, lock=lock)
+                   start_step=start_step, total_steps=total_steps, lock=lock, callbacks=callbacks)
     except BaseException:
         if lock:
             lock.release()
@@ -201,6 +209,44 @@ def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
                     else config.log_every)
     return weighting.make_method(config.weighting, num_outputs=num_outputs, seed=config.seed,
                                  period_steps=period_steps)
+
+
+def resolve_metric_identifiers(config: TrainConfig, signature: ModelSignature) -> dict[str, list]:
+    """Each output's metrics as `compile` takes them: --metrics, or the built-in model's own (a user's: none)."""
+    return metrics_lib.resolve_identifiers(_default_for(config, "metrics", {}), output_names=signature.output_names)
+
+
+def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callback], *,
+                    optimizer: keras.optimizers.Optimizer) -> tuple[keras.callbacks.Callback, ...]:
+    """--callbacks' list (its function called once, here), then `given`; each a Keras callback that can work."""
+    callbacks = []
+    if config.callbacks:
+        function = user_code.load_function(config.callbacks, flag="callbacks")
+        try:
+            made = function()
+        except Exception as error:  # The user's code: anything can go wrong.
+            raise ConfigError("callbacks", f"{config.callbacks} raised {type(error).__name__}: "
+                                           f"{first_line(error)}") from None
+        if not isinstance(made, list | tuple):
+            raise ConfigError("callbacks", f"{config.callbacks} returned a {type(made).__name__}; expected a list "
+                                           f"of keras.callbacks.Callback")
+        callbacks += made
+    callbacks += given
+    # Keras cannot change a schedule's rate (the optimizer's setter refuses).
+    rate_is_a_schedule = isinstance(getattr(optimizer, "inner_optimizer", optimizer).get_config()["learning_rate"],
+                                    dict)
+    for callback in callbacks:
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise ConfigError("callbacks", f"expected keras.callbacks.Callback objects, got {callback!r}")
+        if rate_is_a_schedule and isinstance(callback, _SETS_THE_LEARNING_RATE):
+            raise ConfigError("callbacks", f"{type(callback).__name__} sets the optimizer's learning rate, but "
+                                           f"it is a schedule (--learning_rate), which Keras does not let a callback "
+                                           f"change: give --learning_rate a number, or leave "
+                                           f"{type(callback).__name__} out")
+    return tuple(callbacks)
+
+
+_SETS_THE_LEARNING_RATE = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
 
 def _check_class_weight_outputs(config: TrainConfig, signature: ModelSignature) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -30,13 +31,17 @@ class TrainResult:
     history: list[dict]
 
 
-def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
     """Trains `config.model` on `config.dataset` for `config.train_steps` or `config.epochs`, resuming if it can.
 
     Args:
       config: the run.
       strategy: a strategy to use instead of building one from `config.strategy`
         (a process should hold one MirroredStrategy only).
+      callbacks: Keras callbacks, called after `config.callbacks`' as `model.fit`
+        calls them (an epoch: a pass with --epochs, else a --log_every window);
+        with `loop="fit"`, passed to `fit`.
 
     Raises:
       ConfigError: a setting that cannot work (before anything is written), or
@@ -46,7 +51,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None
       NonFiniteError: a loss or weight became NaN or infinite; all workers
         stopped, no final model was written, the last good checkpoint is kept.
     """
-    run = build_run(config, strategy or make_strategy(config))
+    run = build_run(config, strategy or make_strategy(config), callbacks)
     try:
         _drive(run)
     finally:
