@@ -57,7 +57,7 @@ def _assert_logs_equal(custom_logs, fit_logs, where):
 
 def test_a_recording_callback_sees_the_same_calls_and_logs_in_the_custom_loop_as_in_fit(tmp_path):
     results = _custom_and_fit(tmp_path, lambda: [Recorder()])
-    (custom, [custom_recorder]), (fit, [fit_recorder]) = results["custom"], results["fit"]
+    (custom, [custom_recorder]), (_, [fit_recorder]) = results["custom"], results["fit"]
     assert custom_recorder.params == fit_recorder.params == {"verbose": 0, "epochs": 2, "steps": 4}
 
     def without_test_batches(calls):
