@@ -233,6 +233,49 @@ def test_model_keras_loads_compiled_and_evaluates_as_mto_tf_computes(tmp_path, l
     assert {"main_output_binary_accuracy", "aux_output_auc"} <= set(evaluated)
 
 
+USER_LOSSES = """
+import keras
+
+@keras.saving.register_keras_serializable(package="my_losses")
+def doubled_bce(y_true, y_pred):
+    return 2.0 * keras.losses.binary_crossentropy(y_true, y_pred)
+
+def unregistered_mae(y_true, y_pred):
+    return keras.ops.mean(keras.ops.abs(y_true - y_pred), axis=-1)
+"""
+
+
+def test_a_registered_user_loss_reloads_compiled_and_an_unregistered_one_leaves_model_keras_uncompiled(
+        tmp_path, monkeypatch, caplog):
+    import keras
+
+    from helpers import BATCH_SIZE, OUTPUTS, VALUE_RTOL, exact_means, small_config, write_npz
+    from mto_tf import train
+
+    (tmp_path / "my_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arrays = write_npz(tmp_path / "data.npz", num_examples=4 * BATCH_SIZE, with_sample_weights=True)
+    settings = dict(dataset=f"npz:{tmp_path / 'data.npz'}", train_steps=2, log_every=2)
+    result = train(small_config(tmp_path, **settings, metrics={}, losses={"main_output": "my_losses:doubled_bce",
+                                                              "aux_output": "binary_crossentropy"}))
+    # Keras finds a registered function again once its module is imported (this test imported it).
+    loaded = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert loaded.compiled
+    inputs = {"main_input": arrays["main_input"].astype("int32"), "aux_input": arrays["aux_input"]}
+    evaluated = loaded.evaluate(inputs, {name: arrays[name].reshape(-1, 1) for name in OUTPUTS},
+                                sample_weight={name: arrays[f"sample_weight/{name}"] for name in OUTPUTS},
+                                batch_size=BATCH_SIZE, return_dict=True, verbose=0)
+    assert evaluated["main_output_loss"] == pytest.approx(2 * exact_means(result.model, arrays)["main_output"],
+                                                          rel=VALUE_RTOL)
+
+    with caplog.at_level("WARNING"):
+        train(small_config(tmp_path, **settings, model_dir=str(tmp_path / "unregistered"),
+                           metrics={"aux_output": ("my_losses:unregistered_mae",)}))
+    assert "model.keras is saved uncompiled: Keras cannot reload a compile config with my_losses:unregistered_mae " \
+           "(output 'aux_output')" in caplog.text
+    assert not keras.models.load_model(tmp_path / "unregistered" / "model.keras").compiled
+
+
 # --- An output that is not trained ---------------------------------------------------------------------------------
 
 
