@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from mto_tf.core import losses, step, weighting
 from mto_tf.core.signature import ModelSignature
+from mto_tf.core.weighting import gramian
 
 REGULARIZATION = "regularization"  # The contribution of model.losses, when the model has any.
 
@@ -168,9 +169,10 @@ def _weighted_by(method: weighting.Method, dense: dict, weighted_losses: tf.Tens
     """Each output's contribution times the method's `a_i` (a gradient method's: on the shared weights), and their sum."""
     if method.uses_gradients:
         shared = [v for v in range(len(dense["total"])) if sum(reaches[name][v] for name in names) > 1]
-        rows = [tf.concat([tf.reshape(tf.cast(dense[name][v], tf.float64), [-1]) for v in shared], 0) for name in names]
-        stacked = tf.stack(rows)
-        weights, _ = method.gradient_weights(tf.matmul(stacked, stacked, transpose_b=True), weighted_losses)
+        # The train step's Gramian, of these dense gradients: the same products, so the same weights.
+        blocks = [gramian.Block(rows=[dense[name][v] for name in names], indices=None, dense_shape=None)
+                  for v in shared]
+        weights, _ = method.gradient_weights(gramian.gramian(blocks), weighted_losses)
         scaled = {name: [tf.cast(weights[k], g.dtype) * g if v in shared else g for v, g in enumerate(dense[name])]
                   for k, name in enumerate(names)}
     else:
@@ -190,8 +192,6 @@ def _cosines(parts: Mapping[str, np.ndarray], reached: list[str]) -> dict[str, f
         norms = np.linalg.norm(parts[a]) * np.linalg.norm(parts[b])
         cosines[f"{a}/{b}"] = float(parts[a] @ parts[b] / norms) if norms else None  # A zero contribution: none.
     return cosines
-
-
 
 
 def as_record(report: dict) -> dict[str, float]:
