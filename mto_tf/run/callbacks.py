@@ -47,7 +47,10 @@ class KerasCallbacks:
 
     def __init__(self, run: Run):
         model = run.setup.model
-        if getattr(model, "optimizer", None) is None:  # Not compiled: the callbacks change the loop's optimizer.
+        if run.callbacks and getattr(model, "optimizer", None) is None:
+            # Not compiled (the custom loop): the callbacks reach the loop's
+            # optimizer as fit's reach its. Only when there are callbacks:
+            # a model with an optimizer saves it in every .weights.h5.
             model.optimizer = run.optimizer
         model.stop_training = False
         self._model = model
