@@ -37,11 +37,11 @@ for _method in ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_tr
 
 
 def _custom_and_fit(tmp_path, make_callbacks, **settings):
-    """The same run in the custom loop and `--loop=fit`, each with callbacks of its own from `make_callbacks()`."""
+    """The same run in the custom loop and `--loop=fit`, each with callbacks of its own from `make_callbacks(loop)`."""
     config = small_config(tmp_path, **{**WINDOWS, **settings})
     results = {}
     for loop in ("custom", "fit"):
-        callbacks = make_callbacks()
+        callbacks = make_callbacks(loop)
         result = train(dataclasses.replace(config, loop=loop, model_dir=str(tmp_path / loop)), callbacks=callbacks)
         results[loop] = result, callbacks
     return results
@@ -56,8 +56,14 @@ def _assert_logs_equal(custom_logs, fit_logs, where):
 
 
 def test_a_recording_callback_sees_the_same_calls_and_logs_in_the_custom_loop_as_in_fit(tmp_path):
-    results = _custom_and_fit(tmp_path, lambda: [Recorder()])
-    (custom, [custom_recorder]), (_, [fit_recorder]) = results["custom"], results["fit"]
+    epochs = []  # (loop, epoch, loss), from a LambdaCallback.
+
+    def make_callbacks(loop):
+        return [Recorder(), keras.callbacks.CSVLogger(str(tmp_path / f"{loop}.csv")), keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: epochs.append((loop, epoch, logs["loss"])))]
+
+    results = _custom_and_fit(tmp_path, make_callbacks)
+    (custom, [custom_recorder, *_]), (_, [fit_recorder, *_]) = results["custom"], results["fit"]
     assert custom_recorder.params == fit_recorder.params == {"verbose": 0, "epochs": 2, "steps": 4}
 
     def without_test_batches(calls):
@@ -88,11 +94,25 @@ def test_a_recording_callback_sees_the_same_calls_and_logs_in_the_custom_loop_as
     assert test_batches(custom_recorder.calls) == 2 * [("on_test_batch_begin", 0), ("on_test_batch_end", 0)]
     assert test_batches(fit_recorder.calls) == 2 * [("on_test_batch_begin", 0), ("on_test_batch_end", 1)]
 
+    # CSVLogger writes the same rows from both loops, a LambdaCallback gets the same epochs.
+    rows = {}
+    for loop in ("custom", "fit"):
+        with open(tmp_path / f"{loop}.csv") as file:
+            rows[loop] = list(csv.DictReader(file))
+    assert [row["epoch"] for row in rows["custom"]] == [row["epoch"] for row in rows["fit"]] == ["0", "1"]
+    for custom_row, fit_row in zip(rows["custom"], rows["fit"], strict=True):
+        _assert_logs_equal({name: float(value) for name, value in custom_row.items()},
+                           {name: float(value) for name, value in fit_row.items()}, custom_row["epoch"])
+    by_loop = {loop: [(epoch, loss) for name, epoch, loss in epochs if name == loop] for loop in ("custom", "fit")}
+    assert [epoch for epoch, _ in by_loop["custom"]] == [epoch for epoch, _ in by_loop["fit"]] == [0, 1]
+    assert [loss for _, loss in by_loop["custom"]] == pytest.approx([loss for _, loss in by_loop["fit"]],
+                                                                   rel=LOSS_RTOL)
+
 
 def test_early_stopping_stops_both_loops_after_the_same_epoch_with_a_checkpoint_and_the_final_model(tmp_path):
     # min_delta larger than any change: the second epoch does not improve, and patience 0 stops there.
     results = _custom_and_fit(
-        tmp_path, lambda: [keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9)],
+        tmp_path, lambda _: [keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9)],
         train_steps=16)
     for loop, (result, [early_stopping]) in results.items():
         assert early_stopping.stopped_epoch == 1, loop
@@ -104,7 +124,7 @@ def test_early_stopping_stops_both_loops_after_the_same_epoch_with_a_checkpoint_
 
 
 def test_stop_training_set_mid_window_stops_both_loops_at_the_end_of_that_window(tmp_path, caplog):
-    def stop_at_the_first_batch():
+    def stop_at_the_first_batch(_):
         callback = keras.callbacks.LambdaCallback()
         callback.on_train_batch_end = lambda batch, logs=None: setattr(callback.model, "stop_training", True)
         return [callback]
@@ -121,7 +141,7 @@ def test_stop_training_set_mid_window_stops_both_loops_at_the_end_of_that_window
 def test_reduce_lr_on_plateau_lowers_the_rate_in_both_loops_and_the_rate_survives_a_resume(tmp_path):
     # Nothing improves by 1e9: after each epoch but the first, the rate halves.
     results = _custom_and_fit(
-        tmp_path, lambda: [keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9)],
+        tmp_path, lambda _: [keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9)],
         train_steps=12, **NO_VALIDATION)
     for loop, (result, _) in results.items():
         assert float(result.optimizer.learning_rate) == pytest.approx(0.01 * 0.5 ** 2), loop
@@ -134,27 +154,6 @@ def test_reduce_lr_on_plateau_lowers_the_rate_in_both_loops_and_the_rate_survive
     config = small_config(tmp_path, **{**WINDOWS, **NO_VALIDATION, "train_steps": 16,
                                        "model_dir": str(tmp_path / "custom")})
     assert float(train(config).optimizer.learning_rate) == pytest.approx(0.01 * 0.5 ** 2)
-
-
-@pytest.mark.slow  # Inner loop: the recording parity above covers the calls and logs.
-def test_csv_logger_and_a_lambda_callback_get_the_same_epochs_and_values_from_both_loops(tmp_path):
-    config = small_config(tmp_path, **WINDOWS)
-    rows, epochs = {}, {}
-    for loop in ("custom", "fit"):
-        epochs[loop] = []
-        train(dataclasses.replace(config, loop=loop, model_dir=str(tmp_path / loop)), callbacks=[
-            keras.callbacks.CSVLogger(str(tmp_path / f"{loop}.csv")),
-            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs, loop=loop: epochs[loop].append(
-                (epoch, logs["loss"])))])
-        with open(tmp_path / f"{loop}.csv") as file:
-            rows[loop] = list(csv.DictReader(file))
-    assert [row["epoch"] for row in rows["custom"]] == [row["epoch"] for row in rows["fit"]] == ["0", "1"]
-    for custom_row, fit_row in zip(rows["custom"], rows["fit"], strict=True):
-        _assert_logs_equal({name: float(value) for name, value in custom_row.items()},
-                           {name: float(value) for name, value in fit_row.items()}, custom_row["epoch"])
-    assert [epoch for epoch, _ in epochs["custom"]] == [epoch for epoch, _ in epochs["fit"]] == [0, 1]
-    assert [loss for _, loss in epochs["custom"]] == pytest.approx([loss for _, loss in epochs["fit"]],
-                                                                  rel=LOSS_RTOL)
 
 
 def test_with_epochs_an_epoch_is_a_pass_and_its_logs_are_the_pass_over_several_windows(tmp_path):

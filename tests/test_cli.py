@@ -86,6 +86,6 @@ def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, case
     else:
         process = mto_train_in_process(*flags)
     assert process.returncode == 2
-    assert f"mto-train: error: " in process.stderr and expected_error in process.stderr, process.stderr[-2000:]
+    assert "mto-train: error: " in process.stderr and expected_error in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
     assert not model_dir.exists()
