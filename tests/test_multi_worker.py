@@ -191,15 +191,40 @@ def test_worker_that_cannot_start_stops_the_launch_within_seconds_naming_it(tmp_
     assert not model_dir.exists()
 
 
-def test_validation_under_two_workers_evaluates_every_example_once_as_one_device_would(tmp_path):
+# Each worker's on_epoch_end logs, to epochs-<task index>.json beside the module.
+EPOCH_LOGS_MODULE = """
+import json, os
+import keras
+
+def epoch_logs():
+    path = os.path.join(os.path.dirname(__file__), f"epochs-{json.loads(os.environ['TF_CONFIG'])['task']['index']}.json")
+    logs = []
+    def on_epoch_end(epoch, epoch_logs):
+        logs.append([epoch, epoch_logs])
+        with open(path, "w") as file:
+            json.dump(logs, file)
+    return [keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)]
+"""
+
+
+def test_validation_under_two_workers_evaluates_every_example_once_as_one_device_would(tmp_path, monkeypatch):
     _, data_flags = _data(tmp_path)
     # 37 examples, batches of 16: the last holds 5, split 3 + 2 across the two workers.
     arrays = write_npz(tmp_path / "validation.npz", num_examples=37, with_sample_weights=True, seed=1)
+    # And Keras callbacks on each worker, with the logs the chief writes.
+    (tmp_path / "epoch_logs.py").write_text(EPOCH_LOGS_MODULE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     launch = Launch(*data_flags, f"--model_dir={tmp_path / 'run'}", "--train_steps=4", "--log_every=2",
-                    "--eval_every=2", f"--validation_data=npz:{tmp_path / 'validation.npz'}")
+                    "--eval_every=2", f"--validation_data=npz:{tmp_path / 'validation.npz'}",
+                    "--callbacks=epoch_logs:epoch_logs")
     assert launch.wait() == 0, launch.output[-4000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "val_loss" in record] == [2, 4]
+    for worker in (0, 1):
+        epochs = json.loads((tmp_path / f"epochs-{worker}.json").read_text())
+        assert [epoch for epoch, _ in epochs] == [0, 1]
+        for (_, logs), record in zip(epochs, records, strict=True):
+            assert logs == {name: record[name] for name in logs}, worker  # All-reduced: the same everywhere.
     model = build_headline(small_config(tmp_path))
     model.load_weights(tmp_path / "run" / "model.weights.h5")
     exact = _exact_means(model, arrays)
