@@ -61,7 +61,6 @@ RESULT_PREFIX = "BENCH_RESULT "
 TURN_DONE = "BENCH_TURN_DONE"
 
 
-
 def variant_config(name: str, config: TrainConfig) -> TrainConfig:
     """The configuration a variant trains with, from the benchmark's base configuration."""
     if name.startswith(WEIGHTING_PREFIX):
@@ -96,7 +95,6 @@ class Turns:
     def done(self) -> None:
         self.intervals.append((self._start, time.time()))
         print(TURN_DONE, flush=True)
-
 
 
 # --- All variants, each in a fresh process ----------------------------------------------------
