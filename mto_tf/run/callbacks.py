@@ -39,7 +39,7 @@ import numpy as np
 from mto_tf.run import driver
 from mto_tf.run.setup import Run
 
-VAL_PREFIX = "val_"
+_VAL_PREFIX = "val_"
 
 
 class KerasCallbacks:
@@ -97,7 +97,7 @@ class KerasCallbacks:
         self._list.on_test_begin()
         self._list.on_test_batch_begin(0)
         values = evaluate()
-        logs = {name.removeprefix(VAL_PREFIX): value for name, value in values.items()}
+        logs = {name.removeprefix(_VAL_PREFIX): value for name, value in values.items()}
         self._list.on_test_batch_end(0, logs)
         self._list.on_test_end(logs)
         return values
@@ -105,7 +105,7 @@ class KerasCallbacks:
     def epoch_ends(self, record: Mapping[str, object]) -> None:
         """At the end of the epoch, with its `val_` values in `record` when it ended with an evaluation."""
         logs = self._sums.logs() if self._calls_callbacks else {}
-        logs.update({name: value for name, value in record.items() if name.startswith(VAL_PREFIX)})
+        logs.update({name: value for name, value in record.items() if name.startswith(_VAL_PREFIX)})
         self._list.on_epoch_end(self._epoch, logs)
         self._last_epoch_logs = logs
         self._epoch = None
