@@ -1,4 +1,4 @@
-"""Keras callbacks in the custom loop: called as `model.fit` calls them, with the same logs, doing what they do there."""
+"""Keras callbacks in the custom loop: called as `model.fit` calls them, with the same logs, doing what they do."""
 
 import csv
 import dataclasses

@@ -197,7 +197,8 @@ import json, os
 import keras
 
 def epoch_logs():
-    path = os.path.join(os.path.dirname(__file__), f"epochs-{json.loads(os.environ['TF_CONFIG'])['task']['index']}.json")
+    worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    path = os.path.join(os.path.dirname(__file__), f"epochs-{worker}.json")
     logs = []
     def on_epoch_end(epoch, epoch_logs):
         logs.append([epoch, epoch_logs])

@@ -93,7 +93,7 @@ class KerasCallbacks:
             self._sums.keep_metrics()
 
     def evaluate(self, evaluate: Callable[[], dict]) -> dict:
-        """`evaluate()` between `on_test_begin` and `on_test_end`, which get its values named as `evaluate` names them."""
+        """`evaluate()` between `on_test_begin` and `on_test_end`, which get its values as `evaluate` names them."""
         self._list.on_test_begin()
         self._list.on_test_batch_begin(0)
         values = evaluate()
