@@ -75,7 +75,7 @@ class KerasCallbacks:
         """Before the tf.function call that trains the steps after `step`; an epoch begins on its boundary."""
         if self._epoch is None or step % self._steps_per_epoch == 0:
             self._epoch = step // self._steps_per_epoch
-            self._sums = _EpochSums(self._training_metrics)
+            self._sums = _EpochSums(self._training_metrics) if self._calls_callbacks else None
             self._list.on_epoch_begin(self._epoch)
         self._list.on_train_batch_begin(self._batch(step))
 
@@ -127,20 +127,18 @@ class _EpochSums:
 
     def __init__(self, training_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]):
         self._metrics = {name: metric for name, (_, metric) in training_metrics.items()}
-        self._totals: dict[str, np.float32] = {}
-        self._steps = 0
+        self._measurements = driver.StepSums()
         self._kept = {name: [np.zeros(variable.shape, variable.dtype) for variable in metric.variables]
                       for name, metric in self._metrics.items()}
 
     def add(self, loop_totals: Mapping[str, np.float32], num_steps: int) -> None:
-        self._totals = {name: self._totals.get(name, np.float32(0)) + value for name, value in loop_totals.items()}
-        self._steps += num_steps
+        self._measurements.add(loop_totals, num_steps)
 
     def keep_metrics(self) -> None:
         self._kept = {name: self._with_current(name) for name in self._metrics}
 
     def logs(self) -> dict[str, float | list]:
-        logs = {name: float(total) / self._steps for name, total in self._totals.items()}
+        logs = self._measurements.means()
         for name, metric in self._metrics.items():
             logs[name] = driver.log_value(metric.stateless_result(self._with_current(name)))
         return logs

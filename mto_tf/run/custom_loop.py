@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from mto_tf.core import gradient_shares, step
@@ -39,7 +38,7 @@ def run_custom_loop(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] =
     preemption = PreemptionWatcher(setup.strategy)
     try:
         current_step = run.start_step
-        window = _WindowSums()
+        window = driver.StepSums()
         keras_callbacks.train_begins()
         while current_step < run.total_steps:
             # Stop a loop at the next log, checkpoint, evaluation, epoch or the end, whichever is first.
@@ -75,7 +74,7 @@ def run_custom_loop(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] =
                 record.update(window.means())
                 record.update(driver.metric_results(run.metrics.training))
                 record["examples_per_sec"] = window_ends.examples_per_sec(window.steps)
-                window = _WindowSums()
+                window = driver.StepSums()
             if measure_shares and current_step % config.log_gradient_shares_every == 0:
                 record.update(measure_shares())
             if evaluate and (finished or (config.eval_every and current_step % config.eval_every == 0)):
@@ -126,24 +125,6 @@ def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:
         return gradient_shares.as_record(report)
 
     return measure
-
-
-class _WindowSums:
-    """Sums of the step measurements since the last log line."""
-
-    def __init__(self):
-        self.totals: dict[str, np.float32] = {}
-        self.steps = 0
-
-    def add(self, loop_totals: dict[str, np.float32], num_steps: int) -> None:
-        # Added in float32, as inside the loop, so that how steps are
-        # grouped into loops does not change the logged numbers.
-        self.totals = {name: self.totals.get(name, np.float32(0)) + value for name, value in loop_totals.items()}
-        self.steps += num_steps
-
-    def means(self) -> dict[str, float]:
-        """Each measurement's mean over the window's steps."""
-        return {name: float(total) / self.steps for name, total in self.totals.items()}
 
 
 def _steps_to_next(current_step: int, every: int) -> int:

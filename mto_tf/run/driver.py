@@ -60,6 +60,24 @@ def log_value(result) -> float | list:
     return float(result) if result.ndim == 0 else result.ravel().tolist()
 
 
+class StepSums:
+    """Each step measurement's sum over some steps (a logging window, an epoch), and their number."""
+
+    def __init__(self):
+        self.totals: dict[str, np.float32] = {}
+        self.steps = 0
+
+    def add(self, loop_totals: Mapping[str, np.float32], num_steps: int) -> None:
+        # Added in float32, as inside the loop, so that how steps are
+        # grouped into loops does not change the logged numbers.
+        self.totals = {name: self.totals.get(name, np.float32(0)) + value for name, value in loop_totals.items()}
+        self.steps += num_steps
+
+    def means(self) -> dict[str, float]:
+        """Each measurement's mean over the steps."""
+        return {name: float(total) / self.steps for name, total in self.totals.items()}
+
+
 class WindowEnds:
     """What both loops do at the end of a logging window (see the module's doc), and the window's timer."""
 
