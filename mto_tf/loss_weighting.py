@@ -26,46 +26,74 @@ from collections.abc import Mapping
 from mto_tf.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One method: its family, its paper and its hyper-parameters (name -> (default, what a value must be))."""
+# What a gradient method may claim of its weights `a = f(G)`; tests/test_weighting_properties.py checks each
+# claim of each method that makes it.
+ORDER_INVARIANT = "order_invariant"  # The outputs in another order: the same weights, in that order.
+NON_CONFLICTING = "non_conflicting"  # The update `d = a J` increases no output's loss to first order: `J d >= 0`.
+SCALE_INVARIANT = "scale_invariant"  # The same weights for the gradients scaled by any factor (1e-6 to 1e6).
+FINITE = "finite"  # Finite weights for any gradients: scaled, or all zero.
+CLAIMS = (ORDER_INVARIANT, NON_CONFLICTING, SCALE_INVARIANT, FINITE)
 
-    uses_gradients: bool
+
+@dataclasses.dataclass(frozen=True)
+class MethodDescription:
+    """One method: its paper, its hyper-parameters, what it computes from, what it claims, where its code is.
+
+    `computed_by` names, as `MODULE:NAME` in `mto_tf/core/weighting/`, the
+    class of a method with state (learned values, histories, seeded draws)
+    or the function `f(G, **hyper-parameters) -> a` of a method that is a
+    function of the Gramian alone; `fixed`'s step is the train step's own.
+    """
+
     paper: str
-    parameters: Mapping[str, tuple[float, str]] = dataclasses.field(default_factory=dict)
+    computed_by: str | None
+    parameters: Mapping[str, tuple[float, str]] = dataclasses.field(default_factory=dict)  # Name -> (default, what a value must be).
+    uses_gradients: bool = False  # Needs each output's gradient (their Gramian), not the losses alone.
+    claims: tuple[str, ...] = ()  # Of CLAIMS.
 
 
 _POSITIVE = "a number > 0"
 _NON_NEGATIVE = "a number >= 0"
 _PROBABILITY = "a number in [0, 1)"
+_UNORDERED_AND_BOUNDED = (ORDER_INVARIANT, SCALE_INVARIANT, FINITE)
 
-METHODS: dict[str, Method] = {
-    "fixed": Method(False, "sum_i w_i L_i with the --loss_weights weights (the step of model.fit)"),
-    "uncertainty": Method(False, "Kendall, Gal and Cipolla 2018, Multi-task learning using uncertainty to weigh "
-                                 "losses"),
-    "dwa": Method(False, "Liu, Johns and Davison 2019, End-to-end multi-task learning with attention",
-                  {"temperature": (2.0, _POSITIVE)}),
-    "rlw": Method(False, "Lin, Ye, Xu, Shi and Zhang 2022, Reasonable effectiveness of random weighting"),
-    "famo": Method(False, "Liu, Liu, Stone and Liu 2023, FAMO: fast adaptive multitask optimization",
-                   {"learning_rate": (0.025, _POSITIVE), "decay": (0.001, _NON_NEGATIVE)}),
-    "gradnorm": Method(True, "Chen, Badrinarayanan, Lee and Rabinovich 2018, GradNorm",
-                       {"alpha": (1.5, _NON_NEGATIVE)}),
-    "pcgrad": Method(True, "Yu, Kumar, Gupta, Levine, Hausman and Finn 2020, Gradient surgery for multi-task "
-                           "learning"),
-    "mgda": Method(True, "Sener and Koltun 2018, Multi-task learning as multi-objective optimization"),
-    "cagrad": Method(True, "Liu, Liu, Jin, Stone and Liu 2021, Conflict-averse gradient descent",
-                     {"c": (0.5, _PROBABILITY)}),
-    "imtl": Method(True, "Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang 2021, Towards impartial multi-task "
-                         "learning (IMTL-G)"),
-    "aligned_mtl": Method(True, "Senushkin, Patakin, Kuznetsov and Konushin 2023, Independent component alignment "
-                                "for multi-task learning"),
-    "upgrad": Method(True, "Quinton and Rey 2024, Jacobian descent for multi-objective optimization"),
+METHODS: dict[str, MethodDescription] = {
+    "fixed": MethodDescription("sum_i w_i L_i with the --loss_weights weights (the step of model.fit)", None),
+    "uncertainty": MethodDescription("Kendall, Gal and Cipolla 2018, Multi-task learning using uncertainty to "
+                                     "weigh losses", "methods:Uncertainty"),
+    "dwa": MethodDescription("Liu, Johns and Davison 2019, End-to-end multi-task learning with attention",
+                             "methods:DynamicWeightAverage", {"temperature": (2.0, _POSITIVE)}),
+    "rlw": MethodDescription("Lin, Ye, Xu, Shi and Zhang 2022, Reasonable effectiveness of random weighting",
+                             "methods:RandomLossWeighting"),
+    "famo": MethodDescription("Liu, Liu, Stone and Liu 2023, FAMO: fast adaptive multitask optimization",
+                              "methods:FastAdaptiveMultitask",
+                              {"learning_rate": (0.025, _POSITIVE), "decay": (0.001, _NON_NEGATIVE)}),
+    "gradnorm": MethodDescription("Chen, Badrinarayanan, Lee and Rabinovich 2018, GradNorm", "methods:GradNorm",
+                                  {"alpha": (1.5, _NON_NEGATIVE)}, uses_gradients=True,
+                                  claims=_UNORDERED_AND_BOUNDED),
+    # Its random order of the others breaks ties by output order: not ORDER_INVARIANT.
+    "pcgrad": MethodDescription("Yu, Kumar, Gupta, Levine, Hausman and Finn 2020, Gradient surgery for multi-task "
+                                "learning", "methods:ProjectingConflictingGradients", uses_gradients=True,
+                                claims=(SCALE_INVARIANT, FINITE)),
+    "mgda": MethodDescription("Sener and Koltun 2018, Multi-task learning as multi-objective optimization",
+                              "gradient_methods:mgda", uses_gradients=True, claims=CLAIMS),
+    "cagrad": MethodDescription("Liu, Liu, Jin, Stone and Liu 2021, Conflict-averse gradient descent",
+                                "gradient_methods:cagrad", {"c": (0.5, _PROBABILITY)}, uses_gradients=True,
+                                claims=_UNORDERED_AND_BOUNDED),
+    "imtl": MethodDescription("Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang 2021, Towards impartial multi-task "
+                              "learning (IMTL-G)", "gradient_methods:imtl", uses_gradients=True,
+                              claims=_UNORDERED_AND_BOUNDED),
+    "aligned_mtl": MethodDescription("Senushkin, Patakin, Kuznetsov and Konushin 2023, Independent component "
+                                     "alignment for multi-task learning", "gradient_methods:aligned_mtl",
+                                     uses_gradients=True, claims=_UNORDERED_AND_BOUNDED),
+    "upgrad": MethodDescription("Quinton and Rey 2024, Jacobian descent for multi-objective optimization",
+                                "gradient_methods:upgrad", uses_gradients=True, claims=CLAIMS),
 }
 
-# The methods that solve a small problem over every subset of the outputs
-# (exactly, in the graph): 2^K candidates, so K is bounded.
-MAX_OUTPUTS_FOR_EXACT_SOLVERS = 10
-EXACT_SOLVER_METHODS = ("mgda", "cagrad", "upgrad")
+
+def claimed(claim: str) -> list[str]:
+    """The methods that claim `claim` (of CLAIMS), in catalog order."""
+    return [name for name, description in METHODS.items() if claim in description.claims]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +104,12 @@ class LossWeighting:
     parameters: Mapping[str, float]
 
     @property
-    def method(self) -> Method:
+    def description(self) -> MethodDescription:
         return METHODS[self.name]
 
     @property
     def uses_gradients(self) -> bool:
-        return self.method.uses_gradients
+        return self.description.uses_gradients
 
     def describe(self) -> str:
         """The name, and the hyper-parameters when there are any: as a log line or a sweep's row shows it."""
@@ -100,13 +128,13 @@ def parse(value: object) -> LossWeighting:
     name = given.get("name")
     if name not in METHODS:
         raise ConfigError("loss_weighting", f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    method = METHODS[name]
-    unknown = sorted(set(given) - {"name"} - set(method.parameters))
+    description = METHODS[name]
+    unknown = sorted(set(given) - {"name"} - set(description.parameters))
     if unknown:
-        takes = ", ".join(method.parameters) or "no hyper-parameters"
+        takes = ", ".join(description.parameters) or "no hyper-parameters"
         raise ConfigError("loss_weighting", f"{name} takes {takes}; not {unknown[0]!r}")
     parameters = {}
-    for key, (default, expected) in method.parameters.items():
+    for key, (default, expected) in description.parameters.items():
         number = given.get(key, default)
         if not _is_valid(number, expected):
             raise ConfigError("loss_weighting", f"{name}'s {key} must be {expected}, got {number!r}")

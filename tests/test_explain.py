@@ -14,7 +14,7 @@ from mto_tf.core import gradient_shares
 from mto_tf.data import batching
 from mto_tf.programs import explain, sweep
 from mto_tf.programs import flags as mto_flags
-from mto_tf.run.setup import build_model_setup
+from mto_tf.run.model_setup import build_model_setup
 
 pytestmark = pytest.mark.slow
 

@@ -89,7 +89,7 @@ def run(method: str, start, *, steps: int, record_every: int) -> np.ndarray:
         train_run = build_run(config, make_strategy(config))
         point = train_run.setup.model.get_layer("point").x
         trajectory = [point.numpy().copy()]
-        custom_loop.run_custom_loop(train_run, on_window_end=[lambda step, record: trajectory.append(
+        custom_loop.run_custom_loop(train_run, actions=[lambda boundary: trajectory.append(
             point.numpy().copy())])
     return np.array(trajectory)
 

@@ -38,7 +38,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mto_tf.core import losses, step, weighting
+from mto_tf.core import weighting
+from mto_tf.core.objective import Objective
+from mto_tf.core.replicas import summed_over_replicas
 from mto_tf.core.signature import ModelSignature
 from mto_tf.core.weighting import gramian
 
@@ -66,23 +68,18 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
     seeds) is put back afterwards, so measuring during training leaves the
     training itself as it was.
     """
+    objective = Objective(model=model, signature=signature, loss_fns=loss_fns, loss_weights=loss_weights)
     variables = model.trainable_variables
     reaches: dict[str, list[bool]] = {}  # Known when the function is traced.
 
     def on_replica(batch):
-        inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         state = [tf.identity(variable) for variable in model.non_trainable_variables]
-        examples_in_batch = global_batch_size or step.examples_across_replicas(labels)
         with tf.GradientTape(persistent=True) as tape:
-            predictions = signature.as_output_dict(model(inputs, training=True))
-            output_losses = losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
-                                                     sample_weights=sample_weights,
-                                                     global_batch_size=examples_in_batch)
+            output_losses = objective.output_losses(batch, examples_in_batch=global_batch_size)
             terms = {name: loss_weights[name] * output_losses[name] for name in output_losses}
             if model.losses:  # This replica's share of the regularization, as in the train step.
                 terms[REGULARIZATION] = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            total = losses.weighted_total_loss(output_losses=output_losses, loss_weights=loss_weights,
-                                               regularization_losses=model.losses)
+            total = objective.total_loss(output_losses)
         # One backward pass per term, one for the total.
         gradients = {name: tape.gradient(term, variables) for name, term in terms.items()}
         for name, term_gradients in gradients.items():
@@ -95,8 +92,7 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
         with tf.control_dependencies(tf.nest.flatten(dense)):
             for variable, value in zip(model.non_trainable_variables, state):
                 variable.assign(value)
-        if strategy.num_replicas_in_sync > 1:
-            dense = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, dense)
+        dense = summed_over_replicas(dense)
         if method is not None:
             dense = _weighted_by(method, dense, weighting.global_values(tf.stack(
                 [terms[name] for name in output_losses])), list(output_losses), reaches)
@@ -172,7 +168,7 @@ def _weighted_by(method: weighting.Method, dense: dict, weighted_losses: tf.Tens
         # The train step's Gramian, of these dense gradients: the same products, so the same weights.
         blocks = [gramian.Block(rows=[dense[name][v] for name in names], indices=None, dense_shape=None)
                   for v in shared]
-        weights, _ = method.gradient_weights(gramian.gramian(blocks), weighted_losses)
+        weights, _ = weighting.method_weights(method, gramian.gramian(blocks), weighted_losses)
         scaled = {name: [tf.cast(weights[k], g.dtype) * g if v in shared else g for v, g in enumerate(dense[name])]
                   for k, name in enumerate(names)}
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mto_tf import _compat
@@ -72,3 +73,21 @@ def _try_on_zeros(metric: keras.metrics.Metric, *, output: str, y_true, y_pred) 
                                      f"{tuple(y_true.shape)} and predictions {tuple(y_pred.shape)} "
                                      f"({describe_error(error)})") from None
     metric.reset_state()
+
+
+def results_and_reset(output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]) -> dict[str, float | list]:
+    """Each metric's result since it was last read, by log name; the metrics start again from zero.
+
+    A result with a value per class (F1Score, FBetaScore with `average=None`) is a list of floats.
+    """
+    results = {}
+    for log_name, (_, metric) in output_metrics.items():
+        results[log_name] = log_value(metric.result())
+        metric.reset_state()
+    return results
+
+
+def log_value(result) -> float | list:
+    """A metric's result as the logs hold it: a float, or a list of floats for a value per class."""
+    result = np.asarray(result, dtype=np.float64)
+    return float(result) if result.ndim == 0 else result.ravel().tolist()

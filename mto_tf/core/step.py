@@ -4,101 +4,91 @@ One total loss (the weighted sum of the per-output losses, plus
 regularization), one gradient of it with respect to every trainable weight,
 one optimizer update. Layered as Keras's own trainer is: one batch on one
 replica -> one step across replicas -> N steps in one `tf.function` call.
+How a replica turns its slice of the batch into gradients is the step's
+one parameter: `fixed_weights` below, the seed's answer and `fit`'s step,
+or an adaptive `--loss_weighting` method's (`mto_tf/core/weighting/`).
 Evaluation computes the same losses and metrics and updates nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import keras
 import tensorflow as tf
 
-from mto_tf.core import losses, optimization, weighting
-from mto_tf.core.signature import ModelSignature
+from mto_tf.core import optimization
+from mto_tf.core.objective import Objective, as_measurements
+from mto_tf.core.replicas import summed_over_replicas
 
 
-def make_train_step(
-    *,
-    model: keras.Model,
-    signature: ModelSignature,
-    optimizer: keras.optimizers.Optimizer,
-    loss_fns: Mapping[str, keras.losses.Loss],
-    loss_weights: Mapping[str, float],
-    output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
-    global_batch_size: int | None,
-    strategy: tf.distribute.Strategy,
-    accumulation: optimization.GradientAccumulation | None = None,
-    jit_compile: bool = False,
-    compile_update: bool = False,
-    method: weighting.Method | None = None,
-    representation: weighting.Representation | None = None,
-) -> Callable[[object], dict[str, tf.Tensor]]:
-    """Returns `train_step(batch)`: one step on one global batch, split across replicas.
+@dataclasses.dataclass(frozen=True)
+class GradientFunction:
+    """How each replica's slice of a batch becomes the update's gradients, and the step's measurements.
 
-    It returns the step's measurements: `loss` (the weighted total, as `fit`
-    reports it) and `<output>_loss` (unweighted); with an adaptive `method`
-    (`--loss_weighting`), also `loss_weight/<output>`, the factor its
-    weighted loss had. Metrics accumulate in `output_metrics`; the caller
-    reads and resets them. `loss_fns` return per-example losses (Keras
-    losses with reduction "none"). `global_batch_size` None: batches may
-    hold fewer examples (a pass's last one), so each step counts them.
-    `optimizer` is made by `optimization.make_optimizer(...,
-    takes_all_reduced_gradients=True)`; with a `method`, it was built for
-    `model.trainable_variables + method.trainable` too. `representation`:
-    a gradient method's Gramian is of that layer's output (MGDA-UB).
+    `on_replica(batch)` returns the gradients of `variables`, summed over
+    replicas (so the same on every replica), and each measurement's share
+    on this replica (the step sums the shares). `after_update(batch,
+    measurements)`, if any, runs once per step across replicas after the
+    update, with the global measurements: state a method keeps follows them.
     """
 
-    def losses_on_batch(batch, training=True, forward=None):
-        """Forward (by `model`, or `forward`), and each output's share of its global-batch loss: on one replica's slice."""
-        inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
-        # A pass's last batch may be partial and split unevenly across
-        # replicas: dividing by the examples the WHOLE global batch holds
-        # keeps the exact single-device mean (Keras's fit divides each
-        # replica's local mean by the number of replicas instead).
-        examples_in_batch = global_batch_size or examples_across_replicas(labels)
-        # Training: Dropout drops, BatchNorm normalizes by the batch and updates
-        # its moving statistics. training=False (FAMO's second look at the
-        # batch) changes nothing and counts in no metric.
-        predictions = signature.as_output_dict((forward or model)(inputs, training=training))
-        for output_name, metric in output_metrics.values() if training else ():
-            metric.update_state(labels[output_name], predictions[output_name])
-        return losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
-                                        sample_weights=sample_weights, global_batch_size=examples_in_batch)
+    on_replica: Callable[[object], tuple[list, dict[str, tf.Tensor]]]
+    variables: list  # What the gradients are of, in order: the model's trainable weights (and a method's own).
+    after_update: Callable[[object, dict[str, tf.Tensor]], None] | None = None
+
+
+def fixed_weights(*, objective: Objective, optimizer: keras.optimizers.Optimizer, global_batch_size: int | None,
+                  output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]) -> GradientFunction:
+    """The seed's answer, `fit`'s step: one gradient of `sum_i w_i L_i + regularization`.
+
+    `global_batch_size` None: batches may hold fewer examples (a pass's last
+    one), so each step counts them. `output_metrics` accumulate; the caller
+    reads and resets them.
+    """
 
     def gradient_on_batch(batch):
-        """Weighted loss, one gradient, summed over replicas: on one replica's slice."""
+        """On one replica's slice: the gradient of the weighted total loss, summed over replicas."""
         with tf.GradientTape() as tape:
-            output_losses = losses_on_batch(batch)
-            # model.losses recomputes the regularizers from the current
-            # weights, so it must be read inside the tape.
-            loss = losses.weighted_total_loss(
-                output_losses=output_losses, loss_weights=loss_weights,
-                regularization_losses=model.losses)
-            # mixed_float16: times the loss scale, so float16 gradients do not underflow; 1 otherwise.
-            scaled_loss = optimizer.scale_loss(loss)
+            output_losses = objective.output_losses(           # sum(l * sw) / GLOBAL batch size, per output
+                batch, examples_in_batch=global_batch_size, metrics=output_metrics)
+            loss = objective.total_loss(output_losses)         # sum_i w_i * loss_i + regularization / replicas
+            scaled_loss = optimizer.scale_loss(loss)           # mixed_float16 only: times the loss scale
         # One gradient of the total: the auxiliary term reaches the shared
         # trunk here, and no main-only layer (it does not depend on them).
-        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        gradients = tape.gradient(scaled_loss, objective.model.trainable_variables)
         # Summed over every replica and worker HERE, before the optimizer
         # clips, checks for overflow or accumulates: each replica's loss was
         # its share of the global-batch loss, so the sum is the gradient one
         # device would compute (Keras's fit clips each replica's part instead).
-        if strategy.num_replicas_in_sync > 1:
-            gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-        return gradients, {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+        gradients = summed_over_replicas(gradients)          # The global-batch gradient, on every replica.
+        return gradients, as_measurements(loss, output_losses)
 
-    # --loss_weighting other than fixed: the same forward, each loss times a
-    # factor the method sets, or one gradient per output combined by it.
-    adaptive = method is not None and method.weighting.name != "fixed"
-    on_batch, after_step = weighting.make_step_parts(
-        method, losses_on_batch, model=model, loss_weights=loss_weights, optimizer=optimizer, strategy=strategy,
-        representation=representation) if adaptive else (gradient_on_batch, None)
-    variables = model.trainable_variables + (method.trainable if adaptive else [])
+    return GradientFunction(on_replica=gradient_on_batch, variables=objective.model.trainable_variables)
+
+
+def make_train_step(
+    *,
+    gradient_function: GradientFunction,
+    optimizer: keras.optimizers.Optimizer,
+    strategy: tf.distribute.Strategy,
+    accumulation: optimization.GradientAccumulation | None = None,
+    jit_compile: bool = False,
+    compile_update: bool = False,
+) -> Callable[[object], dict[str, tf.Tensor]]:
+    """Returns `train_step(batch)`: one step on one global batch, split across replicas; its measurements.
+
+    `gradient_function`: `fixed_weights(...)`, or an adaptive method's.
+    `optimizer` is made by `optimization.make_optimizer(...,
+    takes_all_reduced_gradients=True)` and built for the gradient function's
+    variables. `accumulation`: --grad_accum_steps; `jit_compile`: XLA
+    compiles the step; `compile_update`: XLA compiles the update alone.
+    """
 
     def apply(gradients):
         """The optimizer's update, identical on every replica: unscale, clip, update, as on one device."""
-        optimizer.apply_gradients(zip(gradients, variables))
+        optimizer.apply_gradients(zip(gradients, gradient_function.variables))
 
     # The update of every weight and slot is many element-wise ops: XLA
     # fuses them into one pass over memory (the same mathematics, rounded
@@ -108,7 +98,7 @@ def make_train_step(
 
     def one_step_on_data(batch):
         """One global batch: each replica takes its slice; one update; the shares of each measurement summed."""
-        gradients, per_replica = strategy.run(on_batch, args=(batch,))
+        gradients, per_replica = strategy.run(gradient_function.on_replica, args=(batch,))
         if accumulation:  # Every K-th batch applies the mean of K batches' gradients.
             accumulation.add_or_apply(strategy, gradients, apply)
         else:
@@ -117,8 +107,8 @@ def make_train_step(
         # SUM over replicas is the value `fit` reports for the whole batch.
         measurements = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                         for name, value in per_replica.items()}
-        if adaptive:  # The method's state follows the global losses (FAMO's, after the update too).
-            after_step(batch, measurements)
+        if gradient_function.after_update:
+            gradient_function.after_update(batch, measurements)
         return measurements
 
     # XLA compiles one step (as `compile(jit_compile=True)` does in Keras);
@@ -126,18 +116,9 @@ def make_train_step(
     return tf.function(one_step_on_data, jit_compile=jit_compile)
 
 
-def examples_across_replicas(labels) -> tf.Tensor:
-    """The number of examples in the global batch: this replica's, summed over every replica."""
-    examples_here = tf.shape(tf.nest.flatten(labels)[0], out_type=tf.int64)[0]
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, examples_here)
-
-
 def make_evaluate(
     *,
-    model: keras.Model,
-    signature: ModelSignature,
-    loss_fns: Mapping[str, keras.losses.Loss],
-    loss_weights: Mapping[str, float],
+    objective: Objective,
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
     strategy: tf.distribute.Strategy,
 ) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
@@ -152,25 +133,18 @@ def make_evaluate(
 
     def one_step_on_batch(batch, num_examples):
         """This replica's share of each output's mean over all evaluated examples."""
-        inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         # training=False: Dropout off, BatchNorm by its moving statistics, nothing updated.
-        predictions = signature.as_output_dict(model(inputs, training=False))
-        for output_name, metric in output_metrics.values():
-            metric.update_state(labels[output_name], predictions[output_name])
-        return losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
-                                        sample_weights=sample_weights, global_batch_size=num_examples)
+        return objective.output_losses(batch, examples_in_batch=num_examples, training=False, metrics=output_metrics)
 
     @tf.function
     def evaluate(iterator, num_steps, num_examples):
         """Shares summed over replicas and batches: the means over all `num_examples`."""
-        output_losses = {name: tf.constant(0.0) for name in loss_fns}
+        output_losses = {name: tf.constant(0.0) for name in objective.loss_fns}
         for _ in tf.range(num_steps):
             shares = strategy.run(one_step_on_batch, args=(next(iterator), num_examples))
             output_losses = {name: output_losses[name] + strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
                              for name, share in shares.items()}
-        loss = losses.weighted_total_loss(output_losses=output_losses, loss_weights=loss_weights,
-                                          regularization_losses=model.losses, replicas_share=False)
-        return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}
+        return as_measurements(objective.total_loss(output_losses, replicas_share=False), output_losses)
 
     return evaluate
 

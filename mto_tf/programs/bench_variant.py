@@ -24,6 +24,7 @@ from mto_tf.core.strategy import make_strategy
 from mto_tf.data import batching
 from mto_tf.run import custom_loop, fit_loop
 from mto_tf.run.setup import build_run
+from mto_tf.run.train_step import make_train_step
 
 # Training alone is measured: every evaluation setting at its default, and no validation split.
 NO_EVALUATION = {**{name: config_lib.default_of(name) for name in config_lib.settings_read_by("evaluation")},
@@ -63,14 +64,15 @@ def run_variant(name: str, config: TrainConfig, *, windows: int, window_steps: i
 def _time_custom_loop(run, turns) -> list[float]:
     """mto-train itself, logging and checkpoints included; examples/s of each logged window."""
 
-    def pass_the_turn(step, record):
+    def pass_the_turn(boundary):
         # A window has ended and been logged; the loop starts timing its next one when this returns.
-        turns.done()
-        turns.wait()
+        if boundary.window_ended:
+            turns.done()
+            turns.wait()
 
     turns.done()  # Set up; the loop builds the rest in its first (untimed) window.
     turns.wait()
-    custom_loop.run_custom_loop(run, on_window_end=[pass_the_turn])
+    custom_loop.run_custom_loop(run, actions=[pass_the_turn])
     return [record["examples_per_sec"] for record in run.metrics_log.records]
 
 
@@ -108,7 +110,7 @@ def _time_limit(run, turns, *, batches_in_memory: int = 16) -> list[float]:
     batches = list(batching.global_batches(setup.examples, signature=setup.signature,
                                            batching=batching.Batching.for_training(config)).take(batches_in_memory))
     in_memory = tf.nest.map_structure(lambda *parts: tf.stack(parts), *batches)
-    train_step = custom_loop.make_train_step(run)
+    train_step = make_train_step(run)
 
     @tf.function
     def limit_loop(num_steps):

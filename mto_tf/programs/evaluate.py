@@ -22,14 +22,14 @@ import tensorflow as tf
 from absl import flags
 
 from mto_tf.config import TrainConfig
-from mto_tf.core import metrics as metrics_lib
-from mto_tf.core import models, step
+from mto_tf.core import models
 from mto_tf.core.strategy import make_strategy
-from mto_tf.data import batching, sources
+from mto_tf.data import sources
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
-from mto_tf.run import best, driver, model_dir
-from mto_tf.run.setup import build_model_setup, resolve_metric_identifiers
+from mto_tf.run import best, model_dir
+from mto_tf.run.evaluation import make_evaluation
+from mto_tf.run.model_setup import build_model_setup, resolve_metric_identifiers
 
 # The parts of a run mto-evaluate runs (see PARTS in mto_tf/config.py); the other flags are refused.
 READS = ("model", "data", "loss", "metrics", "distribution")
@@ -64,20 +64,8 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
     examples = sources.load_evaluation_examples(config, setup.signature, data=eval_data, split=eval_split,
                                                 split_must_exist=True, data_flag="eval_data",
                                                 split_flag="eval_split")
-    identifiers = resolve_metric_identifiers(config, setup.signature)
-    with strategy.scope():
-        output_metrics = metrics_lib.make_output_metrics(identifiers, y_true=setup.labels_spec,
-                                                         y_pred=setup.signature.outputs)
-    run_evaluation = step.make_evaluate(model=setup.model, signature=setup.signature,
-                                        loss_fns=setup.losses.per_example, loss_weights=setup.losses.weights,
-                                        output_metrics=output_metrics, strategy=strategy)
-    batches = batching.distributed_batches(strategy, examples, signature=setup.signature,
-                                           batching=batching.Batching.for_evaluation(config))
-    num_examples = examples.count()
-    values = run_evaluation(iter(batches), tf.constant(batching.steps_per_pass(num_examples, config.batch_size)),
-                            tf.constant(num_examples, tf.int64))
-    return {**{name: float(values[name]) for name in setup.losses.names}, **driver.metric_results(output_metrics),
-            "examples": num_examples}
+    evaluation = make_evaluation(setup, examples, metric_identifiers=resolve_metric_identifiers(config, setup.signature))
+    return {**evaluation(), "examples": evaluation.num_examples}
 
 
 def evaluate_main() -> None:

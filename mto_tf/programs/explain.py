@@ -28,7 +28,7 @@ from mto_tf.data import batching
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data and loss ones are read.
 from mto_tf.run import model_dir
-from mto_tf.run.setup import build_model_setup, make_method
+from mto_tf.run.model_setup import build_model_setup, make_method
 
 # The parts of a run mto-explain runs (see PARTS in mto_tf/config.py). It does
 # not train or evaluate: the flags only those parts read are refused, not ignored.

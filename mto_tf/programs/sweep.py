@@ -32,7 +32,7 @@ from mto_tf.data import sources
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # Every mto-train flag sets what each run trains.
 from mto_tf.run.model_dir import METRICS_FILE
-from mto_tf.run.setup import build_model_setup
+from mto_tf.run.model_setup import build_model_setup
 from mto_tf.run.train import train
 
 

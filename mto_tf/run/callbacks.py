@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 import keras
 import numpy as np
 
+from mto_tf.core import metrics as metrics_lib
 from mto_tf.run import driver
 from mto_tf.run.setup import Run
 
@@ -87,7 +88,7 @@ class KerasCallbacks:
             logs = self._sums.logs()
         self._list.on_train_batch_end(self._batch(step - 1), logs)
 
-    def window_ends(self) -> None:
+    def keep_epoch_metrics(self) -> None:
         """Before the window's training metrics are read and reset: the epoch keeps what they hold."""
         if self._calls_callbacks:
             self._sums.keep_metrics()
@@ -102,13 +103,21 @@ class KerasCallbacks:
         self._list.on_test_end(logs)
         return values
 
-    def epoch_ends(self, record: Mapping[str, object]) -> None:
-        """At the end of the epoch, with its `val_` values in `record` when it ended with an evaluation."""
-        logs = self._sums.logs() if self._calls_callbacks else {}
-        logs.update({name: value for name, value in record.items() if name.startswith(_VAL_PREFIX)})
-        self._list.on_epoch_end(self._epoch, logs)
-        self._last_epoch_logs = logs
-        self._epoch = None
+    def on_window_end(self, boundary: driver.Boundary) -> None:
+        """The window-end action: an epoch's end, with its `val_` values when it ended with an evaluation.
+
+        A stop a callback asked for mid-window waits for the window's end;
+        the window then ends the epoch too, and the run.
+        """
+        stop_requested = boundary.window_ended and self.stop_requested
+        if (boundary.epoch_ended or stop_requested) and not boundary.preempted:
+            logs = self._sums.logs() if self._calls_callbacks else {}
+            logs.update({name: value for name, value in boundary.record.items() if name.startswith(_VAL_PREFIX)})
+            self._list.on_epoch_end(self._epoch, logs)  # EarlyStopping may set model.stop_training here.
+            self._last_epoch_logs = logs
+            self._epoch = None
+        if boundary.window_ended and self.stop_requested and not boundary.finished:
+            boundary.stop = f"Stopping at step {boundary.step}: a callback set model.stop_training"
 
     def train_ends(self) -> None:
         self._list.on_train_end(self._last_epoch_logs)
@@ -140,7 +149,7 @@ class _EpochSums:
     def logs(self) -> dict[str, float | list]:
         logs = self._measurements.means()
         for name, metric in self._metrics.items():
-            logs[name] = driver.log_value(metric.stateless_result(self._with_current(name)))
+            logs[name] = metrics_lib.log_value(metric.stateless_result(self._with_current(name)))
         return logs
 
     def _with_current(self, name: str) -> list[np.ndarray]:

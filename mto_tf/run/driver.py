@@ -1,29 +1,34 @@
-"""The end of a logging window, written once for the custom loop and `--loop=fit`.
+"""What the custom loop and `--loop=fit` share: what is due when, and one list of actions at each window's end.
 
-Each loop measures its window its own way (the custom loop sums its
-steps' losses and reads its metrics; `fit` hands over its epoch's logs);
-from there on both do the same, in this order:
+`Schedule` answers what is due at a step (a log, an epoch's end, an
+evaluation, gradient shares, a checkpoint) with one predicate, `due(step,
+every)`, as big_vision's `itstime`. Whenever a loop stops between steps
+(the end of a `tf.function` call, or of a `fit` epoch), it describes that
+moment as a `Boundary` (its step, the record to log there, whether a window
+or an epoch ended) and hands it to `WindowEnds`, which passes it to one
+ordered list of actions, as Orbit's controller passes its outputs to its
+actions. Every reaction to a window's end is one of them, in this order:
 
-1. the best value so far (`--save_best`), when the window ended with an
-   evaluation, and whether patience ran out (`--early_stopping_patience`);
-2. the record: `metrics.jsonl`, TensorBoard, and the progress line;
-3. the window-end hooks, with the record (the benchmark passes its turn here);
-4. the next window's timer starts: evaluating and logging are not training;
-5. a checkpoint, when one is due, at the end, on SIGTERM, or when stopping early
-   (patience ran out, or a Keras callback set `model.stop_training`);
-6. SIGTERM raises `Preempted`, Ctrl-C `Interrupted`; an early stop is logged, and the loop told to stop.
+1. the user's Keras callbacks' epoch end (custom loop; `fit` calls them itself);
+2. the best value so far (`--save_best`) and early stopping;
+3. the record: `metrics.jsonl`, TensorBoard, and the progress line;
+4. any actions the caller adds (the benchmark passes its turn here);
+5. the next window's timer starts: evaluating and logging are not training;
+6. a checkpoint, when one is due, at the end, on SIGTERM, or when the run stops early.
 
-Losses are checked for NaN and infinity before any of it (`check_finite`),
-so nothing non-finite is logged or saved.
+An action may set `boundary.stop`: the run then ends there, with a
+checkpoint. SIGTERM raises `Preempted`, Ctrl-C `Interrupted`, after the
+checkpoint. Losses are checked for NaN and infinity before any of it
+(`check_finite`), so nothing non-finite is logged or saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import keras
 import numpy as np
 
 from mto_tf.errors import Interrupted, NonFiniteError, Preempted
@@ -31,8 +36,135 @@ from mto_tf.run.setup import Run
 
 logger = logging.getLogger(__name__)
 
-# Called with the step and the record just written, after every record a loop writes.
-WindowEndHook = Callable[[int, dict], None]
+
+def due(step: int, every: int | None) -> bool:
+    """Whether what happens every `every` steps happens at `step`; never when `every` is 0 or None."""
+    return bool(every) and step % every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What is due at each step of a run, and so where each `tf.function` call of the custom loop must end."""
+
+    total_steps: int
+    steps_per_loop: int
+    log_every: int
+    epoch_steps: int  # A pass over the data with --epochs, else a logging window (Keras callbacks' epoch).
+    checkpoint_every: int
+    eval_every: int  # 0: at the end only.
+    gradient_shares_every: int  # 0: never.
+
+    @classmethod
+    def of(cls, run: Run) -> Schedule:
+        config = run.config
+        return cls(total_steps=run.total_steps, steps_per_loop=config.steps_per_loop, log_every=config.log_every,
+                   epoch_steps=run.epoch_steps, checkpoint_every=config.checkpoint_every,
+                   eval_every=config.eval_every, gradient_shares_every=config.log_gradient_shares_every)
+
+    def steps_in_call(self, step: int) -> int:
+        """How many steps the call after `step` trains: up to the next step where anything is due, the end at most."""
+        boundaries = (self.log_every, self.epoch_steps, self.checkpoint_every, self.eval_every,
+                      self.gradient_shares_every)
+        return min(self.steps_per_loop, self.total_steps - step,
+                   *(every - step % every for every in boundaries if every))
+
+    def window_ends(self, step: int) -> bool:
+        """A logging window ends each --log_every steps, with each pass over the data (--epochs), and at the end."""
+        return due(step, self.log_every) or self.epoch_ends(step)
+
+    def epoch_ends(self, step: int) -> bool:
+        return due(step, self.epoch_steps) or step == self.total_steps
+
+    def evaluation_due(self, step: int) -> bool:
+        return due(step, self.eval_every) or step == self.total_steps
+
+    def gradient_shares_due(self, step: int) -> bool:
+        return due(step, self.gradient_shares_every)
+
+    def boundary(self, step: int, *, preempted: str | None = None) -> Boundary:
+        """The boundary after `step`, with an empty record; a preempted run's window ends where it stopped."""
+        return Boundary(step, record={}, window_ended=self.window_ends(step) or preempted is not None,
+                        epoch_ended=self.epoch_ends(step), finished=step == self.total_steps, preempted=preempted)
+
+
+@dataclasses.dataclass
+class Boundary:
+    """A step at which a loop stops to do what is due: what the actions at a window's end read and write."""
+
+    step: int  # The step just trained.
+    record: dict[str, float | list]  # What to log at `step` (empty: nothing), in the order to log it.
+    window_ended: bool  # A logging window ended here (its means are in `record`).
+    epoch_ended: bool  # A pass over the data (--epochs) or, without --epochs, a window ended here.
+    finished: bool  # `step` is the run's last.
+    preempted: str | None = None  # The signal every worker agreed to stop on ("SIGTERM" or "SIGINT").
+    stop: str | None = None  # Set by an action: the run stops here, and this says why (logged).
+
+
+# An action at a window's end (Orbit's): reads the boundary, may add to its record or set its stop.
+Action = Callable[[Boundary], None]
+
+
+class WindowTimer:
+    """The training time of the window being trained, for `examples_per_sec`."""
+
+    def __init__(self, global_batch_size: int):
+        self._global_batch_size = global_batch_size
+        self.restart()
+
+    def restart(self) -> None:
+        """The window being trained starts now."""
+        self._started = time.perf_counter()
+
+    def examples_per_sec(self, num_steps: int) -> float:
+        """Training throughput of the window so far, which trained `num_steps` global batches."""
+        return num_steps * self._global_batch_size / (time.perf_counter() - self._started)
+
+
+class WindowEnds:
+    """The actions at each boundary, in the order of the module's doc; `timer` is the loop's window timer."""
+
+    def __init__(self, run: Run, *, timer: WindowTimer, first: Sequence[Action] = (), then: Sequence[Action] = ()):
+        """`first`: before the best value (the Keras callbacks' epoch end); `then`: after the record is written."""
+        self._run = run
+        self._timer = timer
+        self.actions: list[Action] = [*first, *([self._keep_best] if run.best_value else []), self._write_record,
+                                      *then, self._restart_timer, self._save_checkpoint]
+
+    def __call__(self, boundary: Boundary) -> bool:
+        """Runs the actions; returns True when the run must stop here.
+
+        Raises:
+          Preempted: after the checkpoint, on SIGTERM; Interrupted on SIGINT (Ctrl-C).
+        """
+        for action in self.actions:
+            action(boundary)
+        if boundary.preempted:
+            raise Interrupted(boundary.step) if boundary.preempted == "SIGINT" else Preempted(boundary.step)
+        if boundary.stop:
+            logger.info("%s", boundary.stop)
+        return boundary.stop is not None
+
+    def _keep_best(self, boundary: Boundary) -> None:
+        """After an evaluation: the best value so far, its weights saved; stop once patience has run out."""
+        best_value = self._run.best_value
+        if "val_loss" in boundary.record:
+            boundary.record.update(best_value.update(boundary.step, boundary.record, self._run.setup.model))
+            if best_value.patience_exhausted:
+                boundary.stop = f"Early stopping at step {boundary.step}: {best_value.describe_stop()}"
+
+    def _write_record(self, boundary: Boundary) -> None:
+        if boundary.record:
+            boundary.record = self._run.metrics_log.write(boundary.step, boundary.record)
+            self._run.progress.window(boundary.step, boundary.record)
+
+    def _restart_timer(self, boundary: Boundary) -> None:
+        if boundary.window_ended:
+            self._timer.restart()
+
+    def _save_checkpoint(self, boundary: Boundary) -> None:
+        if (due(boundary.step, self._run.config.checkpoint_every) or boundary.finished or boundary.preempted
+                or boundary.stop):
+            self._run.checkpoints.save(boundary.step)
 
 
 def check_finite(values: Mapping[str, float], *, where: str, run: Run) -> None:
@@ -40,24 +172,6 @@ def check_finite(values: Mapping[str, float], *, where: str, run: Run) -> None:
     not_finite = [name for name, value in values.items() if not np.all(np.isfinite(value))]
     if not_finite:
         raise NonFiniteError(f"{', '.join(not_finite)} not finite in {where}", kept_step=run.checkpoints.latest_step)
-
-
-def metric_results(output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]]) -> dict[str, float | list]:
-    """Each metric's result since it was last read, by log name; the metrics start again from zero.
-
-    A result with a value per class (F1Score, FBetaScore with `average=None`) is a list of floats.
-    """
-    results = {}
-    for log_name, (_, metric) in output_metrics.items():
-        results[log_name] = log_value(metric.result())
-        metric.reset_state()
-    return results
-
-
-def log_value(result) -> float | list:
-    """A metric's result as the logs hold it: a float, or a list of floats for a value per class."""
-    result = np.asarray(result, dtype=np.float64)
-    return float(result) if result.ndim == 0 else result.ravel().tolist()
 
 
 class StepSums:
@@ -76,57 +190,3 @@ class StepSums:
     def means(self) -> dict[str, float]:
         """Each measurement's mean over the steps."""
         return {name: float(total) / self.steps for name, total in self.totals.items()}
-
-
-class WindowEnds:
-    """What both loops do at the end of a logging window (see the module's doc), and the window's timer."""
-
-    def __init__(self, run: Run, *, hooks: Sequence[WindowEndHook] = ()):
-        self._run = run
-        self._hooks = list(hooks)
-        self.restart_timer()
-
-    def restart_timer(self) -> None:
-        """The window being trained starts now."""
-        self._started = time.perf_counter()
-
-    def examples_per_sec(self, num_steps: int) -> float:
-        """Training throughput of the window so far, which trained `num_steps` global batches."""
-        return num_steps * self._run.config.batch_size / (time.perf_counter() - self._started)
-
-    def __call__(self, step: int, record: dict[str, float], *, window_ended: bool, finished: bool,
-                 preempted: str | None = None, stop_requested: bool = False) -> bool:
-        """After the call or epoch that reached `step`; returns True when the loop must stop early.
-
-        Args:
-          step: the step just trained.
-          record: what to log at `step` (empty: nothing), in the order to log it.
-          window_ended: a logging window ended here (its means are in `record`).
-          finished: `step` is the run's last.
-          preempted: the signal every worker agreed to stop on ("SIGTERM" or "SIGINT"), or None.
-          stop_requested: a Keras callback set `model.stop_training` (the window has ended).
-
-        Raises:
-          Preempted: after the checkpoint, on SIGTERM; Interrupted on SIGINT (Ctrl-C).
-        """
-        run = self._run
-        stop_early = False
-        if run.best_value and "val_loss" in record:  # The window ended with an evaluation.
-            record = {**record, **run.best_value.update(step, record, run.setup.model)}
-            stop_early = run.best_value.patience_exhausted
-        if record:
-            record = run.metrics_log.write(step, record)
-            run.progress.window(step, record)
-            for hook in self._hooks:
-                hook(step, record)
-        if window_ended:
-            self.restart_timer()
-        if step % run.config.checkpoint_every == 0 or finished or preempted or stop_early or stop_requested:
-            run.checkpoints.save(step)
-        if preempted:
-            raise Interrupted(step) if preempted == "SIGINT" else Preempted(step)
-        if stop_early:
-            logger.info("Early stopping at step %d: %s", step, run.best_value.describe_stop())
-        elif stop_requested and not finished:
-            logger.info("Stopping at step %d: a callback set model.stop_training", step)
-        return stop_early or stop_requested

@@ -30,17 +30,18 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
     (a new learning rate, `stop_training`) is in the window's checkpoint.
     """
 
-    def __init__(self, run: Run, window_ends: driver.WindowEnds):
+    def __init__(self, run: Run, *, actions: Sequence[driver.Action]):
         super().__init__()
         self._run = run
-        self._window_ends = window_ends
+        self._timer = driver.WindowTimer(run.config.batch_size)
+        self._window_ends = driver.WindowEnds(run, timer=self._timer, then=actions)
         self._log_names = [*run.setup.loss_names, *run.metrics.training]
         self._val_names = [f"val_{name}" for name in self._log_names]
         self.last_step = run.start_step
         self._stop_requested = False
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._window_ends.restart_timer()
+        self._timer.restart()
         self._epoch = epoch  # One epoch per window: it starts at step epoch * log_every.
 
     def on_train_batch_end(self, batch, logs=None):
@@ -57,12 +58,15 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
         record = {name: logs[name] for name in self._log_names}
         # As the custom loop stops: before logging or checkpointing the window.
         driver.check_finite(record, where=f"the window ending at step {current_step}", run=self._run)
-        record["examples_per_sec"] = self._window_ends.examples_per_sec(config.log_every)
+        record["examples_per_sec"] = self._timer.examples_per_sec(config.log_every)
         if "val_loss" in logs:  # fit evaluated after this window.
             record.update({name: logs[name] for name in self._val_names})
-        stop_requested = self._stop_requested or self.model.stop_training
-        if self._window_ends(current_step, record, window_ended=True, finished=current_step == self._run.total_steps,
-                             stop_requested=stop_requested):
+        finished = current_step == self._run.total_steps
+        boundary = driver.Boundary(current_step, record=record, window_ended=True, epoch_ended=True,
+                                   finished=finished)
+        if (self._stop_requested or self.model.stop_training) and not finished:
+            boundary.stop = f"Stopping at step {current_step}: a callback set model.stop_training"
+        if self._window_ends(boundary):
             self.model.stop_training = True
 
 
@@ -170,7 +174,7 @@ def _as_fit_takes(run: Run, batches: tf.data.Dataset) -> tf.data.Dataset:
     return batches.map(as_tuples)
 
 
-def run_fit(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] = ()) -> int:
+def run_fit(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
     """Trains `run.setup.model` with `model.fit` from `run.start_step` to `total_steps`; returns the step it ended at."""
     config, setup = run.config, run.setup
     compile_model(run)
@@ -186,7 +190,7 @@ def run_fit(run: Run, *, on_window_end: Sequence[driver.WindowEndHook] = ()) -> 
             validation_data=_as_fit_takes(run, batching.global_batches(
                 run.validation, signature=setup.signature, batching=batching.Batching.for_evaluation(config))),
             validation_steps=config.eval_steps, validation_freq=evaluated_windows)
-    window_ends = _WindowEndsOfEpochs(run, driver.WindowEnds(run, hooks=on_window_end))
+    window_ends = _WindowEndsOfEpochs(run, actions=actions)
     setup.model.fit(
         fit_batches(run, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,

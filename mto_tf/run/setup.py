@@ -1,11 +1,10 @@
 """Setting up a run: everything is built and checked here, before anything is written.
 
-`build_model_setup` builds what training and `mto-explain` share (the model
-and its signature, the training data, the losses); `build_run` adds what
-training needs (the optimizer, metrics, validation data, the model
-directory's files), and only then writes to `--model_dir`. A `Run` holds
-what the loops need; the loops change nothing in it but the variables it
-holds.
+`build_run` builds on `model_setup.py`'s model, data and losses what
+training needs (the optimizer, a method's state, metrics, the evaluation of
+the validation data, callbacks, the model directory's files), and only then
+writes to `--model_dir`. A `Run` holds what the loops need; the loops
+change nothing in it but the variables it holds.
 """
 
 from __future__ import annotations
@@ -16,55 +15,16 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from mto_tf import loss_weighting
 from mto_tf.config import TrainConfig
-from mto_tf.core import losses as losses_lib
 from mto_tf.core import metrics as metrics_lib
-from mto_tf.core import models, optimization, user_code, weighting
-from mto_tf.core.signature import ModelSignature
-from mto_tf.core.strategy import check_batch_split, is_chief
+from mto_tf.core import optimization, user_code, weighting
+from mto_tf.core.strategy import is_chief
 from mto_tf.data import batching, sources
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
-
-
-@dataclasses.dataclass(frozen=True)
-class Losses:
-    """Each output's loss and weight: what the one total loss is made of.
-
-    An output whose loss is None (`null` in `--losses`) is predicted and
-    its metrics computed, but it is not in the total: it has no entry in
-    `per_example` or `weights`, as `compile` leaves it out.
-    """
-
-    identifiers: dict[str, object]  # Each output's loss as `compile` takes it (name, config, function, None).
-    per_example: dict[str, keras.losses.Loss]  # The trained outputs' losses, per example, for the custom step.
-    weights: dict[str, float]  # The trained outputs' weights.
-
-    @property
-    def names(self) -> list[str]:
-        """What a step or an evaluation reports, named as `fit`'s history names it: `loss`, and `<output>_loss`
-        for each trained output when there are several (Keras 3.15 reports no per-output loss for a single one)."""
-        return ["loss", *(f"{name}_loss" for name in self.per_example)] if len(self.per_example) > 1 else ["loss"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSetup:
-    """The model, its signature, its training data and its losses: what training and `mto-explain` share."""
-
-    config: TrainConfig
-    strategy: tf.distribute.Strategy
-    model: keras.Model
-    signature: ModelSignature  # Read once, where the model is built.
-    examples: Examples  # The training data, in file order.
-    labels_spec: dict[str, tf.TensorSpec]  # Each output's labels, as the batches hold them.
-    losses: Losses
-
-    @property
-    def loss_names(self) -> list[str]:
-        """What the train step measures: the total loss, then each trained output's loss, named as `fit` names them."""
-        return self.losses.names
+from mto_tf.run.evaluation import Evaluation, make_evaluation
+from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +47,7 @@ class Run:
     representation: weighting.Representation | None  # --weighting_gradients=representation:LAYER's.
     metrics: Metrics
     validation: Examples | None
+    evaluation: Evaluation | None  # Of the validation data, when there is any.
     best_value: best.BestValue | None  # With --save_best.
     checkpoints: model_dir.Checkpoints
     metrics_log: model_dir.MetricsLog
@@ -117,25 +78,6 @@ class Run:
         return [*self.setup.loss_names, *weights]
 
 
-def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
-    """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
-    check_batch_split(config, strategy)
-    optimization.set_precision(config)  # Layers take their dtypes when they are built.
-    # Variables created in the scope are mirrored on every replica.
-    with strategy.scope():
-        model, signature = models.build_model(config)
-        config.check_settings_are_read()  # Now that --model is known to name a model.
-        if config.init_weights:
-            models.load_weights(model, config.init_weights, flag="init_weights")
-    _check_class_weight_outputs(config, signature)
-    examples = sources.load_examples(config, signature)  # Checks the data against the model.
-    # Building the batches checks the class weights against the outputs' shapes.
-    _, labels_spec, *_ = batching.global_batches(
-        examples, signature=signature, batching=batching.Batching.for_training(config)).element_spec
-    return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
-                      labels_spec=labels_spec, losses=_resolve_losses(config, signature, labels_spec))
-
-
 def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
               callbacks: Sequence[keras.callbacks.Callback] = ()) -> Run:
     """Builds model, data, losses, metrics, optimizer and callbacks; checks them all before writing anything."""
@@ -159,13 +101,12 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
         optimizer.build(setup.model.trainable_variables + (method.trainable if method else []))
         accumulation = (optimization.GradientAccumulation(config.grad_accum_steps, setup.model.trainable_variables)
                         if custom_loop and config.grad_accum_steps > 1 else None)
-
-        def make_metrics(prefix: str) -> dict[str, tuple[str, keras.metrics.Metric]]:
-            return {prefix + name: output_metric for name, output_metric in metrics_lib.make_output_metrics(
-                metric_identifiers, y_true=setup.labels_spec, y_pred=setup.signature.outputs).items()}
-
-        metrics = Metrics(identifiers=metric_identifiers, training=make_metrics(""),
-                          validation=make_metrics("val_") if validation else {})
+        training_metrics = metrics_lib.make_output_metrics(metric_identifiers, y_true=setup.labels_spec,
+                                                           y_pred=setup.signature.outputs)
+    evaluation = make_evaluation(setup, validation, metric_identifiers=metric_identifiers, prefix="val_",
+                                 max_steps=config.eval_steps) if validation else None
+    metrics = Metrics(identifiers=metric_identifiers, training=training_metrics,
+                      validation=evaluation.metrics if evaluation else {})
     best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)
     callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
 
@@ -182,7 +123,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
         total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
                        if config.epochs else config.train_steps)
         return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, method=method,
-                   representation=representation, metrics=metrics, validation=validation,
+                   representation=representation, metrics=metrics, validation=validation, evaluation=evaluation,
                    best_value=best_value, checkpoints=checkpoints,
                    metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
                    progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
@@ -192,28 +133,6 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
         if lock:
             lock.release()
         raise
-
-
-def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
-    """--loss_weighting's method, for the model's outputs; a DWA period is a pass (with --epochs) or a window."""
-    num_outputs = len(setup.losses.weights)  # The trained outputs.
-    name = config.weighting.name
-    if num_outputs < 2:
-        raise ConfigError("loss_weighting", f"{name} weighs several outputs' losses; model "
-                                            f"{setup.signature.model_name!r} has one to train")
-    if name in loss_weighting.EXACT_SOLVER_METHODS and num_outputs > loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS:
-        raise ConfigError("loss_weighting", f"{name} solves its problem exactly over every subset of the outputs: "
-                                            f"at most {loss_weighting.MAX_OUTPUTS_FOR_EXACT_SOLVERS} outputs, "
-                                            f"not {num_outputs}")
-    period_steps = (batching.steps_per_pass(setup.examples.count(), config.batch_size) if config.epochs
-                    else config.log_every)
-    return weighting.make_method(config.weighting, num_outputs=num_outputs, seed=config.seed,
-                                 period_steps=period_steps)
-
-
-def resolve_metric_identifiers(config: TrainConfig, signature: ModelSignature) -> dict[str, list]:
-    """Each output's metrics as `compile` takes them: --metrics, or the built-in model's own (a user's: none)."""
-    return metrics_lib.resolve_identifiers(_default_for(config, "metrics", {}), output_names=signature.output_names)
 
 
 def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callback], *,
@@ -249,13 +168,6 @@ def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callbac
 _SETS_THE_LEARNING_RATE = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
 
-def _check_class_weight_outputs(config: TrainConfig, signature: ModelSignature) -> None:
-    unknown = sorted(set(config.class_weights) - set(signature.output_names))
-    if unknown:
-        raise ConfigError("class_weights", f"unknown output {unknown[0]!r}; the model has outputs "
-                                           f"{signature.output_names}")
-
-
 def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validation: Examples | None,
                      metrics: Metrics, losses: Losses) -> best.BestValue | None:
     """`--save_best`'s tracker, checked against what the evaluation reports."""
@@ -275,52 +187,3 @@ def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, v
                           model_dir=config.model_dir, is_chief=is_chief(strategy))
 
 
-def _default_for(config: TrainConfig, field: str, user_model_default):
-    """`config.<field>`, or the built-in model's own when it is None."""
-    value = getattr(config, field)
-    if value is not None:
-        return value
-    spec = models.builtin_spec(config.model)
-    return getattr(spec, field) if spec else user_model_default
-
-
-def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec]) -> Losses:
-    """Each output's loss (as `compile` takes it, and per example) and weight; every trained output must have both."""
-    output_names = signature.output_names
-    losses = _default_for(config, "losses", {})
-    _check_output_names("losses", losses, signature)
-    missing = [name for name in output_names if name not in losses]
-    if missing:
-        raise ConfigError("losses", f"no entry for output {missing[0]!r}; expected one for each of "
-                                    f"{sorted(output_names)} (null for an output that is not trained)")
-    trained = [name for name in output_names if losses[name] is not None]
-    if not trained:
-        raise ConfigError("losses", "every output's loss is null: nothing would be trained")
-    # Keras's default: every output counts once.
-    weights = _default_for(config, "loss_weights", {name: 1.0 for name in output_names})
-    _check_output_names("loss_weights", weights, signature)
-    if config.loss_weights is not None:  # Given: for the trained outputs, and those only.
-        untrained = sorted(set(weights) - set(trained))
-        if untrained:
-            raise ConfigError("loss_weights", f"output {untrained[0]!r} has no loss (null in --losses): leave out "
-                                              f"its weight")
-    missing = [name for name in trained if name not in weights]
-    if missing:
-        raise ConfigError("loss_weights", f"no entry for output {missing[0]!r}; expected one for each of "
-                                          f"{sorted(trained)}")
-    for output in config.class_weights:
-        if output not in trained:
-            raise ConfigError("class_weights", f"output {output!r} has no loss (null in --losses): nothing to weigh")
-    identifiers = {name: user_code.resolve_identifier(losses[name], output=name, flag="losses") if name in trained
-                   else None for name in output_names}
-    per_example = {name: losses_lib.per_example_loss(identifiers[name], output=name, y_true=labels_spec[name],
-                                                     y_pred=signature.outputs[name]) for name in trained}
-    return Losses(identifiers=identifiers, per_example=per_example,
-                  weights={name: float(weights[name]) for name in trained})
-
-
-def _check_output_names(flag: str, mapping, signature: ModelSignature) -> None:
-    unknown = sorted(set(mapping) - set(signature.output_names))
-    if unknown:
-        raise ConfigError(flag, f"unknown output {unknown[0]!r}; model {signature.model_name!r} has outputs "
-                                f"{sorted(signature.output_names)}")

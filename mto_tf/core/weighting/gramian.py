@@ -16,6 +16,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from mto_tf.core.replicas import summed_over_replicas
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputGradients:
@@ -39,16 +41,7 @@ def output_gradients(tape: tf.GradientTape, output_losses: list[tf.Tensor], vari
 
 def all_reduced(gradients: OutputGradients) -> OutputGradients:
     """Every output's gradients summed over replicas and workers: the global gradients, before any Gramian."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return gradients
-    present = [[g for g in row if g is not None] for row in gradients.per_output]
-    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
-    per_output = []
-    for row, reduced_row in zip(gradients.per_output, reduced):
-        values = iter(reduced_row)
-        per_output.append([None if g is None else next(values) for g in row])
-    return dataclasses.replace(gradients, per_output=per_output)
+    return dataclasses.replace(gradients, per_output=summed_over_replicas(gradients.per_output))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """Each method's state and its part of the step: the loss factors, or the weights of the outputs' gradients.
 
 A method is a `tf.Module` (its variables go into every checkpoint), made
-inside the strategy's scope. The step calls, on each replica:
+inside the strategy's scope from its description in
+`mto_tf/loss_weighting.py` (`make_method`). The step calls, on each replica:
 
 - `loss_factors(weighted_losses)` inside the tape: each output's factor
   (loss-based methods; gradient methods return ones);
-- `gradient_weights(gram, weighted_losses)` after the per-output gradients
-  (gradient methods): `a` and the gradients of its own trainable variables;
+- `gradient_weights(gram, weighted_losses, gram_scale=...)` after the
+  per-output gradients (gradient methods): `a` and the gradients of its own
+  trainable variables. `gram` is the Gramian divided by its trace
+  `gram_scale` (`adaptive_step.method_weights` normalizes it, once, for all);
 
 and once per step, across replicas, `after_step(...)`. `weighted_losses` are
 the global values of `w_k L_k` (summed over replicas), so every replica
@@ -14,6 +17,8 @@ computes the same factors and weights.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import keras
 import tensorflow as tf
@@ -25,16 +30,19 @@ from mto_tf.loss_weighting import LossWeighting
 class Method(tf.Module):
     """What every method has: its outputs, its step counter (for seeded draws) and seed."""
 
-    uses_gradients = False
-    needs_losses_after_update = False
-
-    def __init__(self, weighting: LossWeighting, *, num_outputs: int, seed: int):
+    def __init__(self, weighting: LossWeighting, *, num_outputs: int, seed: int, period_steps: int):
         super().__init__(name=weighting.name)
         self.weighting = weighting
         self.num_outputs = num_outputs
         self.seed = seed
+        self.period_steps = period_steps  # A pass over the data (with --epochs) or a logging window: DWA's period.
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps")
         self.trainable: list[keras.Variable] = []  # Trained by the run's optimizer, beside the model's weights.
+
+    @property
+    def uses_gradients(self) -> bool:
+        """As its description says: it needs each output's gradient, not the losses alone."""
+        return self.weighting.uses_gradients
 
     def stateless_seed(self) -> tf.Tensor:
         """`(--seed, step)`: the same draw on every replica and worker, and again after a resume."""
@@ -44,7 +52,8 @@ class Method(tf.Module):
         """Each output's factor and any extra loss terms (divided by the replicas, as regularization is)."""
         return tf.ones([self.num_outputs]), []
 
-    def gradient_weights(self, gram: tf.Tensor, weighted_losses: tf.Tensor) -> tuple[tf.Tensor, list]:
+    def gradient_weights(self, gram: tf.Tensor, weighted_losses: tf.Tensor, *,
+                         gram_scale: tf.Tensor) -> tuple[tf.Tensor, list]:
         raise NotImplementedError  # Gradient methods only.
 
     def after_step(self, weighted_losses: tf.Tensor, losses_after_update=None) -> None:
@@ -71,9 +80,8 @@ class DynamicWeightAverage(Method):
     the weights are 1 for the first two periods.
     """
 
-    def __init__(self, weighting, *, period_steps: int, **kwargs):
+    def __init__(self, weighting, **kwargs):
         super().__init__(weighting, **kwargs)
-        self.period_steps = period_steps
         k = self.num_outputs
         self.weights = tf.Variable(tf.ones([k]), trainable=False, name="weights")
         self.period_sums = tf.Variable(tf.zeros([k]), trainable=False, name="period_sums")
@@ -115,7 +123,6 @@ class FastAdaptiveMultitask(Method):
     Adam with L2 weight decay).
     """
 
-    needs_losses_after_update = True
     _EPSILON = 1e-8  # The paper's, added to each loss (its lower bound is 0).
     _BETA_1, _BETA_2, _ADAM_EPSILON = 0.9, 0.999, 1e-8  # PyTorch's Adam defaults.
 
@@ -148,18 +155,22 @@ class FastAdaptiveMultitask(Method):
 
 
 class GramianMethod(Method):
-    """A gradient method that is a function of the Gramian alone (and, for PCGrad, a seeded draw)."""
+    """A gradient method that is a function of the Gramian alone: `function(G, **hyper-parameters)`."""
 
-    uses_gradients = True
+    def __init__(self, weighting, *, function, **kwargs):
+        super().__init__(weighting, **kwargs)
+        self._function = function
 
-    def gradient_weights(self, gram, weighted_losses):
-        name, k = self.weighting.name, self.num_outputs
-        if name == "pcgrad":
-            return gradient_methods.pcgrad(gram, gradient_methods.random_orders(k, self.stateless_seed())), []
-        if name == "cagrad":
-            return gradient_methods.cagrad(gram, c=self.weighting.parameters["c"]), []
-        return {"mgda": gradient_methods.mgda, "upgrad": gradient_methods.upgrad, "imtl": gradient_methods.imtl,
-                "aligned_mtl": gradient_methods.aligned_mtl}[name](gram), []
+    def gradient_weights(self, gram, weighted_losses, *, gram_scale):
+        return self._function(gram, **self.weighting.parameters), []
+
+
+class ProjectingConflictingGradients(Method):
+    """Yu et al. 2020 (PCGrad): the Gramian, and each output's own random order of the others, drawn each step."""
+
+    def gradient_weights(self, gram, weighted_losses, *, gram_scale):
+        return gradient_methods.pcgrad(gram, gradient_methods.random_orders(self.num_outputs,
+                                                                            self.stateless_seed())), []
 
 
 class GradNorm(Method):
@@ -169,8 +180,6 @@ class GradNorm(Method):
     norm of output k's (weighted) gradient of the shared weights.
     """
 
-    uses_gradients = True
-
     def __init__(self, weighting, **kwargs):
         super().__init__(weighting, **kwargs)
         k = self.num_outputs
@@ -178,9 +187,10 @@ class GradNorm(Method):
         self.trainable = [self.logits]
         self.initial_losses = tf.Variable(tf.ones([k]), trainable=False, name="initial_losses")
 
-    def gradient_weights(self, gram, weighted_losses):
+    def gradient_weights(self, gram, weighted_losses, *, gram_scale):
         initial = tf.where(self.steps == 0, weighted_losses, self.initial_losses)
-        norms = tf.cast(tf.sqrt(tf.linalg.diag_part(gram)), tf.float32)
+        # The gradients' own norms, not the normalized ones: the logits learn at their rate, as in the paper.
+        norms = tf.cast(tf.sqrt(tf.linalg.diag_part(gram) * gram_scale), tf.float32)
         with tf.GradientTape() as tape:
             weights = self.num_outputs * tf.nn.softmax(self.logits)
             loss = gradient_methods.gradnorm_loss(weights, norms, weighted_losses / initial,
@@ -193,9 +203,10 @@ class GradNorm(Method):
 
 
 def make_method(weighting: LossWeighting, *, num_outputs: int, seed: int, period_steps: int) -> Method:
-    """The run's method, made in the strategy's scope (its variables mirrored); `fixed` included."""
-    kinds = {"fixed": Method, "uncertainty": Uncertainty, "rlw": RandomLossWeighting, "famo": FastAdaptiveMultitask,
-             "gradnorm": GradNorm}
-    if weighting.name == "dwa":
-        return DynamicWeightAverage(weighting, num_outputs=num_outputs, seed=seed, period_steps=period_steps)
-    return kinds.get(weighting.name, GramianMethod)(weighting, num_outputs=num_outputs, seed=seed)
+    """The run's method, made in the strategy's scope (its variables mirrored), by its description's `computed_by`."""
+    module_name, _, name = weighting.description.computed_by.partition(":")
+    computed_by = getattr(importlib.import_module(f"mto_tf.core.weighting.{module_name}"), name)
+    arguments = dict(num_outputs=num_outputs, seed=seed, period_steps=period_steps)
+    if isinstance(computed_by, type) and issubclass(computed_by, Method):
+        return computed_by(weighting, **arguments)
+    return GramianMethod(weighting, function=computed_by, **arguments)

@@ -17,6 +17,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from mto_tf.core.replicas import summed_over_replicas
 from mto_tf.core.weighting import gramian
 from mto_tf.errors import ConfigError
 
@@ -66,10 +67,7 @@ def gradients_through_representation(*, tape: tf.GradientTape, representation: R
         representation_gradients.append(tf.zeros_like(z) if dz is None else dz)
         after_gradients.append(rest)
     flat = tf.cast(tf.stack([tf.reshape(g, [-1]) for g in representation_gradients]), tf.float64)
-    local_gram = tf.matmul(flat, flat, transpose_b=True)
-    context = tf.distribute.get_replica_context()
-    gram = context.all_reduce(tf.distribute.ReduceOp.SUM, local_gram) if context.num_replicas_in_sync > 1 \
-        else local_gram
+    gram = summed_over_replicas(tf.matmul(flat, flat, transpose_b=True))
     reached_by = [[k for k, row in enumerate(after_gradients) if row[v] is not None] for v in range(len(after))]
     heads = gramian.all_reduced(gramian.OutputGradients(
         shared=[v for v, outputs in enumerate(reached_by) if len(outputs) > 1],
@@ -77,9 +75,7 @@ def gradients_through_representation(*, tape: tf.GradientTape, representation: R
 
     def update(weights: tf.Tensor) -> list:
         combined_dz = tf.add_n([tf.cast(a, g.dtype) * g for a, g in zip(tf.unstack(weights), representation_gradients)])
-        trunk_gradients = tape.gradient(z, representation.trunk, output_gradients=combined_dz)
-        if context.num_replicas_in_sync > 1:
-            trunk_gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, trunk_gradients)
+        trunk_gradients = summed_over_replicas(tape.gradient(z, representation.trunk, output_gradients=combined_dz))
         by_id = dict(zip((id(v) for v in representation.trunk), trunk_gradients))
         after_by_index = dict(zip(heads.shared, gramian.combined(gramian.shared_blocks(heads, after), weights)))
         after_by_index.update({v: heads.per_output[output][v] for v, output in heads.own.items()})

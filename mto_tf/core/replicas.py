@@ -1,0 +1,23 @@
+"""Sums over replicas: the one all-reduce every exact result under a strategy rests on.
+
+Each replica computes its share of a global-batch value (a loss divided by
+the GLOBAL batch size, a gradient of such a loss), so the sum over every
+replica and worker is the value one device would compute on the whole
+batch. Called in replica context (inside `strategy.run`); on one replica
+the value is already whole and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def summed_over_replicas(values):
+    """`values` (a tensor, or a nest of them; None entries stay None) summed over every replica and worker."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    flat = tf.nest.flatten(values)
+    present = [value for value in flat if value is not None]  # A weight no loss reaches has no gradient.
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return tf.nest.pack_sequence_as(values, [None if value is None else next(summed) for value in flat])
