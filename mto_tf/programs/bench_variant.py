@@ -22,7 +22,7 @@ from mto_tf import config as config_lib
 from mto_tf.config import TrainConfig
 from mto_tf.core.strategy import make_strategy
 from mto_tf.data import batching
-from mto_tf.run import custom_loop, fit_loop
+from mto_tf.run import compiling, custom_loop, fit_loop
 from mto_tf.run.setup import build_run
 from mto_tf.run.train_step import make_train_step
 
@@ -79,7 +79,7 @@ def _time_custom_loop(run, turns) -> list[float]:
 def _time_fit(run, turns, *, keras_defaults: bool) -> list[float]:
     """`compile` + `fit` on mto-train's model, optimizer and batches; examples/s per window."""
     config = run.config
-    fit_loop.compile_model(run, keras_defaults=keras_defaults)
+    compiling.compile_model(run, keras_defaults=keras_defaults)
 
     class WindowTimes(keras.callbacks.Callback):
         """Wall time of each window; between windows, the turn passes to the other variants."""

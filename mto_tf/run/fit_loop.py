@@ -9,18 +9,14 @@ same window end as the custom loop's (`driver.py`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 
-from mto_tf.core import optimization
 from mto_tf.data import batching
-from mto_tf.run import driver
+from mto_tf.run import compiling, driver
 from mto_tf.run.setup import Run
-
-logger = logging.getLogger(__name__)
 
 
 class _WindowEndsOfEpochs(keras.callbacks.Callback):
@@ -70,80 +66,6 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def compile_model(run: Run, *, keras_defaults: bool = False, optimizer: keras.optimizers.Optimizer | None = None
-                  ) -> None:
-    """`model.compile` with the run's losses, weights, metrics and optimizer (or `optimizer`).
-
-    With the run's steps per call and XLA setting, or, for comparison, with
-    Keras's defaults for those two.
-    """
-    config, setup = run.config, run.setup
-    settings = {} if keras_defaults else dict(jit_compile=config.jit_compile, steps_per_execution=config.steps_per_loop)
-    with setup.strategy.scope():
-        setup.model.compile(
-            optimizer=optimizer or run.optimizer,
-            loss={name: _configured(identifier, keras.losses.get)
-                  for name, identifier in setup.losses.identifiers.items()},
-            loss_weights=setup.losses.weights,
-            metrics={name: [_configured(identifier, keras.metrics.get) for identifier in identifiers]
-                     for name, identifiers in run.metrics.identifiers.items()},
-            **settings,
-        )
-
-
-def _configured(identifier, get):
-    """A Keras config (a dict) as the object it describes: `compile` would read a dict as one entry per key."""
-    return get(identifier) if isinstance(identifier, dict) else identifier
-
-
-def compile_as_fit_saves(run: Run) -> None:
-    """The custom loop's model compiled as `fit` leaves it: its losses, weights, metrics, and an optimizer with the run's state.
-
-    So `keras.models.load_model` of `model.keras` can `evaluate` (and go on
-    training) as after `fit`. The optimizer is Keras's own, made from the
-    run's settings (the custom loop's takes gradients already summed over
-    replicas), holding the run's slots and step count. Called on every
-    worker: variables are made in the strategy's scope.
-    """
-    config, setup = run.config, run.setup
-    unloadable = _not_reloadable(setup.losses.identifiers, run.metrics.identifiers)
-    if unloadable:
-        # Keras 3.15 writes an unregistered function into the compile config as
-        # a builtin, and load_model then fails on it: keep model.keras loadable.
-        logger.warning("model.keras is saved uncompiled: Keras cannot reload a compile config with %s unless it is "
-                       "registered (@keras.saving.register_keras_serializable())", unloadable)
-        return
-    with setup.strategy.scope():
-        optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=False)
-        optimizer.build(setup.model.trainable_variables)
-    # The same optimizer class and settings: its variables, named after the
-    # model's weights, are the run's, bar the optimizer's own name in front.
-    run_state = {_without_optimizer_name(variable.path): variable for variable in run.optimizer.variables}
-    for variable in optimizer.variables:
-        source = run_state.get(_without_optimizer_name(variable.path))
-        if source is not None and tuple(source.shape) == tuple(variable.shape):
-            variable.assign(source)
-    compile_model(run, optimizer=optimizer)
-
-
-def _not_reloadable(losses: dict, metrics: dict) -> str | None:
-    """The first loss or metric of the user's own that Keras would not find again on load, by name; else None."""
-    for output, identifiers in [*((name, [identifier]) for name, identifier in losses.items()), *metrics.items()]:
-        for identifier in identifiers:
-            if identifier is None or isinstance(identifier, str | dict):
-                continue
-            is_object = isinstance(identifier, keras.losses.Loss | keras.metrics.Metric)
-            owner = type(identifier) if is_object or not callable(identifier) else identifier
-            if not owner.__module__.startswith("keras") and keras.saving.get_registered_object(
-                    keras.saving.get_registered_name(owner)) is None:
-                return f"{owner.__module__}:{owner.__name__} (output {output!r})"
-    return None
-
-
-def _without_optimizer_name(path: str) -> str:
-    return path.split("/", 1)[-1]
-
-
 def fit_batches(run: Run, *, skip_batches: int = 0) -> tf.data.Dataset:
     """The run's global batches, shaped for `fit`.
 
@@ -177,7 +99,7 @@ def _as_fit_takes(run: Run, batches: tf.data.Dataset) -> tf.data.Dataset:
 def run_fit(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
     """Trains `run.setup.model` with `model.fit` from `run.start_step` to `total_steps`; returns the step it ended at."""
     config, setup = run.config, run.setup
-    compile_model(run)
+    compiling.compile_model(run)
     # TrainConfig checks that train_steps, checkpoint_every and eval_every
     # are multiples of log_every (so a restored step is on a window
     # boundary), and log_every a multiple of steps_per_loop (so executions fill a window).

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from mto_tf.config import TrainConfig
 from mto_tf.core.strategy import is_chief, make_strategy
-from mto_tf.run import best, custom_loop, fit_loop, model_dir, preemption, progress
+from mto_tf.run import best, compiling, custom_loop, fit_loop, model_dir, preemption, progress
 from mto_tf.run.setup import Run, build_run
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _drive(run: Run) -> None:
         final_step = custom_loop.run_custom_loop(run)
     model = run.setup.model
     if config.loop == "custom":  # fit compiled it already.
-        fit_loop.compile_as_fit_saves(run)
+        compiling.compile_as_fit_saves(run)
     if is_chief(run.setup.strategy):
         model_dir.save_final_model(config.model_dir, model)
     logger.info("Final weights fingerprint: %s", model_dir.weights_fingerprint(model))
