@@ -69,6 +69,8 @@ def test_flagfile_sets_flags(tmp_path):
     (["--sync_batchnorm"], "^--sync_batchnorm: only the built-in shapes3d_cnn"),
     (["--dropout_rate=1"], r"^--dropout_rate: expected a rate in \[0, 1\)"),
     (["--feature_map=image=pixels"], "^--feature_map: maps features of a tfds: dataset"),
+    (["--feature_map=main_input"], "^--feature_map: expected NAME=FEATURE pairs separated by commas, got 'main_input'"),
+    (["--feature_map=main_input=a,main_input=b"], "^--feature_map: name 'main_input' given twice"),
     (["--train_split=test"], "^--train_split: chooses a split of a tfds: dataset"),
     (["--dataset=tfds:"], "^--dataset: expected tfds:NAME"),
     (["--batch_size=0"], "^--batch_size: expected an integer > 0"),

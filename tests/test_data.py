@@ -47,6 +47,20 @@ def test_default_sizes_use_the_registered_builder_config(tmp_path):
     assert builder.info.features["main_input"].shape == (100,)
 
 
+def test_tfds_warning_about_our_own_configs_is_dropped_once_the_builder_is_made(tmp_path, caplog):
+    import logging
+    from mto_tf import TrainConfig
+    synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path), synthetic_train_examples=64))
+    synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path), synthetic_train_examples=64))
+    absl_logger = logging.getLogger("absl")
+    assert sum(isinstance(installed, synthetic_headlines._OurConfigsAreNotNews) for installed in absl_logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl_logger.warning("Using custom data configuration: SyntheticHeadlinesConfig(name='v1')")
+        absl_logger.warning("Using custom data configuration: someone else's")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Using custom data configuration: someone else's"]
+
+
 def test_aux_label_follows_the_text_and_main_label_also_needs_aux_input(tmp_path):
     config = small_config(tmp_path, vocab_size=1000, sequence_length=40, synthetic_train_examples=1000)
     examples = _arrays(synthetic_headlines.load(config, "train"))

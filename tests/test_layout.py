@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "mto_tf"
 
-# Each module's layer is that of the longest prefix named here.
+# Each module's layer is that of the longest prefix named here; "mto_tf" itself names the top-level modules only.
 LAYERS = {
     "mto_tf.errors": 0,
     "mto_tf.config": 1,
@@ -36,9 +36,12 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _layer(module: str) -> int:
-    prefix = max((name for name in LAYERS if module == name or module.startswith(name + ".")), key=len)
-    return LAYERS[prefix]
+def _layer(module: str) -> int | None:
+    """The module's layer; None for a module in a subpackage that LAYERS does not name."""
+    prefixes = [name for name in LAYERS if module == name or module.startswith(name + ".")]
+    prefix = max(prefixes, key=len)
+    top_level = module.count(".") <= 1
+    return LAYERS[prefix] if prefix != "mto_tf" or top_level else None
 
 
 def _imports(module: str) -> list[tuple[str, int]]:
@@ -63,7 +66,38 @@ def test_the_layers_cover_every_module():
     assert set(MODULES) >= {"mto_tf", "mto_tf.config", "mto_tf.errors", "mto_tf._compat", "mto_tf.core.step",
                             "mto_tf.run.custom_loop", "mto_tf.programs.flags"}
     for module in MODULES:
-        assert _layer(module) is not None
+        assert _layer(module) is not None, f"{module}: its subpackage has no layer in LAYERS"
+    # A subpackage nobody placed gets no layer (rather than the top one).
+    assert _layer("mto_tf.newpackage.module") is None and _layer("mto_tf.explain") == LAYERS["mto_tf"]
+
+
+# What a module may import of mto_tf's own, beyond what its layer allows: the seams the design keeps.
+KNOWS_NOTHING_OF = {
+    # The fixed step is the seed's answer: an adaptive method plugs in through its one parameter.
+    "mto_tf.core.step": ("mto_tf.core.weighting",),
+    # The driver of steps knows nothing about losses; the step nothing about checkpoints.
+    "mto_tf.run.custom_loop": ("mto_tf.core.losses", "mto_tf.core.objective", "mto_tf.core.weighting",
+                               "mto_tf.core.gradient_shares"),
+}
+
+
+@pytest.mark.parametrize("module", KNOWS_NOTHING_OF)
+def test_the_step_and_the_loop_keep_their_seams(module):
+    for imported in _mto_tf_imports(module):
+        assert not imported.startswith(KNOWS_NOTHING_OF[module]), f"{module} imports {imported}"
+
+
+# A module may act when imported only to do its job: the version check, absl's flag definitions.
+RUNS_ON_IMPORT = {"mto_tf._compat": "check_versions()", "mto_tf.programs.flags": "define_flags()"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_importing_a_module_changes_nothing_else(module):
+    """No module-level call but the ones above: importing mto_tf installs no filter, handler or setting."""
+    body = ast.parse(MODULES[module].read_text()).body
+    calls = [ast.unparse(node) for index, node in enumerate(body) if isinstance(node, ast.Expr)
+             and not (index == 0 and isinstance(node.value, ast.Constant))]
+    assert calls in ([], [RUNS_ON_IMPORT.get(module)]), f"{module} runs {calls} when imported"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -35,6 +35,9 @@ _AUX_INPUT_COEFFICIENTS = (1.5, -1.0, 0.5, 0.0, 1.0)
 _SENTIMENT_TOKEN_FRACTION = 0.3
 
 
+logger = logging.getLogger(__name__)
+
+
 class _OurConfigsAreNotNews(logging.Filter):
     """Drops TFDS's warning "Using custom data configuration" about these configs: one per size, on purpose."""
 
@@ -42,8 +45,11 @@ class _OurConfigsAreNotNews(logging.Filter):
         return "Using custom data configuration: SyntheticHeadlinesConfig" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_OurConfigsAreNotNews())
-logger = logging.getLogger(__name__)
+def _quiet_about_our_configs() -> None:
+    """Installs the filter on absl's logger (which TFDS logs through), once: when the data is made, not on import."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(installed, _OurConfigsAreNotNews) for installed in absl_logger.filters):
+        absl_logger.addFilter(_OurConfigsAreNotNews())
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,6 +137,7 @@ def generate_headlines(rng: np.random.Generator, config: SyntheticHeadlinesConfi
 
 def make_builder(config) -> SyntheticHeadlines:
     """The builder for a `TrainConfig`'s model sizes and `synthetic_*_examples`."""
+    _quiet_about_our_configs()
     builder_config = SyntheticHeadlinesConfig.of_sizes(
         vocab_size=config.vocab_size, sequence_length=config.sequence_length,
         aux_input_dim=config.aux_input_dim, train_examples=config.synthetic_train_examples,

@@ -127,8 +127,12 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _parse_mapping(flag: str, text: str, parse_value, *, json_ok: bool = True) -> dict:
-    """`KEY=VALUE,...` or (if `json_ok`) a JSON object; each value through `parse_value(flag, key, value)`."""
+def _parse_mapping(flag: str, text: str, parse_value=None, *, json_ok: bool = True, pairs_of: str = "OUTPUT=VALUE"
+                   ) -> dict:
+    """`KEY=VALUE,...` (`pairs_of` names them in errors) or (if `json_ok`) a JSON object.
+
+    Each value goes through `parse_value(flag, key, value)`; without one, it is kept as written.
+    """
     if json_ok and text.lstrip().startswith("{"):
         try:
             mapping = json.loads(text)
@@ -139,10 +143,10 @@ def _parse_mapping(flag: str, text: str, parse_value, *, json_ok: bool = True) -
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, separator, value = (part.strip() for part in item.partition("="))
         if not separator or not key or not value:
-            raise ConfigError(flag, f"expected OUTPUT=VALUE pairs separated by commas, got {item!r}")
+            raise ConfigError(flag, f"expected {pairs_of} pairs separated by commas, got {item!r}")
         if key in pairs:
-            raise ConfigError(flag, f"output {key!r} given twice")
-        pairs[key] = parse_value(flag, key, value)
+            raise ConfigError(flag, f"{pairs_of.partition('=')[0].lower()} {key!r} given twice")
+        pairs[key] = parse_value(flag, key, value) if parse_value else value
     return pairs
 
 
@@ -175,10 +179,6 @@ def _weight_from_text(flag: str, key: str, value) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(flag, f"expected a number for {key!r}, got {value!r}") from None
-
-
-def _feature_from_text(flag: str, key: str, value: str) -> str:
-    return value
 
 
 def _parse_class_weights(flag: str, text: str) -> dict[str, dict[int, float]]:
@@ -227,7 +227,8 @@ _TEXT_PARSERS = {
     "loss_weights": lambda flag, text: _parse_mapping(flag, text, _weight_from_text),
     "metrics": _parse_metrics,
     "class_weights": _parse_class_weights,
-    "feature_map": lambda flag, text: _parse_mapping(flag, text, _feature_from_text, json_ok=False),
+    # A model input, an output or sample_weight/<output>, and the feature that feeds it: names, kept as written.
+    "feature_map": lambda flag, text: _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=FEATURE"),
     "keras_object": _parse_keras_object,
     "keras_object_or_number": lambda flag, text: _parse_keras_object(flag, text, number_ok=True),
     "name_or_json": _parse_keras_object,
