@@ -35,3 +35,16 @@ def test_readme_is_short_and_its_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -e '.[test]' && python -m pytest" in readme
     assert "pip install -q -e '.[test]'" in ci and "python -m pytest" in ci
+
+
+def test_the_readme_step_is_the_code_of_the_step():
+    """Each line of README's first Python block is a line of core/step.py (comments aside): README shows the code."""
+    def code(line):
+        return line.split("#", 1)[0].strip()
+
+    snippet = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    step = {code(line) for line in (ROOT / "mto_tf" / "core" / "step.py").read_text().splitlines()}
+    lines = [code(line) for line in snippet.splitlines() if code(line)]
+    assert len(lines) >= 7 and "tape.gradient" in snippet and "apply_gradients" in snippet
+    missing = [line for line in lines if line not in step]
+    assert not missing, f"README's step has lines that core/step.py does not: {missing}"

@@ -7,6 +7,9 @@ on the npz arrays, so the custom loop's data pipeline is checked too.
 
 Per-step values: the custom loop logs every step (`log_every=1`) and `fit`
 runs one step per epoch, so `fit`'s epoch logs are per-step values.
+
+One case runs in the inner loop (`pytest -m "not slow"`), so that an edit
+to the step is checked against `fit` in seconds; CI runs them all.
 """
 
 import dataclasses
@@ -19,8 +22,6 @@ from helpers import (BATCH_SIZE, HEADLINE, LOSS_RTOL, keras_optimizer, max_weigh
                      shared_npz_and_init_weights, small_config)
 from mto_tf import train
 from mto_tf.core.models import build_headline
-
-pytestmark = pytest.mark.slow
 
 LOGGED_LOSSES = ("loss", "main_output_loss", "aux_output_loss")
 
@@ -92,7 +93,12 @@ def assert_same_losses(custom_logs, fit_logs, rtol):
         np.testing.assert_allclose(custom_logs[name], fit_logs[name], rtol=rtol, err_msg=name)
 
 
-@pytest.mark.parametrize("case", CASES)
+# RMSprop (slots), uneven sample weights, six steps: the inner loop's check against fit.
+INNER_LOOP_CASE = "rmsprop_sample_weights"
+
+
+@pytest.mark.parametrize("case", [case if case == INNER_LOOP_CASE else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in CASES])
 def test_custom_loop_matches_fit_on_one_device(tmp_path, case):
     config, arrays, init_weights = _setup(tmp_path, case)
     custom_logs, custom_weights = custom_loop(config, tf.distribute.get_strategy())
@@ -104,6 +110,7 @@ def test_custom_loop_matches_fit_on_one_device(tmp_path, case):
     assert max_weight_difference(custom_weights, build_headline(config).get_weights()) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
 def test_steps_per_loop_changes_nothing(tmp_path, strategy_name, request):
     """5 steps in one tf.function call = 5 calls of 1 step, and = fit with 5 steps per epoch."""
@@ -128,6 +135,7 @@ def test_steps_per_loop_changes_nothing(tmp_path, strategy_name, request):
     assert max_weight_difference(five_step_weights, fit_weights) <= SINGLE_DEVICE_WEIGHT_ATOL
 
 
+@pytest.mark.slow
 def test_one_device_strategy_matches_fit(tmp_path):
     config, arrays, init_weights = _setup(tmp_path, "adam_loss_weights_0.3_1.7", strategy="one_device")
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -138,6 +146,7 @@ def test_one_device_strategy_matches_fit(tmp_path):
     assert max_weight_difference(custom_weights, fit_weights) <= SINGLE_DEVICE_WEIGHT_ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_custom_loop_under_mirrored_matches_mirrored_fit_and_one_device_fit(tmp_path, case, mirrored_strategy):
     config, arrays, init_weights = _setup(tmp_path, case, strategy="mirrored", num_cpu_devices=2)
@@ -157,6 +166,7 @@ def test_custom_loop_under_mirrored_matches_mirrored_fit_and_one_device_fit(tmp_
     assert max_weight_difference(custom_weights, one_device_fit_weights) <= MIRRORED_VS_ONE_DEVICE_WEIGHT_ATOL
 
 
+@pytest.mark.slow
 def test_xla_custom_loop_matches_xla_fit(tmp_path):
     config, arrays, init_weights = _setup(tmp_path, "adam_loss_weights_0.3_1.7", jit_compile=True)
     custom_logs, custom_weights = custom_loop(config, tf.distribute.get_strategy())
