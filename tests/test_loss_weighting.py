@@ -25,6 +25,7 @@ import tensorflow as tf
 from helpers import run_config
 from mto_tf import TrainConfig, train
 from mto_tf import loss_weighting as catalog
+from mto_tf.core import weighting
 from mto_tf.core.weighting import gradient_methods, gramian
 from mto_tf.errors import ConfigError
 
@@ -306,26 +307,133 @@ def _conflicting_jacobian(rng, k, n=12):
     return J
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad"])
-def test_mgda_and_upgrad_increase_no_loss_to_first_order(name):
+# Each property a gradient method claims in its description (mto_tf/loss_weighting.py) is tested for every
+# method that claims it: the lists come from the catalog, not from here.
+
+
+def _method_weights(name, gram):
+    """`a` as the train step computes it: the method made from its description, `G` read by `method_weights`."""
+    k = len(gram)
+    method = weighting.make_method(catalog.parse(name), num_outputs=k, seed=SEED, period_steps=1)
+    weights, _ = weighting.method_weights(method, tf.constant(gram, tf.float64), tf.ones([k]))
+    return weights.numpy()
+
+
+@pytest.mark.parametrize("name", catalog.claimed(catalog.NON_CONFLICTING))
+def test_methods_that_claim_it_increase_no_loss_to_first_order(name):
     rng = np.random.default_rng(0)
-    for k in (2, 3, 5):
-        J = _conflicting_jacobian(rng, k)
-        a = getattr(gradient_methods, name)(tf.constant(J @ J.T)).numpy()
+    for k in (2, 3, 5, 16):
+        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+        a = _method_weights(name, J @ J.T)
         d = a @ J
         assert np.all(J @ d >= -1e-9 * np.linalg.norm(J) ** 2), (k, J @ d)
         assert np.linalg.norm(d) > 0 or name == "mgda"
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "imtl", "aligned_mtl"])
+@pytest.mark.parametrize("name", catalog.claimed(catalog.ORDER_INVARIANT))
 def test_methods_that_claim_it_do_not_depend_on_the_order_of_the_outputs(name):
     rng = np.random.default_rng(1)
-    method = (lambda g: gradient_methods.cagrad(g, c=0.5)) if name == "cagrad" else getattr(gradient_methods, name)
-    J = _conflicting_jacobian(rng, 4)
-    weights = method(tf.constant(J @ J.T)).numpy()
-    order = [2, 0, 3, 1]
-    permuted = method(tf.constant(J[order] @ J[order].T)).numpy()
-    np.testing.assert_allclose(permuted, weights[order], rtol=1e-6, atol=1e-9)
+    for k in (4, 16):
+        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+        weights = _method_weights(name, J @ J.T)
+        order = rng.permutation(k)
+        permuted = _method_weights(name, J[order] @ J[order].T)
+        np.testing.assert_allclose(permuted, weights[order], rtol=1e-6, atol=1e-9)
+
+
+# Scales of the gradients: 1e-6 to 1e6 (the Gramian's entries 1e-12 to 1e12).
+SCALES = [10.0 ** exponent for exponent in (-6, -4, -2, 2, 4, 6)]
+
+
+@pytest.mark.parametrize("name", catalog.claimed(catalog.SCALE_INVARIANT))
+def test_methods_that_claim_it_give_the_same_weights_at_every_scale(name):
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 5, 16):
+        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+        reference = _method_weights(name, J @ J.T)
+        for scale in SCALES:
+            # The Gramian is divided by its trace before a method reads it: float64 rounding, nothing more.
+            np.testing.assert_allclose(_method_weights(name, (scale * J) @ (scale * J).T), reference, rtol=1e-5,
+                                       atol=1e-5 * np.max(np.abs(reference)), err_msg=f"K={k}, scale {scale:g}")
+
+
+# A Gramian of zeros is read as K orthogonal gradients of equal norm: each method's weights for gradients that
+# do not conflict, as docs/loss_weighting.md states them (worked out by hand for G = I / K; GradNorm's are its
+# softmax weights, 1 each before it has learned anything).
+WEIGHTS_FOR_NO_GRADIENT = {"mgda": lambda k: 1 / k, "upgrad": lambda k: 1 / k, "imtl": lambda k: 1 / k,
+                           "cagrad": lambda k: 1.5 / k, "aligned_mtl": lambda k: 1.0, "pcgrad": lambda k: 1.0,
+                           "gradnorm": lambda k: 1.0}
+
+
+@pytest.mark.parametrize("name", catalog.claimed(catalog.FINITE))
+def test_methods_that_claim_it_give_finite_weights_and_their_documented_ones_for_no_gradient(name):
+    rng = np.random.default_rng(6)
+    for k in (2, 5, 16):
+        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+        for scale in SCALES:
+            assert np.all(np.isfinite(_method_weights(name, (scale * J) @ (scale * J).T))), (k, scale)
+        dependent = np.concatenate([J, J[:1], J[:1] + J[1:2]])  # A gradient twice, and a sum of two: rank K.
+        assert np.all(np.isfinite(_method_weights(name, dependent @ dependent.T))), k
+        np.testing.assert_allclose(_method_weights(name, np.zeros((k, k))), WEIGHTS_FOR_NO_GRADIENT[name](k),
+                                   rtol=1e-12, err_msg=f"K={k}")
+
+
+@pytest.mark.slow  # Two short runs per method.
+@pytest.mark.parametrize("name", catalog.claimed(catalog.SCALE_INVARIANT))
+def test_gradients_a_million_times_larger_or_smaller_train_as_the_unscaled_ones(tmp_path, name):
+    # Inputs and targets times s: every gradient times s^2 (1e6 or 1e-6), every loss too. With the learning rate
+    # divided by s^2, SGD takes the unscaled run's steps, if the method's weights do not depend on the scale:
+    # the weights after training are NumPy's for the unscaled data, and so are the logged factors.
+    expected, factors, _ = numpy_run(name)
+    for scale in (1e3, 1e-3):
+        trained, history = _trained(_config(tmp_path / f"{scale:g}", name, data=_data(scale),
+                                            learning_rate=LEARNING_RATE / scale ** 2))
+        logged = np.array([[record[f"loss_weight/{output}"] for output in OUTPUTS] for record in history])
+        np.testing.assert_allclose(logged, factors, rtol=1e-5, atol=1e-6, err_msg=f"scale {scale:g}")
+        for layer, reference in (("trunk", "trunk"), ("first_head", "first"), ("second_head", "second")):
+            # float32 rounding on data a thousand times larger or smaller, relative: as WEIGHT_ATOL at scale 1.
+            np.testing.assert_allclose(trained[layer], expected[reference], atol=WEIGHT_ATOL,
+                                       err_msg=f"{layer}, scale {scale:g}")
+
+
+MANY = 16  # Outputs: more than the exact enumeration takes (2^K supports), as multi-task models often have.
+
+
+@pytest.mark.slow  # One short run per gradient method.
+@pytest.mark.parametrize("name", [name for name, description in catalog.METHODS.items() if description.uses_gradients])
+def test_every_gradient_method_trains_a_model_with_many_outputs(tmp_path, name):
+    # One step of a shared linear trunk with 16 linear heads: each head's squared error has a gradient of the
+    # trunk computed here by hand; the logged weights are the method's for their Gramian.
+    rng = np.random.default_rng(8)
+    inputs, hidden_units = 5, 8  # 40 shared weights: 16 gradients in general position (IMTL needs rank K).
+    x = rng.normal(size=(N, inputs)).astype(np.float32)
+    targets = x @ rng.normal(size=(inputs, MANY))
+    trunk, heads = rng.normal(size=(inputs, hidden_units)) * 0.5, rng.normal(size=(hidden_units, MANY)) * 0.5
+    outputs = [f"out_{k:02d}" for k in range(MANY)]
+
+    def build():
+        features = keras.Input((inputs,), name="features")
+        hidden = keras.layers.Dense(hidden_units, use_bias=False,
+                                    kernel_initializer=keras.initializers.Constant(trunk))(features)
+        return keras.Model(features, {output: keras.layers.Dense(1, use_bias=False, name=output, kernel_initializer=
+                                                                 keras.initializers.Constant(heads[:, [k]]))(hidden)
+                                      for k, output in enumerate(outputs)})
+
+    data = {"features": x, **{output: targets[:, [k]].astype(np.float32) for k, output in enumerate(outputs)}}
+    _, history = _trained_many(_config(tmp_path, name, data=data, model=build, train_steps=1, checkpoint_every=1,
+                                       losses={output: "mse" for output in outputs},
+                                       loss_weights={output: 1.0 for output in outputs}))
+    residuals = x @ trunk @ heads - targets
+    J = np.stack([(2 / N * x.T @ residuals[:, [k]] @ heads[:, [k]].T).ravel() for k in range(MANY)])
+    logged = np.array([history[0][f"loss_weight/{output}"] for output in outputs])
+    # The Gramian in float32 (the step's) against float64 (here): rounding only.
+    np.testing.assert_allclose(logged, _method_weights(name, J @ J.T), rtol=1e-4, atol=1e-6)
+    assert np.all(np.isfinite(logged))
+
+
+def _trained_many(config):
+    result = train(config)
+    return result.model, result.history
 
 
 def test_exact_solvers_against_numpy_with_three_outputs():

@@ -53,20 +53,28 @@ class Schedule:
     checkpoint_every: int
     eval_every: int  # 0: at the end only.
     gradient_shares_every: int  # 0: never.
+    # Each pass's last step in a call of its own (--epochs, several replicas, a partial last batch): in one
+    # tf.function call, MirroredStrategy pairs the collectives of successive steps by order, and those of a
+    # partial batch's sparse gradients have another shape ("Shape mismatch in the collective instance", measured).
+    partial_step_alone: bool = False
 
     @classmethod
     def of(cls, run: Run) -> Schedule:
         config = run.config
+        ends_partial = bool(config.epochs) and run.setup.examples.count() % config.batch_size != 0
         return cls(total_steps=run.total_steps, steps_per_loop=config.steps_per_loop, log_every=config.log_every,
                    epoch_steps=run.epoch_steps, checkpoint_every=config.checkpoint_every,
-                   eval_every=config.eval_every, gradient_shares_every=config.log_gradient_shares_every)
+                   eval_every=config.eval_every, gradient_shares_every=config.log_gradient_shares_every,
+                   partial_step_alone=ends_partial and run.setup.strategy.num_replicas_in_sync > 1)
 
     def steps_in_call(self, step: int) -> int:
         """How many steps the call after `step` trains: up to the next step where anything is due, the end at most."""
         boundaries = (self.log_every, self.epoch_steps, self.checkpoint_every, self.eval_every,
                       self.gradient_shares_every)
-        return min(self.steps_per_loop, self.total_steps - step,
-                   *(every - step % every for every in boundaries if every))
+        steps = [every - step % every for every in boundaries if every]
+        if self.partial_step_alone:  # Also stop before each pass's last step.
+            steps.append(self.epoch_steps - (step + 1) % self.epoch_steps)
+        return min(self.steps_per_loop, self.total_steps - step, *steps)
 
     def window_ends(self, step: int) -> bool:
         """A logging window ends each --log_every steps, with each pass over the data (--epochs), and at the end."""

@@ -48,7 +48,9 @@ def imtl(gram: tf.Tensor) -> tf.Tensor:
     g_dot_u = gram / norms[None, :]
     g1_u = g_dot_u[0, :1] - g_dot_u[0, 1:]  # g_1 . (u_1 - u_j), j = 2..K
     d_u = (g_dot_u[:1, :1] - g_dot_u[:1, 1:]) - (g_dot_u[1:, :1] - g_dot_u[1:, 1:])  # (g_1 - g_i) . (u_1 - u_j)
-    rest = tf.linalg.solve(tf.transpose(d_u), g1_u[:, None])[:, 0]
+    # A least-squares solve: finite when gradients are linearly dependent (K above the rank of J), where the
+    # equal projections do not determine `a`; the solution of the system wherever it has one.
+    rest = tf.linalg.matvec(tf.linalg.pinv(tf.transpose(d_u)), g1_u)
     return tf.concat([[1.0 - tf.reduce_sum(rest)], rest], axis=0)
 
 
