@@ -47,7 +47,8 @@ class MethodDescription:
 
     paper: str
     computed_by: str | None
-    parameters: Mapping[str, tuple[float, str]] = dataclasses.field(default_factory=dict)  # Name -> (default, what a value must be).
+    # Each hyper-parameter's name -> (its default, what a value must be).
+    parameters: Mapping[str, tuple[float, str]] = dataclasses.field(default_factory=dict)
     uses_gradients: bool = False  # Needs each output's gradient (their Gramian), not the losses alone.
     claims: tuple[str, ...] = ()  # Of CLAIMS.
 

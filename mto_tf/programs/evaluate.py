@@ -64,7 +64,8 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
     examples = sources.load_evaluation_examples(config, setup.signature, data=eval_data, split=eval_split,
                                                 split_must_exist=True, data_flag="eval_data",
                                                 split_flag="eval_split")
-    evaluation = make_evaluation(setup, examples, metric_identifiers=resolve_metric_identifiers(config, setup.signature))
+    identifiers = resolve_metric_identifiers(config, setup.signature)
+    evaluation = make_evaluation(setup, examples, metric_identifiers=identifiers)
     return {**evaluation(), "examples": evaluation.num_examples}
 
 

@@ -55,7 +55,8 @@ def adaptive_weights(method: Method, *, objective: Objective, optimizer: keras.o
             # mixed_float16: each loss times the loss scale, inside the tape (1 otherwise).
             scaled_losses = [optimizer.scale_loss(loss) for loss in weighted_losses] if method.uses_gradients else []
             factors, extra_losses = method.loss_factors(global_values(weighted))
-            # Regularization and uncertainty's log-variance term: every replica computes them whole; each adds its share.
+            # Regularization and uncertainty's log-variance term: every replica computes them whole; each adds
+            # its share.
             regularization = ([tf.nn.scale_regularization_loss(tf.add_n([*model.losses, *extra_losses]))]
                               if model.losses or extra_losses else [])
             scaled_loss = optimizer.scale_loss(tf.add_n([tf.reduce_sum(factors * weighted), *regularization]))
