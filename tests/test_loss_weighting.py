@@ -319,11 +319,15 @@ def _method_weights(name, gram):
     return weights.numpy()
 
 
+def _jacobians(seed, sizes):
+    """`(K, J)` for each K of `sizes`: conflicting gradients of at least 2K weights (J of rank K)."""
+    rng = np.random.default_rng(seed)
+    return [(k, _conflicting_jacobian(rng, k, n=max(12, 2 * k))) for k in sizes]
+
+
 @pytest.mark.parametrize("name", catalog.claimed(catalog.NON_CONFLICTING))
 def test_methods_that_claim_it_increase_no_loss_to_first_order(name):
-    rng = np.random.default_rng(0)
-    for k in (2, 3, 5, 16):
-        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+    for k, J in _jacobians(0, (2, 3, 5, 16)):
         a = _method_weights(name, J @ J.T)
         d = a @ J
         assert np.all(J @ d >= -1e-9 * np.linalg.norm(J) ** 2), (k, J @ d)
@@ -332,11 +336,9 @@ def test_methods_that_claim_it_increase_no_loss_to_first_order(name):
 
 @pytest.mark.parametrize("name", catalog.claimed(catalog.ORDER_INVARIANT))
 def test_methods_that_claim_it_do_not_depend_on_the_order_of_the_outputs(name):
-    rng = np.random.default_rng(1)
-    for k in (4, 16):
-        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+    for k, J in _jacobians(1, (4, 16)):
         weights = _method_weights(name, J @ J.T)
-        order = rng.permutation(k)
+        order = np.random.default_rng(k).permutation(k)
         permuted = _method_weights(name, J[order] @ J[order].T)
         np.testing.assert_allclose(permuted, weights[order], rtol=1e-6, atol=1e-9)
 
@@ -347,9 +349,7 @@ SCALES = [10.0 ** exponent for exponent in (-6, -4, -2, 2, 4, 6)]
 
 @pytest.mark.parametrize("name", catalog.claimed(catalog.SCALE_INVARIANT))
 def test_methods_that_claim_it_give_the_same_weights_at_every_scale(name):
-    rng = np.random.default_rng(5)
-    for k in (2, 3, 5, 16):
-        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+    for k, J in _jacobians(5, (2, 3, 5, 16)):
         reference = _method_weights(name, J @ J.T)
         for scale in SCALES:
             # The Gramian is divided by its trace before a method reads it: float64 rounding, nothing more.
@@ -367,9 +367,7 @@ WEIGHTS_FOR_NO_GRADIENT = {"mgda": lambda k: 1 / k, "upgrad": lambda k: 1 / k, "
 
 @pytest.mark.parametrize("name", catalog.claimed(catalog.FINITE))
 def test_methods_that_claim_it_give_finite_weights_and_their_documented_ones_for_no_gradient(name):
-    rng = np.random.default_rng(6)
-    for k in (2, 5, 16):
-        J = _conflicting_jacobian(rng, k, n=max(12, 2 * k))
+    for k, J in _jacobians(6, (2, 5, 16)):
         for scale in SCALES:
             assert np.all(np.isfinite(_method_weights(name, (scale * J) @ (scale * J).T))), (k, scale)
         dependent = np.concatenate([J, J[:1], J[:1] + J[1:2]])  # A gradient twice, and a sum of two: rank K.
