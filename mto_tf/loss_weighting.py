@@ -26,12 +26,12 @@ from collections.abc import Mapping
 from mto_tf.errors import ConfigError
 
 
-# What a gradient method may claim of its weights `a = f(G)`; tests/test_weighting_properties.py checks each
-# claim of each method that makes it.
+# What a gradient method may claim of its weights `a = f(G)`; tests/test_loss_weighting.py checks each claim
+# of each method that makes it.
 ORDER_INVARIANT = "order_invariant"  # The outputs in another order: the same weights, in that order.
 NON_CONFLICTING = "non_conflicting"  # The update `d = a J` increases no output's loss to first order: `J d >= 0`.
 SCALE_INVARIANT = "scale_invariant"  # The same weights for the gradients scaled by any factor (1e-6 to 1e6).
-FINITE = "finite"  # Finite weights for any gradients: scaled, or all zero.
+FINITE = "finite"  # Finite weights for any gradients: scaled, linearly dependent, some or all of them zero.
 CLAIMS = (ORDER_INVARIANT, NON_CONFLICTING, SCALE_INVARIANT, FINITE)
 
 
@@ -69,9 +69,9 @@ METHODS: dict[str, MethodDescription] = {
     "famo": MethodDescription("Liu, Liu, Stone and Liu 2023, FAMO: fast adaptive multitask optimization",
                               "methods:FastAdaptiveMultitask",
                               {"learning_rate": (0.025, _POSITIVE), "decay": (0.001, _NON_NEGATIVE)}),
+    # Its weights are its logits' softmax, whatever G is; the logits learn at the rate of the gradients' norms.
     "gradnorm": MethodDescription("Chen, Badrinarayanan, Lee and Rabinovich 2018, GradNorm", "methods:GradNorm",
-                                  {"alpha": (1.5, _NON_NEGATIVE)}, uses_gradients=True,
-                                  claims=_UNORDERED_AND_BOUNDED),
+                                  {"alpha": (1.5, _NON_NEGATIVE)}, uses_gradients=True, claims=(FINITE,)),
     # Its random order of the others breaks ties by output order: not ORDER_INVARIANT.
     "pcgrad": MethodDescription("Yu, Kumar, Gupta, Levine, Hausman and Finn 2020, Gradient surgery for multi-task "
                                 "learning", "methods:ProjectingConflictingGradients", uses_gradients=True,

@@ -43,8 +43,11 @@ def test_the_readme_step_is_the_code_of_the_step():
         return line.split("#", 1)[0].strip()
 
     snippet = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
-    step = {code(line) for line in (ROOT / "mto_tf" / "core" / "step.py").read_text().splitlines()}
+    step_lines = [code(line) for line in (ROOT / "mto_tf" / "core" / "step.py").read_text().splitlines()]
+    step = set(step_lines)
     lines = [code(line) for line in snippet.splitlines() if code(line)]
     assert len(lines) >= 7 and "tape.gradient" in snippet and "apply_gradients" in snippet
     missing = [line for line in lines if line not in step]
     assert not missing, f"README's step has lines that core/step.py does not: {missing}"
+    positions = [step_lines.index(line) for line in lines]
+    assert positions == sorted(positions), "README's step lines are not in core/step.py's order"

@@ -124,6 +124,24 @@ def test_regularization_is_divided_by_the_number_of_replicas(mirrored_strategy):
     assert [float(share) for share in shares] == [0.25, 0.25]
 
 
+def test_one_sum_over_replicas_inside_strategy_run_and_none_outside_it(mirrored_strategy):
+    from mto_tf.core.replicas import summed_over_replicas
+
+    def replica_shares():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        share = tf.cast(replica + 1, tf.float32)  # 1 on the first replica, 2 on the second.
+        return summed_over_replicas({"gradients": [share * tf.ones([2]), None], "loss": share})
+
+    per_replica = mirrored_strategy.run(tf.function(replica_shares))
+    for summed in mirrored_strategy.experimental_local_results(per_replica):
+        assert summed["gradients"][1] is None  # A weight no loss reaches keeps no gradient.
+        assert summed["gradients"][0].numpy().tolist() == [3.0, 3.0] and float(summed["loss"]) == 3.0
+    # One replica: the value itself; cross-replica context: a mistake, said so.
+    assert float(summed_over_replicas(tf.constant(5.0))) == 5.0
+    with mirrored_strategy.scope(), pytest.raises(RuntimeError, match="call it inside strategy.run"):
+        summed_over_replicas(tf.constant(1.0))
+
+
 def test_losses_are_keras_own_objects_per_example_and_refused_naming_the_flag_and_output():
     spec = tf.TensorSpec((4, 1), tf.float32)
     with pytest.raises(ValueError, match="^--losses: output 'main_output': Keras cannot make a loss of 'not_a_loss'"):

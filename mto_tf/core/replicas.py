@@ -15,7 +15,9 @@ import tensorflow as tf
 def summed_over_replicas(values):
     """`values` (a tensor, or a nest of them; None entries stay None) summed over every replica and worker."""
     context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if context is None:  # Cross-replica context: there is no replica's share to sum.
+        raise RuntimeError("summed_over_replicas sums each replica's share: call it inside strategy.run")
+    if context.num_replicas_in_sync == 1:
         return values
     flat = tf.nest.flatten(values)
     present = [value for value in flat if value is not None]  # A weight no loss reaches has no gradient.

@@ -28,7 +28,7 @@ from mto_tf.data import sources
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
 from mto_tf.run import best, model_dir
-from mto_tf.run.evaluation import make_evaluation
+from mto_tf.run.evaluation import Evaluation
 from mto_tf.run.model_setup import build_model_setup, resolve_metric_identifiers
 
 # The parts of a run mto-evaluate runs (see PARTS in mto_tf/config.py); the other flags are refused.
@@ -65,7 +65,7 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
                                                 split_must_exist=True, data_flag="eval_data",
                                                 split_flag="eval_split")
     identifiers = resolve_metric_identifiers(config, setup.signature)
-    evaluation = make_evaluation(setup, examples, metric_identifiers=identifiers)
+    evaluation = Evaluation(setup, examples, metric_identifiers=identifiers)
     return {**evaluation(), "examples": evaluation.num_examples}
 
 

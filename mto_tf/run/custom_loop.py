@@ -39,7 +39,8 @@ def run_custom_loop(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
                                                 skip_batches=run.start_step))
     measure_shares = make_gradient_share_measurement(run) if config.log_gradient_shares_every else None
     callbacks, timer = KerasCallbacks(run), driver.WindowTimer(config.batch_size)
-    window_ends = driver.WindowEnds(run, timer=timer, first=[callbacks.on_window_end], then=actions)
+    window_ends = driver.WindowEnds(run, schedule=schedule, timer=timer, first=[callbacks.on_window_end],
+                                    then=actions)
     preemption = PreemptionWatcher(setup.strategy)
     try:
         current_step, window = run.start_step, driver.StepSums()

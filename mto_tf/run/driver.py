@@ -89,6 +89,10 @@ class Schedule:
     def gradient_shares_due(self, step: int) -> bool:
         return due(step, self.gradient_shares_every)
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Each --checkpoint_every steps and at the end (and wherever the run stops early: `WindowEnds`)."""
+        return due(step, self.checkpoint_every) or step == self.total_steps
+
     def boundary(self, step: int, *, preempted: str | None = None) -> Boundary:
         """The boundary after `step`, with an empty record; a preempted run's window ends where it stopped."""
         return Boundary(step, record={}, window_ended=self.window_ends(step) or preempted is not None,
@@ -131,9 +135,11 @@ class WindowTimer:
 class WindowEnds:
     """The actions at each boundary, in the order of the module's doc; `timer` is the loop's window timer."""
 
-    def __init__(self, run: Run, *, timer: WindowTimer, first: Sequence[Action] = (), then: Sequence[Action] = ()):
+    def __init__(self, run: Run, *, schedule: Schedule, timer: WindowTimer, first: Sequence[Action] = (),
+                 then: Sequence[Action] = ()):
         """`first`: before the best value (the Keras callbacks' epoch end); `then`: after the record is written."""
         self._run = run
+        self._schedule = schedule
         self._timer = timer
         self.actions: list[Action] = [*first, *([self._keep_best] if run.best_value else []), self._write_record,
                                       *then, self._restart_timer, self._save_checkpoint]
@@ -170,8 +176,7 @@ class WindowEnds:
             self._timer.restart()
 
     def _save_checkpoint(self, boundary: Boundary) -> None:
-        if (due(boundary.step, self._run.config.checkpoint_every) or boundary.finished or boundary.preempted
-                or boundary.stop):
+        if self._schedule.checkpoint_due(boundary.step) or boundary.preempted or boundary.stop:
             self._run.checkpoints.save(boundary.step)
 
 

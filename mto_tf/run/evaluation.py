@@ -9,9 +9,6 @@ and each replica divides its sums by the number of examples evaluated
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import keras
 import tensorflow as tf
 
@@ -22,47 +19,40 @@ from mto_tf.data.examples import Examples
 from mto_tf.run.model_setup import ModelSetup
 
 
-@dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """`evaluation()`: the values over the examples (`num_examples` of them), each named with `prefix`."""
+    """A model's evaluation on some examples: `evaluation()` returns every value, each named with a prefix."""
 
-    metrics: dict[str, tuple[str, keras.metrics.Metric]]  # `{log name: (output, metric)}`, prefix included.
-    num_examples: int
-    prefix: str
-    _evaluate: Callable[[], dict[str, float | list]]
+    def __init__(self, setup: ModelSetup, examples: Examples, *, metric_identifiers: dict[str, list],
+                 prefix: str = "", max_steps: int | None = None):
+        """Builds the evaluation of `setup`'s model on `examples`, its metrics made in the strategy's scope.
+
+        Args:
+          setup: the model, its losses and strategy; batches of `--batch_size` examples.
+          examples: what to evaluate on, every example of it.
+          metric_identifiers: each output's metrics, as `compile` takes them.
+          prefix: before each value's name (`val_` during training).
+          max_steps: evaluate the first `max_steps` batches only (`--eval_steps`).
+        """
+        self._setup, self._examples, self._prefix = setup, examples, prefix
+        with setup.strategy.scope():
+            self.metrics: dict[str, tuple[str, keras.metrics.Metric]] = {  # By log name, prefix included.
+                prefix + name: output_metric for name, output_metric in metrics_lib.make_output_metrics(
+                    metric_identifiers, y_true=setup.labels_spec, y_pred=setup.signature.outputs).items()}
+        self._evaluate = step.make_evaluate(objective=setup.objective, output_metrics=self.metrics,
+                                            strategy=setup.strategy)
+        self.num_examples = examples.count()
+        self._num_steps = batching.steps_per_pass(self.num_examples, setup.config.batch_size)
+        if max_steps is not None and max_steps < self._num_steps:
+            self._num_steps, self.num_examples = max_steps, max_steps * setup.config.batch_size
+        self._batches = None  # Made at the first evaluation: a run through model.fit never needs them.
 
     def __call__(self) -> dict[str, float | list]:
-        return self._evaluate()
-
-
-def make_evaluation(setup: ModelSetup, examples: Examples, *, metric_identifiers: dict[str, list], prefix: str = "",
-                    max_steps: int | None = None) -> Evaluation:
-    """The evaluation of `setup`'s model on `examples`, its metrics made in the strategy's scope.
-
-    Args:
-      setup: the model, its losses and strategy; batches of `--batch_size` examples.
-      examples: what to evaluate on, every example of it.
-      metric_identifiers: each output's metrics, as `compile` takes them.
-      prefix: before each value's name (`val_` during training).
-      max_steps: evaluate the first `max_steps` batches only (`--eval_steps`).
-    """
-    config, strategy = setup.config, setup.strategy
-    with strategy.scope():
-        output_metrics = {prefix + name: output_metric for name, output_metric in metrics_lib.make_output_metrics(
-            metric_identifiers, y_true=setup.labels_spec, y_pred=setup.signature.outputs).items()}
-    evaluate = step.make_evaluate(objective=setup.objective, output_metrics=output_metrics, strategy=strategy)
-    num_examples = examples.count()
-    num_steps = batching.steps_per_pass(num_examples, config.batch_size)
-    if max_steps is not None and max_steps < num_steps:
-        num_steps, num_examples = max_steps, max_steps * config.batch_size
-    distributed = []  # Made at the first evaluation: a run through model.fit never needs them.
-
-    def evaluate_once() -> dict[str, float | list]:
-        if not distributed:
-            distributed.append(batching.distributed_batches(strategy, examples, signature=setup.signature,
-                                                            batching=batching.Batching.for_evaluation(config)))
-        values = evaluate(iter(distributed[0]), tf.constant(num_steps), tf.constant(num_examples, tf.int64))
-        return {**{prefix + name: float(values[name]) for name in setup.losses.names},
-                **metrics_lib.results_and_reset(output_metrics)}
-
-    return Evaluation(metrics=output_metrics, num_examples=num_examples, prefix=prefix, _evaluate=evaluate_once)
+        """The losses and metrics, each an exact mean over the evaluated examples; the metrics then start again."""
+        setup = self._setup
+        if self._batches is None:
+            self._batches = batching.distributed_batches(setup.strategy, self._examples, signature=setup.signature,
+                                                         batching=batching.Batching.for_evaluation(setup.config))
+        values = self._evaluate(iter(self._batches), tf.constant(self._num_steps),
+                                tf.constant(self.num_examples, tf.int64))
+        return {**{self._prefix + name: float(values[name]) for name in setup.losses.names},
+                **metrics_lib.results_and_reset(self.metrics)}

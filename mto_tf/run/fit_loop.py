@@ -30,7 +30,7 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
         super().__init__()
         self._run = run
         self._timer = driver.WindowTimer(run.config.batch_size)
-        self._window_ends = driver.WindowEnds(run, timer=self._timer, then=actions)
+        self._window_ends = driver.WindowEnds(run, schedule=driver.Schedule.of(run), timer=self._timer, then=actions)
         self._log_names = [*run.setup.loss_names, *run.metrics.training]
         self._val_names = [f"val_{name}" for name in self._log_names]
         self.last_step = run.start_step
@@ -106,8 +106,9 @@ def run_fit(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
     windows = run.total_steps // config.log_every
     validation = {}
     if run.validation:
-        evaluated_windows = [window for window in range(1, windows + 1) if window == windows or (
-            config.eval_every and window * config.log_every % config.eval_every == 0)]
+        schedule = driver.Schedule.of(run)
+        evaluated_windows = [window for window in range(1, windows + 1)
+                             if schedule.evaluation_due(window * config.log_every)]
         validation = dict(
             validation_data=_as_fit_takes(run, batching.global_batches(
                 run.validation, signature=setup.signature, batching=batching.Batching.for_evaluation(config))),

@@ -23,7 +23,7 @@ from mto_tf.data import batching, sources
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
-from mto_tf.run.evaluation import Evaluation, make_evaluation
+from mto_tf.run.evaluation import Evaluation
 from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
@@ -103,8 +103,8 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                         if custom_loop and config.grad_accum_steps > 1 else None)
         training_metrics = metrics_lib.make_output_metrics(metric_identifiers, y_true=setup.labels_spec,
                                                            y_pred=setup.signature.outputs)
-    evaluation = make_evaluation(setup, validation, metric_identifiers=metric_identifiers, prefix="val_",
-                                 max_steps=config.eval_steps) if validation else None
+    evaluation = Evaluation(setup, validation, metric_identifiers=metric_identifiers, prefix="val_",
+                            max_steps=config.eval_steps) if validation else None
     metrics = Metrics(identifiers=metric_identifiers, training=training_metrics,
                       validation=evaluation.metrics if evaluation else {})
     best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf.core.objective import Objective
+from mto_tf.core.objective import Objective, as_measurements
 from mto_tf.core.replicas import summed_over_replicas
 from mto_tf.core.step import GradientFunction
 from mto_tf.core.weighting import gramian
@@ -71,8 +71,8 @@ def adaptive_weights(method: Method, *, objective: Objective, optimizer: keras.o
             gradients = summed_over_replicas(tape.gradient(scaled_loss, model.trainable_variables + method.trainable))
         # Factors are the same on every replica: each reports its share, so that the sum is the factor.
         share = 1.0 / strategy.num_replicas_in_sync
-        return gradients, {"loss": tf.add_n([tf.reduce_sum(tf.stop_gradient(factors) * weighted), *regularization]),
-                           **{f"{name}_loss": output_losses[name] for name in names},
+        loss = tf.add_n([tf.reduce_sum(tf.stop_gradient(factors) * weighted), *regularization])
+        return gradients, {**as_measurements(loss, output_losses),
                            **{f"loss_weight/{name}": factors[k] * share for k, name in enumerate(names)}}
 
     def weighted(measurements) -> tf.Tensor:

@@ -39,19 +39,29 @@ def cagrad(gram: tf.Tensor, *, c: float) -> tf.Tensor:
 def imtl(gram: tf.Tensor) -> tf.Tensor:
     """Liu et al. 2021, IMTL-G: weights summing to 1 whose update has equal projections on every unit gradient.
 
-    `a_{2..K} = g_1 U^T (D U^T)^-1`, `a_1 = 1 - sum a_{2..K}`, with rows
-    `D_j = g_1 - g_j`, `U_j = u_1 - u_j`, `u_j = g_j / |g_j|`; every product
-    is read from G.
+    With a reference output r: `a_{-r} = g_r U^T (D U^T)^-1`, `a_r = 1 -
+    sum a_{-r}`, with rows `D_j = g_r - g_j`, `U_j = u_r - u_j`, `u_j = g_j /
+    |g_j|`; every product is read from G. The reference is the largest
+    gradient (the paper's first one: any gives the same weights). An output
+    with no gradient has no unit gradient to be projected on: it gets weight
+    0, and the others are balanced among themselves.
     """
-    norms = tf.sqrt(tf.linalg.diag_part(gram))
-    # (g_i . u_j) = G[i, j] / |g_j|.
-    g_dot_u = gram / norms[None, :]
-    g1_u = g_dot_u[0, :1] - g_dot_u[0, 1:]  # g_1 . (u_1 - u_j), j = 2..K
-    d_u = (g_dot_u[:1, :1] - g_dot_u[:1, 1:]) - (g_dot_u[1:, :1] - g_dot_u[1:, 1:])  # (g_1 - g_i) . (u_1 - u_j)
+    k = gram.shape[0]
+    norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gram), 0.0))
+    present = norms > 0
+    reference = tf.argmax(norms)
+    g_dot_u = gram / tf.where(present, norms, 1.0)[None, :]  # (g_i . u_j) = G[i, j] / |g_j|.
+    g_r_u = tf.gather(g_dot_u, reference)  # g_r . u_j
+    g_u_r = tf.gather(g_dot_u, reference, axis=1)  # g_i . u_r
+    # (g_r - g_i) . (u_r - u_j) at [i, j], and g_r . (u_r - u_j): the system and target of equation j.
+    system = g_r_u[reference] - g_r_u[None, :] - g_u_r[:, None] + g_dot_u
+    target = g_r_u[reference] - g_r_u
+    unknown = present & ~tf.one_hot(reference, k, on_value=True, off_value=False)
+    equations = tf.where(unknown[:, None] & unknown[None, :], tf.transpose(system), tf.eye(k, dtype=gram.dtype))
     # A least-squares solve: finite when gradients are linearly dependent (K above the rank of J), where the
     # equal projections do not determine `a`; the solution of the system wherever it has one.
-    rest = tf.linalg.matvec(tf.linalg.pinv(tf.transpose(d_u)), g1_u)
-    return tf.concat([[1.0 - tf.reduce_sum(rest)], rest], axis=0)
+    rest = tf.where(unknown, tf.linalg.matvec(tf.linalg.pinv(equations), tf.where(unknown, target, 0.0)), 0.0)
+    return rest + tf.one_hot(reference, k, dtype=gram.dtype) * (1.0 - tf.reduce_sum(rest))
 
 
 def aligned_mtl(gram: tf.Tensor) -> tf.Tensor:

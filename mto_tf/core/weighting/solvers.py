@@ -9,7 +9,9 @@ Each problem is over K weights (K outputs), and each is solved two ways:
   the feasible one with the lowest objective is the answer.
 - By an active-set method, above it (for any K): the same linear systems,
   on one subset at a time, the next chosen by the KKT conditions of the
-  last, in a `tf.while_loop` of about K steps (at most 4K + 10). MGDA and
+  last, in a `tf.while_loop` of about K steps (at most 4K + 10: none of
+  the stress runs at K = 16, 40 and 100 reached it; at the cap the answer
+  is feasible, but its KKT conditions are not checked). MGDA and
   UPGrad become nonnegative quadratic problems, solved by Lawson and
   Hanson's method; CAGrad's solution is followed along a path in its
   multiplier (a parametric active set). Each ends on the subset whose KKT
@@ -448,10 +450,17 @@ def _solve_on_support(matrix: tf.Tensor, support: tf.Tensor, rhs: tf.Tensor, uni
     both_in_support = support[:, :, None] & support[:, None, :]
     system = tf.where(both_in_support, matrix, unit * tf.eye(k, dtype=matrix.dtype))
     rhs = tf.where(support[:, :, None], rhs, 0.0)
-    factor = tf.linalg.cholesky(system)  # Where it fails, NaN (TF 2.21 on CPU logs a warning; it does not raise).
-    factored = tf.reduce_all(tf.linalg.diag_part(factor) ** 2 > _SINGULAR_PIVOT * unit)  # False for NaN.
-    solution = tf.cond(factored, lambda: tf.linalg.cholesky_solve(factor, rhs),
+
+    def by_cholesky() -> tf.Tensor:
+        factor = tf.linalg.cholesky(system)  # Where it fails, NaN (TF 2.21 on CPU logs a warning; it does not raise).
+        factored = tf.reduce_all(tf.linalg.diag_part(factor) ** 2 > _SINGULAR_PIVOT * unit)  # False for NaN.
+        return tf.cond(factored, lambda: tf.linalg.cholesky_solve(factor, rhs),
                        lambda: _pseudo_inverse_solve(system, rhs))
+
+    # A zero on S's diagonal (an output with no gradient) makes a system singular before any factoring:
+    # straight to the eigendecomposition, without Cholesky's failure and warning.
+    zero_diagonal = tf.reduce_any(support & (tf.linalg.diag_part(matrix)[None, :] <= _SINGULAR_PIVOT * unit))
+    solution = tf.cond(zero_diagonal, lambda: _pseudo_inverse_solve(system, rhs), by_cholesky)
     return tf.where(support[:, :, None], solution, 0.0)
 
 
