@@ -44,13 +44,13 @@ import numpy as np
 import tensorflow as tf
 
 # Enumeration up to this K, the active-set methods above it: whichever is
-# cheaper, by docs/experiments/solver_cost.py (median call in a
-# tf.function, Gramian of trace 1; Intel Xeon, 2 cores, TF 2.21, no XLA).
-# Up to K = 6 the enumeration is faster for all three problems (at 6:
-# 0.45-0.72 ms against 0.86-1.1 ms); at 7 the faster one depends on the
-# problem and the run (within 0.3 ms); from 8 on, the active-set methods
-# are (1.0-1.2 ms against 1.5-2.7 ms), and the enumeration's cost doubles
-# with each output (6-11 ms at K = 10, 1.3-2.8 s at 16; theirs 1-2 ms).
+# cheaper, by docs/experiments/solver_cost.py (docs/figures/solver_cost.json:
+# median call in a tf.function, Gramian of trace 1; Intel Xeon, 2 cores,
+# TF 2.21, no XLA). Up to K = 6 the enumeration is faster for all three
+# problems (at 6: 0.58-0.89 ms against 0.78-1.2 ms); at 7 the faster one
+# depends on the problem; from 8 on, the active-set methods are (1.0-1.3 ms
+# against 1.4-2.5 ms), and the enumeration's cost doubles with each output
+# (8-14 ms at K = 10, 1.7-3.6 s at 16; theirs 1.4-3.9 ms).
 ENUMERATION_MAX_OUTPUTS = 6
 # The active-set methods stop when no KKT condition is violated by more
 # than this, relative to the scale of the terms compared: 10^4 times the
