@@ -83,22 +83,21 @@ def aligned_mtl(gram: tf.Tensor) -> tf.Tensor:
 def pcgrad(gram: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
     """Yu et al. 2020: each gradient projected in turn off each conflicting other one (in `order[i]`); summed.
 
-    `g_i^PC` is kept as coefficients `c_i` (g_i^PC = J^T c_i), so each
-    projection `g_i^PC -= (g_i^PC . g_j / |g_j|^2) g_j` reads G only.
-    `order[i]`: the other outputs, in output i's random order.
+    `g_i^PC` is kept as coefficients `c_i` (g_i^PC = J^T c_i, row i of C),
+    so each projection `g_i^PC -= (g_i^PC . g_j / |g_j|^2) g_j` reads G
+    only; every output takes its next projection at once. `order[i]`: the
+    other outputs, in output i's random order.
     """
     k = gram.shape[0]
-    total = tf.zeros([k], tf.float64)
-    for i in range(k):
-        coefficients = tf.one_hot(i, k, dtype=tf.float64)
-        for position in range(k - 1):
-            j = order[i, position]
-            dot = tf.tensordot(coefficients, gram[:, j], 1)  # g_i^PC . g_j
-            squared_norm = gram[j, j]
-            step = tf.where((dot < 0) & (squared_norm > 0), dot / tf.where(squared_norm > 0, squared_norm, 1.0), 0.0)
-            coefficients -= step * tf.one_hot(j, k, dtype=tf.float64)
-        total += coefficients
-    return total
+    coefficients = tf.eye(k, dtype=tf.float64)
+    for position in range(k - 1):
+        others = order[:, position]  # Output i's next other output, for each i.
+        dots = tf.reduce_sum(coefficients * tf.gather(gram, others), axis=1)  # g_i^PC . g_j (G is symmetric)
+        squared_norms = tf.gather(tf.linalg.diag_part(gram), others)
+        conflicting = (dots < 0) & (squared_norms > 0)
+        steps = tf.where(conflicting, dots / tf.where(squared_norms > 0, squared_norms, 1.0), 0.0)
+        coefficients -= steps[:, None] * tf.one_hot(others, k, dtype=tf.float64)
+    return tf.reduce_sum(coefficients, axis=0)
 
 
 def random_orders(k: int, seed: tf.Tensor) -> tf.Tensor:
