@@ -109,14 +109,14 @@ class KerasCallbacks:
         A stop a callback asked for mid-window waits for the window's end;
         the window then ends the epoch too, and the run.
         """
-        stop_requested = boundary.window_ended and self.stop_requested
-        if (boundary.epoch_ended or stop_requested) and not boundary.preempted:
+        asked_before = boundary.window_ended and self.stop_requested  # In the window's calls.
+        if (boundary.epoch_ended or asked_before) and not boundary.preempted:
             logs = self._sums.logs() if self._calls_callbacks else {}
             logs.update({name: value for name, value in boundary.record.items() if name.startswith(_VAL_PREFIX)})
             self._list.on_epoch_end(self._epoch, logs)  # EarlyStopping may set model.stop_training here.
             self._last_epoch_logs = logs
             self._epoch = None
-        if boundary.window_ended and self.stop_requested and not boundary.finished:
+        if boundary.window_ended and self.stop_requested and not boundary.finished:  # Asked now, too.
             boundary.stop = f"Stopping at step {boundary.step}: a callback set model.stop_training"
 
     def train_ends(self) -> None:

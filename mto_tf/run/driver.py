@@ -61,11 +61,13 @@ class Schedule:
     @classmethod
     def of(cls, run: Run) -> Schedule:
         config = run.config
-        ends_partial = bool(config.epochs) and run.setup.examples.count() % config.batch_size != 0
+        # Counted last: a Python dataset of unknown size is read to count it.
+        partial_step_alone = bool(config.epochs and run.setup.strategy.num_replicas_in_sync > 1
+                                  and run.setup.examples.count() % config.batch_size)
         return cls(total_steps=run.total_steps, steps_per_loop=config.steps_per_loop, log_every=config.log_every,
                    epoch_steps=run.epoch_steps, checkpoint_every=config.checkpoint_every,
                    eval_every=config.eval_every, gradient_shares_every=config.log_gradient_shares_every,
-                   partial_step_alone=ends_partial and run.setup.strategy.num_replicas_in_sync > 1)
+                   partial_step_alone=partial_step_alone)
 
     def steps_in_call(self, step: int) -> int:
         """How many steps the call after `step` trains: up to the next step where anything is due, the end at most."""

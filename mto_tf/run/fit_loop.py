@@ -26,11 +26,11 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
     (a new learning rate, `stop_training`) is in the window's checkpoint.
     """
 
-    def __init__(self, run: Run, *, actions: Sequence[driver.Action]):
+    def __init__(self, run: Run, *, schedule: driver.Schedule, actions: Sequence[driver.Action]):
         super().__init__()
         self._run = run
         self._timer = driver.WindowTimer(run.config.batch_size)
-        self._window_ends = driver.WindowEnds(run, schedule=driver.Schedule.of(run), timer=self._timer, then=actions)
+        self._window_ends = driver.WindowEnds(run, schedule=schedule, timer=self._timer, then=actions)
         self._log_names = [*run.setup.loss_names, *run.metrics.training]
         self._val_names = [f"val_{name}" for name in self._log_names]
         self.last_step = run.start_step
@@ -104,16 +104,16 @@ def run_fit(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
     # are multiples of log_every (so a restored step is on a window
     # boundary), and log_every a multiple of steps_per_loop (so executions fill a window).
     windows = run.total_steps // config.log_every
+    schedule = driver.Schedule.of(run)
     validation = {}
     if run.validation:
-        schedule = driver.Schedule.of(run)
         evaluated_windows = [window for window in range(1, windows + 1)
                              if schedule.evaluation_due(window * config.log_every)]
         validation = dict(
             validation_data=_as_fit_takes(run, batching.global_batches(
                 run.validation, signature=setup.signature, batching=batching.Batching.for_evaluation(config))),
             validation_steps=config.eval_steps, validation_freq=evaluated_windows)
-    window_ends = _WindowEndsOfEpochs(run, actions=actions)
+    window_ends = _WindowEndsOfEpochs(run, schedule=schedule, actions=actions)
     setup.model.fit(
         fit_batches(run, skip_batches=run.start_step),
         initial_epoch=run.start_step // config.log_every,
