@@ -10,7 +10,7 @@ shows the layers.
 
 from mto_tf.config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["LossWeightScheduler", "TrainConfig", "TrainResult", "loss_weight_variables", "train"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,10 @@ def __getattr__(name: str):
     if name in ("train", "TrainResult"):
         from mto_tf.run import train as train_module
         return getattr(train_module, name)
+    if name == "LossWeightScheduler":  # A Keras callback: setting loss weights per epoch.
+        from mto_tf.run.loss_weight_scheduler import LossWeightScheduler
+        return LossWeightScheduler
+    if name == "loss_weight_variables":  # For any callback: the weights it may assign.
+        from mto_tf.core.loss_weights import variables_of
+        return variables_of
     raise AttributeError(f"module 'mto_tf' has no attribute {name!r}")

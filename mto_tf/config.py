@@ -44,6 +44,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype polic
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
+LOSS_REDUCTIONS = ("each_loss", "mean_over_labelled")
 PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/run/progress.py.
 DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSION]'"
 
@@ -52,7 +53,7 @@ DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSI
 PARTS = ("model", "data", "loss", "metrics", "training", "evaluation", "driver", "distribution")
 # How the command line writes a setting; mto_tf/programs/flags.py has a flag type and parser for each.
 KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weights", "metrics", "class_weights",
-         "feature_map", "keras_object", "keras_object_or_number", "name_or_json")
+         "feature_map", "missing_labels", "extra_losses", "keras_object", "keras_object_or_number", "name_or_json")
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -179,9 +180,12 @@ class TrainConfig:
         "output to a Keras loss name, a Keras loss config ({\"class_name\": ..., \"config\": ...}), "
         "MODULE:FUNCTION, or null (the output is predicted and its metrics computed, but not trained). Unset: "
         "the built-in model's own.", reads=("loss",))
-    loss_weights: Mapping[str, float] | None = parsed(
-        "loss_weights", None, "OUTPUT=WEIGHT,... (or a JSON object) for every output: the total loss is "
-        "sum(weight * loss). Unset: the built-in model's own, else 1.0 each.", reads=("loss",))
+    # A weight is a number, or a Keras schedule (a config, or from Python a LearningRateSchedule) of the step.
+    loss_weights: Mapping[str, Any] | None = parsed(
+        "loss_weights", None, "OUTPUT=WEIGHT,... (or a JSON object) for every output and --extra_losses term: the "
+        "total loss is sum(weight * loss). In JSON a weight may be a Keras schedule config ({\"class_name\": "
+        "\"PolynomialDecay\", \"config\": {...}}), evaluated at each optimizer step as a learning-rate schedule "
+        "is. Unset: the built-in model's own, else 1.0 each.", reads=("loss",))
     metrics: Mapping[str, tuple[MetricSpec, ...]] | None = parsed(
         "metrics", None, "OUTPUT=METRIC,... (repeat an output for several), or a JSON object mapping each output "
         "to a list of Keras metric names, configs or MODULE:FUNCTION; empty for none. Unset: the built-in "
@@ -191,6 +195,24 @@ class TrainConfig:
         "class_weights", {}, "JSON {\"OUTPUT\": {\"CLASS\": WEIGHT, ...}, ...}: each training example's loss for "
         "that output is multiplied by the weight of its class (binary labels: 0 and 1; one-hot: the argmax), "
         "and by its sample weight. Unnamed outputs and classes: 1.0.", reads=("loss",))
+    # Output -> the label value that means "no label" (a float; NaN for nan).
+    missing_labels: Mapping[str, float] = parsed(
+        "missing_labels", {}, "OUTPUT=VALUE,...: an example whose label for OUTPUT is VALUE (a number, or nan for "
+        "float labels; every element, for a label of several) has no label for it: it adds nothing to that "
+        "output's loss, metrics or validation values, as a sample weight of 0 (sample_weight/OUTPUT = 0 means the "
+        "same). The other outputs use the example as usual.", reads=("data",))
+    loss_reduction: str = choice(
+        "each_loss", LOSS_REDUCTIONS, "How each output's loss is reduced over a global batch: 'each_loss' (the "
+        "reduction its Keras loss carries: sum_over_batch_size unless its config says sum or "
+        "mean_with_sample_weight), or 'mean_over_labelled' (mean_with_sample_weight for every output: the sum of "
+        "sample weight times loss divided by the sum of the sample weights, over the GLOBAL batch; with 0/1 "
+        "weights, the mean over the labelled examples).", reads=("loss",))
+    # Term name -> `MODULE:FUNCTION` (from Python, also the function).
+    extra_losses: Mapping[str, Any] = parsed(
+        "extra_losses", {}, "NAME=MODULE:FUNCTION,...: more terms of the total loss, each a function of the "
+        "(labels, predictions, sample_weights) dicts returning one value per example (a consistency term between "
+        "two outputs, a loss between two towers): reduced as sum_over_batch_size, weighted by "
+        "--loss_weights=NAME=WEIGHT (default 1.0), logged as NAME_loss.", reads=("loss",))
     # A method of mto_tf/loss_weighting.py: a name, or {"name": ..., <hyper-parameter>: value}.
     loss_weighting: str | Mapping[str, Any] = parsed(
         "name_or_json", "fixed", "How the outputs' weighted losses train the model: 'fixed' (sum(weight * loss), "
@@ -328,8 +350,23 @@ class TrainConfig:
         if self.loop == "fit":
             _check_what_fit_cannot_do(self)
         for output, weight in (self.loss_weights or {}).items():
-            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-                raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0, got {weight}")
+            if not (_is_keras_config(weight) or _is_schedule(weight) or isinstance(weight, (int, float))
+                    and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0):
+                raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0 or a Keras "
+                                                  f"schedule config, got {weight!r}")
+        self._check_labels_and_terms()
+
+    def _check_labels_and_terms(self):
+        for output, value in self.missing_labels.items():
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                raise ConfigError("missing_labels", f"output {output!r}: expected a number or nan, got {value!r}")
+        for name, function in self.extra_losses.items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ConfigError("extra_losses", f"expected NAME=MODULE:FUNCTION with NAME a name (it is logged as "
+                                                  f"NAME_loss), got {name!r}")
+            if not (is_module_function(function) or callable(function)):
+                raise ConfigError("extra_losses", f"{name}: expected MODULE:FUNCTION, a function of (labels, "
+                                                  f"predictions, sample_weights), got {function!r}")
 
     def _check_optimization(self):
         if not (isinstance(self.optimizer, str) and self.optimizer or _is_keras_config(self.optimizer)):
@@ -526,6 +563,11 @@ def _is_keras_config(value) -> bool:
     return isinstance(value, Mapping) and isinstance(value.get("class_name"), str)
 
 
+def _is_schedule(value) -> bool:
+    """A Keras LearningRateSchedule given from Python (duck-typed: this module imports no Keras)."""
+    return callable(value) and hasattr(value, "get_config")
+
+
 def _check_npz_file(field: str, source: str):
     """`source` is `npz:PATH`; PATH must be a file."""
     if not os.path.isfile(source.removeprefix("npz:")):
@@ -562,6 +604,14 @@ def _check_what_fit_cannot_do(config: TrainConfig):
                                               f"{config.strategy} cannot synchronize in; use --loop=custom")
     if config.log_gradient_shares_every:
         raise ConfigError("log_gradient_shares_every", "the custom loop's: not with --loop=fit")
+    scheduled = [name for name, weight in (config.loss_weights or {}).items()
+                 if _is_keras_config(weight) or _is_schedule(weight)]
+    if scheduled:
+        raise ConfigError("loss_weights", f"{scheduled[0]}: Keras 3.15's compile takes a number for each loss "
+                                          f"weight, not a schedule (keras-team/keras#20294); use --loop=custom")
+    if config.extra_losses:
+        raise ConfigError("extra_losses", "compile's losses each read one output's labels and predictions; a term "
+                                          "of several is the custom loop's: use --loop=custom")
     if config.xla_update:
         raise ConfigError("xla_update", "not with --loop=fit")
     # model.fit reports and logs per epoch; mto_tf maps one epoch to one

@@ -54,9 +54,10 @@ BAD_INPUTS = {
     "unknown output": (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
                        "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
     "not a number": (lambda tmp: ["--loss_weights=main_output=heavy,aux_output=0.2"],
-                     "--loss_weights: expected a number for 'main_output', got 'heavy'"),
+                     "--loss_weights: expected a number or a Keras schedule config for 'main_output', got 'heavy'"),
     "negative weight": (lambda tmp: ["--loss_weights=main_output=1.0,aux_output=-0.2"],
-                        "--loss_weights: weight of 'aux_output' must be a finite number >= 0, got -0.2"),
+                        "--loss_weights: weight of 'aux_output' must be a finite number >= 0 or a Keras schedule "
+                                        "config, got -0.2"),
     "uneven batch": (lambda tmp: ["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
                      "--batch_size: the global batch size 15 does not split evenly across 2 replicas"),
     "missing key": (lambda tmp: [_npz_without(tmp, "aux_output")], "key 'aux_output': missing"),

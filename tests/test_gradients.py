@@ -28,19 +28,24 @@ def _batch(batch_size=16, seed=0):
     return inputs, labels
 
 
-def _per_example_bce(model, output):
+def _bce(model, output):
     spec = tf.TensorSpec((16, 1), tf.float32)
-    return losses.per_example_loss("binary_crossentropy", output=output, y_true=spec,
-                                   y_pred=model.output[output])
+    return losses.output_loss("binary_crossentropy", output=output, y_true=spec, y_pred=model.output[output])
+
+
+def _output_losses(terms, labels, predictions, sample_weights, *, divisors):
+    """Each term's value, its sums divided by the given GLOBAL divisors, through the library's own functions."""
+    sums = {name: losses.replica_sums(term, labels, predictions, sample_weights) for name, term in terms.items()}
+    return {name: losses.reduced(part.weighted_sum, divisors.get(name), terms[name].reduction)
+            for name, part in sums.items()}
 
 
 def _gradients(model, inputs, labels, loss_weights):
     """Gradient of sum_i w_i * loss_i, through the library's own loss functions."""
-    loss_fns = {name: _per_example_bce(model, name) for name in labels}
+    terms = {name: _bce(model, name) for name in labels}
     with tf.GradientTape() as tape:
         predictions = model(inputs, training=True)
-        output_losses = losses.per_output_losses(loss_fns=loss_fns, labels=labels, predictions=predictions,
-                                                 sample_weights=None, global_batch_size=16)
+        output_losses = _output_losses(terms, labels, predictions, {}, divisors={name: 16.0 for name in labels})
         total = losses.weighted_total_loss(output_losses=output_losses, loss_weights=loss_weights,
                                            regularization_losses=[])
     gradients = tape.gradient(total, model.trainable_variables, unconnected_gradients="zero")
@@ -89,13 +94,11 @@ def test_weighted_loss_equals_hand_computed_binary_crossentropy():
     weights = {"main_output": 1.0, "aux_output": 0.2}
 
     spec = tf.TensorSpec((batch, 1), tf.float32)
-    output_losses = losses.per_output_losses(
-        loss_fns={name: losses.per_example_loss("binary_crossentropy", output=name, y_true=spec, y_pred=spec)
-                  for name in labels},
-        labels={k: tf.constant(v) for k, v in labels.items()},
-        predictions={k: tf.constant(v) for k, v in predictions.items()},
-        sample_weights={k: tf.constant(v) for k, v in sample_weights.items()},
-        global_batch_size=global_batch_size)
+    output_losses = _output_losses(
+        {name: losses.output_loss("binary_crossentropy", output=name, y_true=spec, y_pred=spec) for name in labels},
+        {k: tf.constant(v) for k, v in labels.items()}, {k: tf.constant(v) for k, v in predictions.items()},
+        {k: tf.constant(v) for k, v in sample_weights.items()},
+        divisors={name: float(global_batch_size) for name in labels})
     regularization = [tf.constant(0.5)]
     total = losses.weighted_total_loss(output_losses=output_losses, loss_weights=weights,
                                        regularization_losses=regularization)
@@ -145,15 +148,57 @@ def test_one_sum_over_replicas_inside_strategy_run_and_none_outside_it(mirrored_
 def test_losses_are_keras_own_objects_per_example_and_refused_naming_the_flag_and_output():
     spec = tf.TensorSpec((4, 1), tf.float32)
     with pytest.raises(ValueError, match="^--losses: output 'main_output': Keras cannot make a loss of 'not_a_loss'"):
-        losses.per_example_loss("not_a_loss", output="main_output", y_true=spec, y_pred=spec)
+        losses.output_loss("not_a_loss", output="main_output", y_true=spec, y_pred=spec)
     # Any Keras loss, by name or config, gives per-example values: the
     # custom loop reduces them itself, over the global batch.
     config = {"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}
-    from_logits = losses.per_example_loss(config, output="main_output", y_true=spec, y_pred=spec)
+    from_logits = losses.output_loss(config, output="main_output", y_true=spec, y_pred=spec).loss_fn
     labels, logits = tf.constant([[1.0], [0.0], [1.0], [0.0]]), tf.constant([[2.0], [-1.0], [-0.5], [0.3]])
     expected = np.log1p(np.exp(-np.array([2.0, 1.0, -0.5, -0.3])))  # -log(sigmoid(+-z)), by hand.
     np.testing.assert_allclose(from_logits(labels, logits).numpy(), expected, rtol=1e-6)
     # "crossentropy" is resolved from the shapes, as compile() resolves it.
-    sparse = losses.per_example_loss("crossentropy", output="kind", y_true=tf.TensorSpec((4,), tf.int32),
-                                     y_pred=tf.TensorSpec((4, 3), tf.float32))
+    sparse = losses.output_loss("crossentropy", output="kind", y_true=tf.TensorSpec((4,), tf.int32),
+                                y_pred=tf.TensorSpec((4, 3), tf.float32)).loss_fn
     assert sparse.fn is keras.losses.sparse_categorical_crossentropy
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"])
+def test_each_keras_reduction_is_honoured_as_keras_reduces_a_batch(reduction):
+    """The reduction in a loss's config, against the same Keras loss reducing the same batch itself."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, (8, 1)).astype(np.float32)
+    predictions = rng.uniform(0.05, 0.95, (8, 1)).astype(np.float32)
+    sample_weights = np.array([0, 0, 0, 0, 0, 1, 2, 0.5], np.float32)  # Most examples unlabelled.
+    spec = tf.TensorSpec((8, 1), tf.float32)
+    config = {"class_name": "BinaryCrossentropy", "config": {"reduction": reduction}}
+    term = losses.output_loss(config, output="main_output", y_true=spec, y_pred=spec)
+    assert term.reduction == ("sum_over_batch_size" if reduction == "mean" else reduction)
+    part = losses.replica_sums(term, {"main_output": labels}, {"main_output": predictions},
+                               {"main_output": tf.constant(sample_weights)})
+    # One replica: its divisor is the global one.
+    value = losses.reduced(part.weighted_sum, part.divisor, term.reduction)
+    keras_value = keras.losses.BinaryCrossentropy(reduction=reduction)(labels, predictions,
+                                                                      sample_weight=sample_weights)
+    # The same float32 sums in another order: a few ulps.
+    np.testing.assert_allclose(value.numpy(), keras_value.numpy(), rtol=1e-6)
+    assert float(part.labelled) == 3.0
+
+
+def test_a_loss_object_keeps_its_reduction_none_is_refused_and_no_label_gives_zero_not_nan():
+    spec = tf.TensorSpec((4, 1), tf.float32)
+    given = keras.losses.MeanSquaredError(reduction="sum")
+    term = losses.output_loss(given, output="priority", y_true=spec, y_pred=spec)
+    assert term.reduction == "sum" and given.reduction == "sum"  # The user's object is not changed.
+    with pytest.raises(ValueError, match="^--losses: output 'priority': reduction 'none' gives a value per example"):
+        losses.output_loss({"class_name": "MeanSquaredError", "config": {"reduction": "none"}}, output="priority",
+                           y_true=spec, y_pred=spec)
+    # --loss_reduction=mean_over_labelled overrides the loss's own.
+    assert losses.output_loss(given, output="priority", y_true=spec, y_pred=spec,
+                              reduction="mean_with_sample_weight").reduction == "mean_with_sample_weight"
+    # No labelled example: the weighted sum and the divisor are 0, and the value 0.
+    term = losses.output_loss("mse", output="priority", y_true=spec, y_pred=spec,
+                              reduction="mean_with_sample_weight")
+    part = losses.replica_sums(term, {"priority": tf.ones([4, 1])}, {"priority": tf.zeros([4, 1])},
+                               {"priority": tf.zeros([4])})
+    assert float(losses.reduced(part.weighted_sum, part.divisor, term.reduction)) == 0.0
+    assert float(part.labelled) == 0.0

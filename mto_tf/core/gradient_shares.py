@@ -41,7 +41,6 @@ import tensorflow as tf
 from mto_tf.core import weighting
 from mto_tf.core.objective import Objective
 from mto_tf.core.replicas import summed_over_replicas
-from mto_tf.core.signature import ModelSignature
 from mto_tf.core.weighting import gramian
 
 REGULARIZATION = "regularization"  # The contribution of model.losses, when the model has any.
@@ -57,9 +56,7 @@ class Contributions:
     method_weights: list[np.ndarray] | None = None  # An adaptive method's a_i, one array per batch.
 
 
-def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature,
-                                loss_fns: Mapping[str, keras.losses.Loss],
-                                loss_weights: Mapping[str, float], strategy: tf.distribute.Strategy,
+def make_gradient_contributions(*, objective: Objective, strategy: tf.distribute.Strategy,
                                 global_batch_size: int | None, method: weighting.Method | None = None):
     """Returns `contributions(batch)`: each output's weighted gradient and the total, summed over replicas.
 
@@ -68,7 +65,7 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
     seeds) is put back afterwards, so measuring during training leaves the
     training itself as it was.
     """
-    objective = Objective(model=model, signature=signature, loss_fns=loss_fns, loss_weights=loss_weights)
+    model = objective.model
     variables = model.trainable_variables
     reaches: dict[str, list[bool]] = {}  # Known when the function is traced.
 
@@ -76,6 +73,7 @@ def make_gradient_contributions(*, model: keras.Model, signature: ModelSignature
         state = [tf.identity(variable) for variable in model.non_trainable_variables]
         with tf.GradientTape(persistent=True) as tape:
             output_losses = objective.output_losses(batch, examples_in_batch=global_batch_size)
+            loss_weights = objective.loss_weights.in_force()
             terms = {name: loss_weights[name] * output_losses[name] for name in output_losses}
             if model.losses:  # This replica's share of the regularization, as in the train step.
                 terms[REGULARIZATION] = tf.nn.scale_regularization_loss(tf.add_n(model.losses))

@@ -2,12 +2,14 @@
 
     loss = sum_i w_i * loss_i  +  regularization
 
-`loss_i` is output i's per-example loss times its sample (and class)
-weight, summed over the replica's examples and divided by the number of
-examples in the GLOBAL batch, so that the replicas' shares add up to the
-global-batch mean (`losses.py`). The train step, the evaluation step and
-the gradient shares all compute the forward pass and these shares here,
-with `Objective.output_losses`.
+`loss_i` is term i reduced as its Keras loss says (`losses.py`): the sum of
+sample (and class) weight times per-example loss, divided by the examples
+of the GLOBAL batch (`sum_over_batch_size`), by nothing (`sum`), or by the
+sample weights of the GLOBAL batch (`mean_with_sample_weight`), so that the
+replicas' shares add up to the single-device value. A term is an output's
+loss or an `--extra_losses` term; `w_i` is the weight in force
+(`loss_weights.py`). The train step, the evaluation step and the gradient
+shares all compute the forward pass and these shares here.
 """
 
 from __future__ import annotations
@@ -19,44 +21,83 @@ import keras
 import tensorflow as tf
 
 from mto_tf.core import losses
+from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.replicas import summed_over_replicas
 from mto_tf.core.signature import ModelSignature
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The model and what its total loss is made of: each trained output's per-example loss and weight."""
+    """The model and what its total loss is made of: its terms and their weights."""
 
     model: keras.Model
     signature: ModelSignature
-    loss_fns: Mapping[str, keras.losses.Loss]  # Keras losses with reduction "none", for the trained outputs.
-    loss_weights: Mapping[str, float]
+    terms: Mapping[str, losses.LossTerm]  # Each trained output's loss, then each extra term, by name.
+    loss_weights: LossWeights
 
-    def output_losses(self, batch, *, examples_in_batch: int | tf.Tensor | None, training: bool = True,
-                      metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
-                      forward: Callable | None = None) -> dict[str, tf.Tensor]:
-        """Forward, and each output's share of its global-batch loss: on one replica's slice `batch`.
+    def replica_sums(self, batch, *, training: bool = True,
+                     metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
+                     forward: Callable | None = None) -> dict[str, losses.ReplicaSums]:
+        """Forward on one replica's slice `batch`, and each term's sums on it (before any sum over replicas).
 
         Args:
           batch: `(inputs, labels)` or `(inputs, labels, sample_weights)`, this replica's slice.
-          examples_in_batch: the examples in the whole global batch; None: counted across replicas.
           training: Dropout drops, BatchNorm normalizes by the batch and updates its
             moving statistics; False changes nothing.
           metrics: `{log name: (output, metric)}` to update with this slice's predictions.
           forward: `forward(inputs, training)`, the predictions, instead of the model's call.
         """
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
-        # A pass's last batch may be partial and split unevenly across
-        # replicas: dividing by the examples the WHOLE global batch holds
-        # keeps the exact single-device mean (Keras's fit divides each
-        # replica's local mean by the number of replicas instead).
-        if examples_in_batch is None:
-            examples_in_batch = examples_in_global_batch(labels)
+        sample_weights = sample_weights or {}
         predictions = self.signature.as_output_dict((forward or self.model)(inputs, training=training))
         for output_name, metric in (metrics or {}).values():
-            metric.update_state(labels[output_name], predictions[output_name])
-        return losses.per_output_losses(loss_fns=self.loss_fns, labels=labels, predictions=predictions,
-                                        sample_weights=sample_weights, global_batch_size=examples_in_batch)
+            # An example whose weight is 0 has no label for this output: its
+            # metrics skip it, as a Keras metric skips a 0 sample weight.
+            weights = sample_weights.get(output_name)
+            labelled = None if weights is None else tf.cast(weights != 0, tf.float32)
+            metric.update_state(labels[output_name], predictions[output_name], sample_weight=labelled)
+        return {name: losses.replica_sums(term, labels, predictions, sample_weights)
+                for name, term in self.terms.items()}
+
+    def output_losses(self, batch, *, examples_in_batch: int | tf.Tensor | None = None, training: bool = True,
+                      metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
+                      forward: Callable | None = None) -> dict[str, tf.Tensor]:
+        """Forward, and each term's share of its global-batch loss: on one replica's slice `batch`.
+
+        `examples_in_batch`: the examples in the whole global batch, when
+        known (every batch full); None: counted across replicas. Other
+        arguments as `replica_sums`.
+        """
+        sums = self.replica_sums(batch, training=training, metrics=metrics, forward=forward)
+        return self._shares(sums, examples_in_batch=examples_in_batch, count_labelled=False)[0]
+
+    def losses_and_labelled(self, batch, *, examples_in_batch: int | tf.Tensor | None = None, training: bool = True,
+                            metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
+                            forward: Callable | None = None) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """`output_losses`, and whether each term has a labelled example anywhere in the global batch ((K,) bool)."""
+        sums = self.replica_sums(batch, training=training, metrics=metrics, forward=forward)
+        return self._shares(sums, examples_in_batch=examples_in_batch, count_labelled=True)
+
+    def _shares(self, sums: Mapping[str, losses.ReplicaSums], *, examples_in_batch, count_labelled: bool):
+        """Each term's share: its weighted sum over its GLOBAL divisor; and (if counted) where it has labels."""
+        # A pass's last batch may be partial and split unevenly across
+        # replicas, and an output may be labelled on some replicas' rows only:
+        # each replica divides by what the WHOLE global batch holds (Keras's
+        # fit divides each replica's sums by its own). One all-reduce for every
+        # divisor and count, and none when the batch size says it all (every
+        # batch full: it is sum_over_batch_size's divisor; `sum` has none).
+        known = ({} if examples_in_batch is None
+                 else {losses.SUM_OVER_BATCH_SIZE: tf.cast(examples_in_batch, tf.float32)})
+        global_divisors = global_labelled = None
+        if count_labelled or any(term.reduction not in (losses.SUM, *known) for term in self.terms.values()):
+            global_divisors, global_labelled = tf.unstack(summed_over_replicas(tf.stack(
+                [[part.divisor for part in sums.values()], [part.labelled for part in sums.values()]])))
+        output_losses = {}
+        for k, (name, part) in enumerate(sums.items()):
+            reduction = self.terms[name].reduction
+            divisor = known.get(reduction, None if global_divisors is None else global_divisors[k])
+            output_losses[name] = losses.reduced(part.weighted_sum, divisor, reduction)
+        return output_losses, (None if global_labelled is None else global_labelled > 0)
 
     def total_loss(self, output_losses: Mapping[str, tf.Tensor], *, replicas_share: bool = True) -> tf.Tensor:
         """`sum_i w_i * loss_i` plus this replica's share of the regularization (all of it: `replicas_share=False`).
@@ -64,15 +105,19 @@ class Objective:
         `model.losses` recomputes the regularizers from the current weights:
         inside a tape, call this inside it too.
         """
-        return losses.weighted_total_loss(output_losses=output_losses, loss_weights=self.loss_weights,
+        return losses.weighted_total_loss(output_losses=output_losses, loss_weights=self.loss_weights.in_force(),
                                           regularization_losses=self.model.losses, replicas_share=replicas_share)
 
 
-def examples_in_global_batch(labels) -> tf.Tensor:
-    """The number of examples in the global batch: this replica's, summed over every replica."""
-    return summed_over_replicas(tf.shape(tf.nest.flatten(labels)[0], out_type=tf.int64)[0])
+    def changing_weights(self) -> dict[str, tf.Tensor]:
+        """This replica's share of each weight in force, as `loss_weight/<term>`, when weights change (a
+        schedule, a callback); else nothing. The weights are the same on every replica: the shares sum to them."""
+        if not self.loss_weights.may_change:
+            return {}
+        share = 1.0 / tf.distribute.get_replica_context().num_replicas_in_sync
+        return {f"loss_weight/{name}": weight * share for name, weight in self.loss_weights.in_force().items()}
 
 
 def as_measurements(loss: tf.Tensor, output_losses: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """`loss` and each `<output>_loss`, named as `fit`'s history names them."""
+    """`loss` and each `<term>_loss`, named as `fit`'s history names them."""
     return {"loss": loss, **{f"{name}_loss": value for name, value in output_losses.items()}}

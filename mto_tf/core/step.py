@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mto_tf.core import optimization
+from mto_tf.core import losses, optimization
 from mto_tf.core.objective import Objective, as_measurements
 from mto_tf.core.replicas import summed_over_replicas
 
@@ -63,7 +63,7 @@ def fixed_weights(*, objective: Objective, optimizer: keras.optimizers.Optimizer
         # its share of the global-batch loss, so the sum is the gradient one
         # device would compute (Keras's fit clips each replica's part instead).
         gradients = summed_over_replicas(gradients)          # The global-batch gradient, on every replica.
-        return gradients, as_measurements(loss, output_losses)
+        return gradients, {**as_measurements(loss, output_losses), **objective.changing_weights()}
 
     return GradientFunction(on_replica=gradient_on_batch, variables=objective.model.trainable_variables)
 
@@ -121,29 +121,36 @@ def make_evaluate(
     objective: Objective,
     output_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
     strategy: tf.distribute.Strategy,
-) -> Callable[[object, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `evaluate(iterator, num_steps, num_examples)`: the losses over `num_steps` global batches.
+) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+    """Returns `evaluate(iterator, num_steps)`: the losses over `num_steps` global batches.
 
-    The batches hold `num_examples` examples in all (the last batch may be
-    partial, split unevenly across replicas or workers). Each output's loss
-    is the exact mean over those examples of sample weight times loss, as
-    `fit`'s `val_loss` is; `loss` weighs them and adds the regularization.
-    Metrics accumulate in `output_metrics`. Nothing is trained.
+    Each term is reduced over every evaluated example as its loss reduces a
+    batch: its weighted sums and divisors are summed over every replica and
+    batch (the last batch may be partial, split unevenly across replicas or
+    workers), then divided, once. So `sum_over_batch_size` is the exact mean
+    of sample weight times loss over the examples, as `fit`'s `val_loss` is;
+    `loss` weighs them and adds the regularization. Metrics accumulate in
+    `output_metrics`. Nothing is trained.
     """
 
-    def one_step_on_batch(batch, num_examples):
-        """This replica's share of each output's mean over all evaluated examples."""
+    def sums_on_batch(batch):
+        """This replica's weighted sum and divisor of each term."""
         # training=False: Dropout off, BatchNorm by its moving statistics, nothing updated.
-        return objective.output_losses(batch, examples_in_batch=num_examples, training=False, metrics=output_metrics)
+        sums = objective.replica_sums(batch, training=False, metrics=output_metrics)
+        return {name: tf.stack([part.weighted_sum, part.divisor]) for name, part in sums.items()}
 
     @tf.function
-    def evaluate(iterator, num_steps, num_examples):
-        """Shares summed over replicas and batches: the means over all `num_examples`."""
-        output_losses = {name: tf.constant(0.0) for name in objective.loss_fns}
+    def evaluate(iterator, num_steps):
+        """Sums over replicas and batches, divided at the end."""
+        totals = {name: tf.zeros([2]) for name in objective.terms}
         for _ in tf.range(num_steps):
-            shares = strategy.run(one_step_on_batch, args=(next(iterator), num_examples))
-            output_losses = {name: output_losses[name] + strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
-                             for name, share in shares.items()}
+            sums = strategy.run(sums_on_batch, args=(next(iterator),))
+            totals = {name: totals[name] + strategy.reduce(tf.distribute.ReduceOp.SUM, part, axis=None)
+                      for name, part in sums.items()}
+        output_losses = {}
+        for name, total in totals.items():
+            weighted_sum, divisor = tf.unstack(total)
+            output_losses[name] = losses.reduced(weighted_sum, divisor, objective.terms[name].reduction)
         return as_measurements(objective.total_loss(output_losses, replicas_share=False), output_losses)
 
     return evaluate

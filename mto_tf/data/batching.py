@@ -10,6 +10,7 @@ partial batch, and every worker runs the same number of steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import tensorflow as tf
@@ -37,16 +38,18 @@ class Batching:
     shuffle_buffer: int = 0
     seed: int = 0
     class_weights: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
+    missing_labels: Mapping[str, float] = dataclasses.field(default_factory=dict)  # Output -> its "no label" value.
 
     @classmethod
     def for_training(cls, config: TrainConfig) -> Batching:
         return cls(mode="by_epoch" if config.epochs else "endless", batch_size=config.batch_size,
-                   shuffle_buffer=config.shuffle_buffer, seed=config.seed, class_weights=config.class_weights)
+                   shuffle_buffer=config.shuffle_buffer, seed=config.seed, class_weights=config.class_weights,
+                   missing_labels=config.missing_labels)
 
     @classmethod
     def for_evaluation(cls, config: TrainConfig) -> Batching:
-        # Class weights, like Keras's class_weight, weigh training only.
-        return cls(mode="once", batch_size=config.batch_size)
+        # Class weights, like Keras's class_weight, weigh training only; a missing label is missing everywhere.
+        return cls(mode="once", batch_size=config.batch_size, missing_labels=config.missing_labels)
 
     @property
     def full_batches_only(self) -> bool:
@@ -142,6 +145,8 @@ def _parser(examples: Examples, *, signature: ModelSignature, batching: Batching
     output_names = signature.output_names
     class_weight_tables = {name: losses.class_weight_table(weights, output=name, prediction=signature.outputs[name])
                            for name, weights in batching.class_weights.items()}
+    # --missing_labels, and the value a source reads where a label is absent (a TFDS optional feature's).
+    missing_values = {**examples.absent_labels, **batching.missing_labels}
 
     def to_tuple(*records):
         # tf.data passes a tuple element (a Python dataset's) as separate arguments.
@@ -151,6 +156,9 @@ def _parser(examples: Examples, *, signature: ModelSignature, batching: Batching
         labels = {name: batch[name] for name in output_names}
         sample_weights = {name: tf.reshape(tf.cast(batch[features.SAMPLE_WEIGHT_PREFIX + name], tf.float32), [-1])
                           for name in output_names if features.SAMPLE_WEIGHT_PREFIX + name in batch}
+        for name, value in missing_values.items():
+            labels[name], labelled = without_missing_labels(labels[name], value)
+            sample_weights[name] = sample_weights[name] * labelled if name in sample_weights else labelled
         for name, table in class_weight_tables.items():
             # Class weights multiply the sample weights (Keras's class_weight replaces them, for one output only).
             weights = losses.class_weights_of(labels[name], table)
@@ -158,3 +166,20 @@ def _parser(examples: Examples, *, signature: ModelSignature, batching: Batching
         return (inputs, labels, sample_weights) if sample_weights else (inputs, labels)
 
     return to_tuple
+
+
+def without_missing_labels(labels: tf.Tensor, missing_value: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch's labels with each missing one (every element `missing_value`, or NaN for `nan`) set to 0,
+    and each example's weight: 1 where labelled, 0 where missing.
+
+    A missing label must not reach the loss even with weight 0: NaN times 0
+    is NaN, and class id -1 is no class. Zero is a label every loss takes.
+    """
+    if math.isnan(missing_value):
+        is_missing = tf.math.is_nan(labels)
+    else:
+        is_missing = tf.equal(labels, tf.cast(missing_value, labels.dtype))
+    example_missing = tf.reduce_all(tf.reshape(is_missing, [tf.shape(labels)[0], -1]), axis=1)
+    per_element = tf.reshape(example_missing, [-1] + [1] * (labels.shape.rank - 1))
+    cleaned = tf.where(per_element, tf.zeros_like(labels), labels)
+    return cleaned, 1.0 - tf.cast(example_missing, tf.float32)

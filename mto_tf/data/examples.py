@@ -20,6 +20,8 @@ class Examples:
     records: tf.data.Dataset
     parse_batch: Callable[[object], dict[str, tf.Tensor]]
     num_examples: int | None = None  # When the source knows it without reading every record.
+    # Output -> the label value the source reads where an example has none (a TFDS optional feature's default).
+    absent_labels: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def count(self) -> int:
         """How many examples there are (read once if the source does not say)."""

@@ -55,15 +55,14 @@ def explain(config: TrainConfig, *, strategy: tf.distribute.Strategy, explain_ba
         if weights:  # The method's state (learned weights, histories) at the end of the run.
             _restore_method_state(method, os.path.dirname(weights))
     contributions = gradient_shares.make_gradient_contributions(
-        model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
-        loss_weights=setup.losses.weights, strategy=strategy, global_batch_size=config.batch_size, method=method)
+        objective=setup.objective, strategy=strategy, global_batch_size=config.batch_size, method=method)
     batches = batching.distributed_batches(strategy, setup.examples, signature=setup.signature,
                                            batching=batching.Batching.for_training(config))
     summed = None
     for batch in itertools.islice(iter(batches), explain_batches):
         batch_contributions = contributions(batch)
         summed = batch_contributions if summed is None else gradient_shares.added(summed, batch_contributions)
-    report = gradient_shares.layer_report(setup.model, summed, loss_weights=setup.losses.weights)
+    report = gradient_shares.layer_report(setup.model, summed, loss_weights=setup.loss_weights.numbers())
     report["batches"] = explain_batches
     report["batch_size"] = config.batch_size
     report["loss_weighting"] = config.weighting.describe()

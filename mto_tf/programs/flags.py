@@ -174,11 +174,20 @@ def _loss_from_text(flag: str, key: str, value):
     return value
 
 
-def _weight_from_text(flag: str, key: str, value) -> float:
+def _weight_from_text(flag: str, key: str, value) -> float | dict:
+    if isinstance(value, dict) and "class_name" in value:  # A Keras schedule config (JSON only).
+        return value
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(flag, f"expected a number for {key!r}, got {value!r}") from None
+        raise ConfigError(flag, f"expected a number or a Keras schedule config for {key!r}, got {value!r}") from None
+
+
+def _missing_value_from_text(flag: str, key: str, value) -> float:
+    try:
+        return float(value)  # "nan" included.
+    except (TypeError, ValueError):
+        raise ConfigError(flag, f"output {key!r}: expected a number or nan, got {value!r}") from None
 
 
 def _parse_class_weights(flag: str, text: str) -> dict[str, dict[int, float]]:
@@ -229,6 +238,8 @@ _TEXT_PARSERS = {
     "class_weights": _parse_class_weights,
     # A model input, an output or sample_weight/<output>, and the feature that feeds it: names, kept as written.
     "feature_map": lambda flag, text: _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=FEATURE"),
+    "missing_labels": lambda flag, text: _parse_mapping(flag, text, _missing_value_from_text, json_ok=False),
+    "extra_losses": lambda flag, text: _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=MODULE:FUNCTION"),
     "keras_object": _parse_keras_object,
     "keras_object_or_number": lambda flag, text: _parse_keras_object(flag, text, number_ok=True),
     "name_or_json": _parse_keras_object,

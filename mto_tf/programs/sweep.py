@@ -75,7 +75,8 @@ def sweep(config: TrainConfig, *, output: str, weights: list[float], sweep_dir: 
         [({"weight": weight}, dataclasses.replace(config, model_dir=os.path.join(sweep_dir, f"{output}={weight:g}"),
                                                   loss_weights={**loss_weights, output: weight}))
          for weight in weights], strategy=strategy, sweep_dir=sweep_dir, compare_val_loss=False)
-    return _written({"output": output, "loss_weights": loss_weights, "runs": runs}, sweep_dir, strategy)
+    return _written({"output": output, "loss_weights": setup.losses.weights_as_json(), "runs": runs}, sweep_dir,
+                    strategy)
 
 
 def sweep_methods(config: TrainConfig, *, methods: list[str], sweep_dir: str, strategy) -> dict:
@@ -87,7 +88,7 @@ def sweep_methods(config: TrainConfig, *, methods: list[str], sweep_dir: str, st
                for name in methods]
     runs = _train_each([({"loss_weighting": name}, run) for name, run in zip(methods, configs)],
                        strategy=strategy, sweep_dir=sweep_dir, compare_val_loss=True)
-    return _written({"loss_weights": setup.losses.weights, "runs": runs}, sweep_dir, strategy)
+    return _written({"loss_weights": setup.losses.weights_as_json(), "runs": runs}, sweep_dir, strategy)
 
 
 def _check_validation(config: TrainConfig, setup, *, flag: str) -> None:
@@ -159,14 +160,21 @@ def plot(summary: dict, path: str) -> None:
         axis.grid(alpha=0.3)
     if "output" in summary:
         figure.suptitle(f"Sweeping the loss weight of {summary['output']} (other weights: "
-                        + ", ".join(f"{name} {weight:g}" for name, weight in summary["loss_weights"].items()
+                        + ", ".join(f"{name} {_weight_text(weight)}"
+                                    for name, weight in summary["loss_weights"].items()
                                     if name != summary["output"]) + ")")
     else:
         figure.suptitle("One run per loss-weighting method (--loss_weights: "
-                        + ", ".join(f"{name} {weight:g}" for name, weight in summary["loss_weights"].items()) + ")")
+                        + ", ".join(f"{name} {_weight_text(weight)}"
+                                    for name, weight in summary["loss_weights"].items()) + ")")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _weight_text(weight) -> str:
+    """A weight as the figure names it: the number, or its schedule's class."""
+    return f"{weight:g}" if isinstance(weight, float) else weight["class_name"]
 
 
 def sweep_main() -> None:

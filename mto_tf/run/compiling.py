@@ -8,6 +8,7 @@ compiled as `fit` would leave it (`compile_as_fit_saves`), so that
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import keras
@@ -30,13 +31,28 @@ def compile_model(run: Run, *, keras_defaults: bool = False, optimizer: keras.op
     with setup.strategy.scope():
         setup.model.compile(
             optimizer=optimizer or run.optimizer,
-            loss={name: _configured(identifier, keras.losses.get)
-                  for name, identifier in setup.losses.identifiers.items()},
-            loss_weights=setup.losses.weights,
+            loss=_compiled_losses(run),
+            # compile takes a number per output: the weights in force (an extra term is the custom loop's alone).
+            loss_weights={name: weight for name, weight in run.loss_weights.numbers().items()
+                          if name in setup.losses.identifiers},
             metrics={name: [_configured(identifier, keras.metrics.get) for identifier in identifiers]
                      for name, identifiers in run.metrics.identifiers.items()},
             **settings,
         )
+
+
+def _compiled_losses(run: Run) -> dict:
+    """Each output's loss as `compile` takes it; with --loss_reduction=mean_over_labelled, Keras's own loss
+    object for it, made with that reduction (so `fit` reduces as the custom loop does)."""
+    losses = {}
+    for name, identifier in run.setup.losses.identifiers.items():
+        term = run.setup.losses.terms.get(name)
+        if term is not None and run.config.loss_reduction == "mean_over_labelled":
+            losses[name] = copy.copy(term.loss_fn)
+            losses[name].reduction = term.reduction
+        else:
+            losses[name] = _configured(identifier, keras.losses.get)
+    return losses
 
 
 def _configured(identifier, get):

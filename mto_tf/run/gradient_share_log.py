@@ -18,15 +18,14 @@ def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:
     """
     config, setup = run.config, run.setup
     contributions = gradient_shares.make_gradient_contributions(
-        model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
-        loss_weights=setup.losses.weights, strategy=setup.strategy,
+        objective=run.objective, strategy=setup.strategy,
         global_batch_size=None if config.epochs else config.batch_size, method=run.method)
     batches = iter(batching.distributed_batches(setup.strategy, setup.examples, signature=setup.signature,
                                                 batching=batching.Batching.for_training(config)))
 
     def measure() -> dict[str, float]:
         report = gradient_shares.layer_report(setup.model, contributions(next(batches)),
-                                              loss_weights=setup.losses.weights)
+                                              loss_weights=run.loss_weights.numbers())
         return gradient_shares.as_record(report)
 
     return measure

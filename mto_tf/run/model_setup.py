@@ -12,37 +12,44 @@ import dataclasses
 
 import keras
 import tensorflow as tf
+from keras.optimizers.schedules import LearningRateSchedule
 
 from mto_tf.config import TrainConfig
 from mto_tf.core import losses as losses_lib
 from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import models, optimization, user_code, weighting
+from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.objective import Objective
 from mto_tf.core.signature import ModelSignature
 from mto_tf.core.strategy import check_batch_split
 from mto_tf.data import batching, sources
 from mto_tf.data.examples import Examples
-from mto_tf.errors import ConfigError
+from mto_tf.errors import ConfigError, describe_error, first_line
 
 
 @dataclasses.dataclass(frozen=True)
 class Losses:
-    """Each output's loss and weight: what the one total loss is made of.
+    """Each term of the total loss and its weight: each trained output's loss, then each `--extra_losses` term.
 
     An output whose loss is None (`null` in `--losses`) is predicted and
     its metrics computed, but it is not in the total: it has no entry in
-    `per_example` or `weights`, as `compile` leaves it out.
+    `terms` or `weights`, as `compile` leaves it out.
     """
 
     identifiers: dict[str, object]  # Each output's loss as `compile` takes it (name, config, function, None).
-    per_example: dict[str, keras.losses.Loss]  # The trained outputs' losses, per example, for the custom step.
-    weights: dict[str, float]  # The trained outputs' weights.
+    terms: dict[str, losses_lib.LossTerm]  # The terms, per example and how each is reduced, for the custom step.
+    weights: dict[str, float | LearningRateSchedule]  # Each term's weight: a number or a Keras schedule.
 
     @property
     def names(self) -> list[str]:
-        """What a step or an evaluation reports, named as `fit`'s history names it: `loss`, and `<output>_loss`
-        for each trained output when there are several (Keras 3.15 reports no per-output loss for a single one)."""
-        return ["loss", *(f"{name}_loss" for name in self.per_example)] if len(self.per_example) > 1 else ["loss"]
+        """What a step or an evaluation reports, named as `fit`'s history names it: `loss`, and `<term>_loss`
+        for each term when there are several (Keras 3.15 reports no per-output loss for a single one)."""
+        return ["loss", *(f"{name}_loss" for name in self.terms)] if len(self.terms) > 1 else ["loss"]
+
+    def weights_as_json(self) -> dict:
+        """Each weight as a number, or its schedule's Keras config."""
+        return {name: weight if isinstance(weight, float) else keras.optimizers.schedules.serialize(weight)
+                for name, weight in self.weights.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +63,17 @@ class ModelSetup:
     examples: Examples  # The training data, in file order.
     labels_spec: dict[str, tf.TensorSpec]  # Each output's labels, as the batches hold them.
     losses: Losses
+    loss_weights: LossWeights  # Schedules read at step 0: what mto-explain and mto-evaluate weigh by.
 
     @property
     def objective(self) -> Objective:
-        """The model and its total loss's parts, as the train step, the evaluation and the gradient shares read them."""
-        return Objective(model=self.model, signature=self.signature, loss_fns=self.losses.per_example,
-                         loss_weights=self.losses.weights)
+        """The model and its total loss's parts, as the evaluation and the gradient shares read them."""
+        return self.objective_weighted_by(self.loss_weights)
+
+    def objective_weighted_by(self, loss_weights: LossWeights) -> Objective:
+        """The same terms, weighted by `loss_weights` (a run's: its schedules follow the optimizer's step)."""
+        return Objective(model=self.model, signature=self.signature, terms=self.losses.terms,
+                         loss_weights=loss_weights)
 
     @property
     def loss_names(self) -> list[str]:
@@ -82,15 +94,20 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
     _check_class_weight_outputs(config, signature)
     examples = sources.load_examples(config, signature)  # Checks the data against the model.
     # Building the batches checks the class weights against the outputs' shapes.
-    _, labels_spec, *_ = batching.global_batches(
-        examples, signature=signature, batching=batching.Batching.for_training(config)).element_spec
+    # The labels' dtypes, to check --missing_labels before a batch is parsed with them.
+    _, labels_spec, *_ = batching.global_batches(examples, signature=signature, batching=dataclasses.replace(
+        batching.Batching.for_training(config), missing_labels={})).element_spec
+    _check_missing_labels(config, signature, labels_spec)
+    losses = _resolve_losses(config, signature, labels_spec)
+    with strategy.scope():
+        loss_weights = LossWeights(losses.weights)
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
-                      labels_spec=labels_spec, losses=_resolve_losses(config, signature, labels_spec))
+                      labels_spec=labels_spec, losses=losses, loss_weights=loss_weights)
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
     """--loss_weighting's method, for the model's outputs; a DWA period is a pass (with --epochs) or a window."""
-    num_outputs = len(setup.losses.weights)  # The trained outputs.
+    num_outputs = len(setup.losses.weights)  # The terms: trained outputs and extra terms.
     name = config.weighting.name
     if num_outputs < 2:
         raise ConfigError("loss_weighting", f"{name} weighs several outputs' losses; model "
@@ -123,7 +140,7 @@ def _default_for(config: TrainConfig, field: str, user_model_default):
 
 
 def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec]) -> Losses:
-    """Each output's loss (as `compile` takes it, and per example) and weight; every trained output must have both."""
+    """Each term (each trained output's loss, per example, and its reduction; each extra term) and its weight."""
     output_names = signature.output_names
     losses = _default_for(config, "losses", {})
     _check_output_names("losses", losses, signature)
@@ -134,27 +151,108 @@ def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec:
     trained = [name for name in output_names if losses[name] is not None]
     if not trained:
         raise ConfigError("losses", "every output's loss is null: nothing would be trained")
-    # Keras's default: every output counts once.
-    weights = _default_for(config, "loss_weights", {name: 1.0 for name in output_names})
-    _check_output_names("loss_weights", weights, signature)
-    if config.loss_weights is not None:  # Given: for the trained outputs, and those only.
-        untrained = sorted(set(weights) - set(trained))
-        if untrained:
-            raise ConfigError("loss_weights", f"output {untrained[0]!r} has no loss (null in --losses): leave out "
-                                              f"its weight")
-    missing = [name for name in trained if name not in weights]
-    if missing:
-        raise ConfigError("loss_weights", f"no entry for output {missing[0]!r}; expected one for each of "
-                                          f"{sorted(trained)}")
+    extra = _extra_terms(config, signature, labels_spec)
     for output in config.class_weights:
         if output not in trained:
             raise ConfigError("class_weights", f"output {output!r} has no loss (null in --losses): nothing to weigh")
     identifiers = {name: user_code.resolve_identifier(losses[name], output=name, flag="losses") if name in trained
                    else None for name in output_names}
-    per_example = {name: losses_lib.per_example_loss(identifiers[name], output=name, y_true=labels_spec[name],
-                                                     y_pred=signature.outputs[name]) for name in trained}
-    return Losses(identifiers=identifiers, per_example=per_example,
-                  weights={name: float(weights[name]) for name in trained})
+    reduction = losses_lib.MEAN_WITH_SAMPLE_WEIGHT if config.loss_reduction == "mean_over_labelled" else None
+    terms = {name: losses_lib.output_loss(identifiers[name], output=name, y_true=labels_spec[name],
+                                          y_pred=signature.outputs[name], reduction=reduction) for name in trained}
+    terms.update(extra)
+    return Losses(identifiers=identifiers, terms=terms, weights=_resolve_weights(config, signature, terms))
+
+
+def _resolve_weights(config: TrainConfig, signature: ModelSignature,
+                     terms: dict[str, losses_lib.LossTerm]) -> dict[str, float | LearningRateSchedule]:
+    """Each term's weight (a number, or a Keras schedule made from its config); every term must have one."""
+    output_names = signature.output_names
+    # Keras's default: every output counts once; so does an extra term.
+    weights = _default_for(config, "loss_weights", {name: 1.0 for name in output_names})
+    if config.loss_weights is None:
+        weights = {**weights, **{name: 1.0 for name in terms if name not in output_names}}
+    unknown = sorted(set(weights) - set(output_names) - set(terms))
+    if unknown:
+        raise ConfigError("loss_weights", f"unknown output {unknown[0]!r}; model {signature.model_name!r} has "
+                                          f"outputs {sorted(output_names)}"
+                                          + (f" and extra terms {sorted(config.extra_losses)}"
+                                             if config.extra_losses else ""))
+    if config.loss_weights is not None:  # Given: for the trained outputs, and those only.
+        untrained = sorted(set(weights) - set(terms))
+        if untrained:
+            raise ConfigError("loss_weights", f"output {untrained[0]!r} has no loss (null in --losses): leave out "
+                                              f"its weight")
+    missing = [name for name in terms if name not in weights and name in output_names]
+    if missing:
+        raise ConfigError("loss_weights", f"no entry for output {missing[0]!r}; expected one for each of "
+                                          f"{sorted(name for name in terms if name in output_names)}")
+    return {name: _weight(name, weights.get(name, 1.0)) for name in terms}
+
+
+def _weight(name: str, weight) -> float | LearningRateSchedule:
+    """A number, or a Keras schedule (from its config, as `--learning_rate`'s is made)."""
+    if isinstance(weight, LearningRateSchedule):
+        return weight
+    if not isinstance(weight, dict):
+        return float(weight)
+    try:
+        schedule = keras.optimizers.schedules.deserialize(weight)
+    except Exception as error:  # Keras raises ValueError, TypeError, ... for unknown classes and bad configs.
+        raise ConfigError("loss_weights", f"{name!r}: Keras cannot make a schedule of {weight!r} "
+                                          f"({describe_error(error)})") from None
+    if not isinstance(schedule, LearningRateSchedule):
+        raise ConfigError("loss_weights", f"{name!r}: expected a keras.optimizers.schedules class, got "
+                                          f"{type(schedule).__name__}")
+    return schedule
+
+
+def _extra_terms(config: TrainConfig, signature: ModelSignature,
+                 labels_spec: dict[str, tf.TensorSpec]) -> dict[str, losses_lib.ExtraLoss]:
+    """--extra_losses: each a term over several outputs, its name free, its function imported and tried."""
+    terms = {}
+    for name, function in config.extra_losses.items():
+        if name in signature.output_names:
+            raise ConfigError("extra_losses", f"{name!r} is an output of model {signature.model_name!r}; name the "
+                                              f"term otherwise (it is logged as {name}_loss)")
+        if isinstance(function, str):
+            function = user_code.load_function(function, flag="extra_losses")
+        terms[name] = losses_lib.ExtraLoss(name=name, function=function)
+        _try_extra_term(terms[name], signature, labels_spec)
+    return terms
+
+
+def _try_extra_term(term: losses_lib.ExtraLoss, signature: ModelSignature,
+                    labels_spec: dict[str, tf.TensorSpec]) -> None:
+    """Calls the term's function once on a batch of 2 zeros: it must take the three dicts and give 2 values."""
+    def zeros(spec) -> tf.Tensor:
+        return tf.zeros([2, *(1 if size is None else size for size in spec.shape[1:])], spec.dtype)
+
+    labels = {name: zeros(spec) for name, spec in labels_spec.items()}
+    predictions = {name: zeros(tf.TensorSpec(tensor.shape, tensor.dtype)) for name, tensor in signature.outputs.items()}
+    described = f"{term.name}={getattr(term.function, '__module__', '?')}:{getattr(term.function, '__name__', '?')}"
+    try:
+        values = tf.convert_to_tensor(term.function(labels, predictions, {name: tf.ones([2]) for name in labels}))
+    except Exception as error:  # The user's code: anything can go wrong.
+        raise ConfigError("extra_losses", f"{described}: calling it with the (labels, predictions, "
+                                          f"sample_weights) dicts raised {type(error).__name__}: "
+                                          f"{first_line(error)}") from None
+    if tuple(values.shape) != (2,) or not (values.dtype.is_floating or values.dtype.is_integer):
+        raise ConfigError("extra_losses", f"{described}: expected one number per example (shape (2,) for a batch "
+                                          f"of 2), got {values.dtype.name} of shape {tuple(values.shape)}")
+
+
+def _check_missing_labels(config: TrainConfig, signature: ModelSignature,
+                          labels_spec: dict[str, tf.TensorSpec]) -> None:
+    """--missing_labels: known outputs, and nan for float labels only."""
+    for output, value in config.missing_labels.items():
+        if output not in signature.output_names:
+            raise ConfigError("missing_labels", f"unknown output {output!r}; model {signature.model_name!r} has "
+                                                f"outputs {sorted(signature.output_names)}")
+        dtype = labels_spec[output].dtype
+        if not dtype.is_floating and not float(value).is_integer():
+            raise ConfigError("missing_labels", f"output {output!r} has integer labels ({dtype.name}); "
+                                                f"expected an integer value, got {value}")
 
 
 def _check_output_names(flag: str, mapping, signature: ModelSignature) -> None:

@@ -18,12 +18,15 @@ import tensorflow as tf
 from mto_tf.config import TrainConfig
 from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import optimization, user_code, weighting
+from mto_tf.core.loss_weights import LossWeights
+from mto_tf.core.objective import Objective
 from mto_tf.core.strategy import is_chief
 from mto_tf.data import batching, sources
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
 from mto_tf.run.evaluation import Evaluation
+from mto_tf.run.loss_weight_scheduler import LossWeightScheduler
 from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
@@ -42,6 +45,7 @@ class Run:
 
     setup: ModelSetup
     optimizer: keras.optimizers.Optimizer  # The custom loop's takes gradients already summed over replicas.
+    loss_weights: LossWeights  # The weights in force: schedules follow the optimizer's step; callbacks may set them.
     accumulation: optimization.GradientAccumulation | None  # The custom loop's, with --grad_accum_steps > 1.
     method: weighting.Method | None  # --loss_weighting's, when it is not `fixed`: its state is checkpointed.
     representation: weighting.Representation | None  # --weighting_gradients=representation:LAYER's.
@@ -72,9 +76,16 @@ class Run:
         return self.total_steps // self.config.epochs if self.config.epochs else self.config.log_every
 
     @property
+    def objective(self) -> Objective:
+        """What the run trains on: the model's terms, weighted by the weights in force."""
+        return self.setup.objective_weighted_by(self.loss_weights)
+
+    @property
     def measurement_names(self) -> list[str]:
-        """What each train step measures: the losses, and an adaptive method's factor of each output's loss."""
-        weights = [f"loss_weight/{name}" for name in self.setup.losses.weights] if self.method else []
+        """What each train step measures: the losses, and each term's weight (an adaptive method's factor, or
+        the weight in force when weights may change)."""
+        logged = self.method or self.loss_weights.may_change
+        weights = [f"loss_weight/{name}" for name in self.setup.losses.weights] if logged else []
         return [*self.setup.loss_names, *weights]
 
 
@@ -91,9 +102,9 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                                     "with a validation split")
 
     metric_identifiers = resolve_metric_identifiers(config, setup.signature)
+    custom_loop = config.loop == "custom"
     with strategy.scope():
         # Adam's slots must exist before the first distributed step, hence build().
-        custom_loop = config.loop == "custom"
         optimizer = optimization.make_optimizer(config, takes_all_reduced_gradients=custom_loop)
         method = make_method(config, setup) if config.weighting.name != "fixed" else None
         representation = (weighting.make_representation(setup.model, config.representation_layer)
@@ -103,12 +114,22 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                         if custom_loop and config.grad_accum_steps > 1 else None)
         training_metrics = metrics_lib.make_output_metrics(metric_identifiers, y_true=setup.labels_spec,
                                                            y_pred=setup.signature.outputs)
+    callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
+    with strategy.scope():
+        # Schedules read the step the optimizer's learning-rate schedule reads;
+        # with callbacks, the numbers are variables they may set (and those
+        # that say so, `sets_loss_weights`, have them logged).
+        step = getattr(optimizer, "inner_optimizer", optimizer).iterations
+        loss_weights = LossWeights(setup.losses.weights, step=step, assignable=bool(callbacks) and custom_loop,
+                                   set_by_callback=any(getattr(callback, "sets_loss_weights", False)
+                                                       for callback in callbacks))
+    loss_weights.attach_to(setup.model)
     evaluation = Evaluation(setup, validation, metric_identifiers=metric_identifiers, prefix="val_",
-                            max_steps=config.eval_steps) if validation else None
+                            max_steps=config.eval_steps,
+                            objective=setup.objective_weighted_by(loss_weights)) if validation else None
     metrics = Metrics(identifiers=metric_identifiers, training=training_metrics,
                       validation=evaluation.metrics if evaluation else {})
     best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)
-    callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone, holding its lock; the other workers read its checkpoints).
@@ -116,14 +137,16 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     lock = model_dir.prepare(config) if chief else None
     try:
         more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
-                                                      ("loss_weighting", method)) if state}
+                                                      ("loss_weighting", method),
+                                                      ("loss_weights", loss_weights.assignable and loss_weights))
+                      if state}
         checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer,
                                             is_chief=chief, **more_state)
         start_step = checkpoints.restore_latest()
         total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
                        if config.epochs else config.train_steps)
-        return Run(setup=setup, optimizer=optimizer, accumulation=accumulation, method=method,
-                   representation=representation, metrics=metrics, validation=validation, evaluation=evaluation,
+        return Run(setup=setup, optimizer=optimizer, loss_weights=loss_weights, accumulation=accumulation,
+                   method=method, representation=representation, metrics=metrics, validation=validation, evaluation=evaluation,
                    best_value=best_value, checkpoints=checkpoints,
                    metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
                    progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
@@ -157,6 +180,9 @@ def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callbac
     for callback in callbacks:
         if not isinstance(callback, keras.callbacks.Callback):
             raise ConfigError("callbacks", f"expected keras.callbacks.Callback objects, got {callback!r}")
+        if isinstance(callback, LossWeightScheduler) and config.loop == "fit":
+            raise ConfigError("callbacks", "LossWeightScheduler sets the custom loop's loss weights; Keras 3.15's "
+                                           "compile takes numbers (keras-team/keras#20294): use --loop=custom")
         if rate_is_a_schedule and isinstance(callback, _SETS_THE_LEARNING_RATE):
             raise ConfigError("callbacks", f"{type(callback).__name__} sets the optimizer's learning rate, but "
                                            f"it is a schedule (--learning_rate), which Keras does not let a callback "

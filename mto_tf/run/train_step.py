@@ -18,7 +18,7 @@ def make_train_step(run: Run) -> Callable[[object], dict[str, tf.Tensor]]:
     """`step.make_train_step` for the run: its objective, gradient function, optimizer, accumulation and XLA."""
     config, setup = run.config, run.setup
     what_is_trained = dict(
-        objective=setup.objective, optimizer=run.optimizer, output_metrics=run.metrics.training,
+        objective=run.objective, optimizer=run.optimizer, output_metrics=run.metrics.training,
         # By --epochs, each pass ends with a partial batch: the step counts its examples.
         global_batch_size=None if config.epochs else config.batch_size)
     if run.method:

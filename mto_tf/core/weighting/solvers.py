@@ -23,6 +23,12 @@ Each problem is over K weights (K outputs), and each is solved two ways:
   it. They solve for G shifted by its negative eigenvalue, if it has one
   (rounding of a float32 Gramian, which makes the problems non-convex).
 
+Each problem takes part of the outputs only when `present` says so (an
+output with no labelled example in the batch): its weight is held at 0
+(at its bound, for UPGrad), which is the problem on the present outputs
+alone, and its row and column of G are zeros. All present (`None`) is the
+problem as it is, operation for operation.
+
 The train step hands every method G divided by its trace
 (`adaptive_step.method_weights`), so both see trace(G) = 1. The active-set
 methods assume no scale (each tolerance is relative to G's); the
@@ -68,21 +74,22 @@ _PSEUDO_INVERSE_CUTOFF = 1e-12
 # --- Each problem: enumeration for small K, the active-set method above ----------------------------------------
 
 
-def min_norm_in_simplex(gram: tf.Tensor) -> tf.Tensor:
+def min_norm_in_simplex(gram: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
     """`argmin_{w >= 0, sum w = 1} w^T G w`: the weights of the min-norm point of the gradients' convex hull.
 
     Args:
         gram: `G`, the `(K, K)` float64 Gramian of the K gradients.
+        present: `(K,)` bool, the outputs that take part (the others' weights are 0); all if None.
 
     Returns:
-        The `(K,)` weights.
+        The `(K,)` weights (all 0 if no output is present).
     """
     if gram.shape[0] <= ENUMERATION_MAX_OUTPUTS:
-        return min_norm_in_simplex_by_enumeration(gram)
-    return min_norm_in_simplex_iterative(gram)
+        return min_norm_in_simplex_by_enumeration(gram, present)
+    return min_norm_in_simplex_iterative(gram, present)
 
 
-def project_onto_dual_cone(gram: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
+def project_onto_dual_cone(gram: tf.Tensor, lower: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
     """`argmin_{v >= u} v^T G v` for each row `u` of `lower`: the weights of `J^T u` projected onto the dual cone.
 
     The projection of `J^T u` onto `{x : J x >= 0}` is `J^T v` with `v` the
@@ -90,29 +97,47 @@ def project_onto_dual_cone(gram: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
 
     Args:
         gram: `G`, the `(K, K)` float64 Gramian of the K gradients.
-        lower: `(R, K)` float64, one problem per row.
+        lower: `(R, K)` float64, one problem per row (0 in the columns of absent outputs).
+        present: `(K,)` bool, the outputs that take part (the others' weights stay at their bound); all if None.
 
     Returns:
         The `(R, K)` weights, one row per row of `lower`.
     """
     if gram.shape[0] <= ENUMERATION_MAX_OUTPUTS:
-        return project_onto_dual_cone_by_enumeration(gram, lower)
-    return project_onto_dual_cone_iterative(gram, lower)
+        return project_onto_dual_cone_by_enumeration(gram, lower, present)
+    return project_onto_dual_cone_iterative(gram, lower, present)
 
 
-def conflict_averse(gram: tf.Tensor, c: float) -> tf.Tensor:
+def conflict_averse(gram: tf.Tensor, c: float, present: tf.Tensor | None = None) -> tf.Tensor:
     """CAGrad's `argmin_{w in simplex} g_w . g_0 + c |g_0| |g_w|` (g_0 the mean gradient, g_w = J^T w).
 
     Args:
         gram: `G`, the `(K, K)` float64 Gramian of the K gradients.
         c: CAGrad's `c`, in [0, 1).
+        present: `(K,)` bool, the outputs that take part (g_0 is their mean; the others' weights are 0); all if
+            None.
 
     Returns:
-        The `(K,)` weights.
+        The `(K,)` weights (all 0 if no output is present).
     """
     if gram.shape[0] <= ENUMERATION_MAX_OUTPUTS:
-        return conflict_averse_by_enumeration(gram, c)
-    return conflict_averse_iterative(gram, c)
+        return conflict_averse_by_enumeration(gram, c, present)
+    return conflict_averse_iterative(gram, c, present)
+
+
+def mean_gradient_products(gram: tf.Tensor, present: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """`g_i . g_0` for each i, and `|g_0|^2`: g_0 the mean of the present outputs' gradients (G is 0 elsewhere)."""
+    count = tf.maximum(_count(gram, present), 1.0)  # No output present: G is 0, and so are both.
+    return tf.reduce_sum(gram, axis=1) / count, tf.reduce_sum(gram) / (count * count)
+
+
+def _count(gram: tf.Tensor, present: tf.Tensor | None) -> tf.Tensor:
+    """The number of present outputs, as a float64 (K if `present` is None)."""
+    return tf.reduce_sum(tf.cast(_all_if_none(present, gram), tf.float64))
+
+
+def _all_if_none(present: tf.Tensor | None, gram: tf.Tensor) -> tf.Tensor:
+    return tf.ones([gram.shape[0]], tf.bool) if present is None else present
 
 
 # --- Enumeration of every subset --------------------------------------------------------------------------------
@@ -124,9 +149,15 @@ def subsets(k: int, *, include_empty: bool) -> tf.Tensor:
     return tf.constant(np.array(masks), tf.float64)
 
 
+def _within(masks: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """For each subset (a row of 0/1 `masks`), whether it holds present outputs only."""
+    return tf.reduce_all((masks == 0.0) | present[None, :], axis=1)
+
+
 def _lowest_feasible(candidates: tf.Tensor, objective: tf.Tensor, feasible: tf.Tensor) -> tf.Tensor:
-    """The candidate (a row) with the lowest objective among the feasible ones."""
-    return tf.gather(candidates, tf.argmin(tf.where(feasible, objective, np.inf)))
+    """The candidate (a row) with the lowest objective among the feasible ones; zeros if none is (none present)."""
+    lowest = tf.gather(candidates, tf.argmin(tf.where(feasible, objective, np.inf)))
+    return tf.where(tf.reduce_any(feasible), lowest, tf.zeros_like(lowest))
 
 
 def _quadratic(weights: tf.Tensor, gram: tf.Tensor) -> tf.Tensor:
@@ -134,8 +165,8 @@ def _quadratic(weights: tf.Tensor, gram: tf.Tensor) -> tf.Tensor:
     return tf.einsum("ci,ij,cj->c", weights, gram, weights)
 
 
-def min_norm_in_simplex_by_enumeration(gram: tf.Tensor) -> tf.Tensor:
-    """`min_norm_in_simplex` by trying all 2^K - 1 supports."""
+def min_norm_in_simplex_by_enumeration(gram: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
+    """`min_norm_in_simplex` by trying all 2^K - 1 supports (those of present outputs only)."""
     k = gram.shape[0]
     masks = subsets(k, include_empty=False)  # S: the weights that may be > 0.
     # For each S: G_SS w_S = mu 1, sum w_S = 1, w_i = 0 outside S; unknowns (w, mu).
@@ -147,12 +178,14 @@ def min_norm_in_simplex_by_enumeration(gram: tf.Tensor) -> tf.Tensor:
     solutions = tf.linalg.matvec(tf.linalg.pinv(systems), rhs)
     weights = solutions[:, :k]
     residual = tf.norm(tf.linalg.matvec(systems, solutions) - rhs, axis=1)
-    feasible = (tf.reduce_min(weights, axis=1) >= -_FEASIBILITY_TOLERANCE) & (residual <= 1e-6)
+    feasible = ((tf.reduce_min(weights, axis=1) >= -_FEASIBILITY_TOLERANCE) & (residual <= 1e-6)
+                & _within(masks, _all_if_none(present, gram)))
     return _project_to_simplex(_lowest_feasible(weights, _quadratic(weights, gram), feasible))
 
 
-def project_onto_dual_cone_by_enumeration(gram: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
-    """`project_onto_dual_cone` by trying all 2^K supports, for every row of `lower` at once."""
+def project_onto_dual_cone_by_enumeration(gram: tf.Tensor, lower: tf.Tensor, present: tf.Tensor | None = None
+                                          ) -> tf.Tensor:
+    """`project_onto_dual_cone` by trying all 2^K supports (of present outputs only), for every row of `lower`."""
     k = gram.shape[0]
     masks = subsets(k, include_empty=True)  # S: the weights above their bound.
     # For each S: (G v)_i = 0 for i in S, v_i = lower_i outside S.
@@ -161,23 +194,25 @@ def project_onto_dual_cone_by_enumeration(gram: tf.Tensor, lower: tf.Tensor) -> 
     rhs = (1.0 - masks)[None, :, :] * lower[:, None, :]  # (R, subsets, K)
     candidates = tf.einsum("sij,rsj->rsi", inverse, rhs)
     residual = tf.norm(tf.einsum("sij,rsj->rsi", systems, candidates) - rhs, axis=2)
-    feasible = (tf.reduce_min(candidates - lower[:, None, :], axis=2) >= -_FEASIBILITY_TOLERANCE) & (residual <= 1e-6)
+    feasible = ((tf.reduce_min(candidates - lower[:, None, :], axis=2) >= -_FEASIBILITY_TOLERANCE) & (residual <= 1e-6)
+                & _within(masks, _all_if_none(present, gram))[None, :])
     objective = tf.einsum("rsi,ij,rsj->rs", candidates, gram, candidates)
     best = tf.argmin(tf.where(feasible, objective, np.inf), axis=1)
     return tf.gather(candidates, best, batch_dims=1)
 
 
-def conflict_averse_by_enumeration(gram: tf.Tensor, c: float) -> tf.Tensor:
-    """`conflict_averse` by trying all 2^K - 1 supports.
+def conflict_averse_by_enumeration(gram: tf.Tensor, c: float, present: tf.Tensor | None = None) -> tf.Tensor:
+    """`conflict_averse` by trying all 2^K - 1 supports (those of present outputs only).
 
     On a subset S, stationarity gives `w_S` proportional to
-    `G_SS^-1 (mu 1 - a_S)` (a = G 1/K), and `|g_w| = c |g_0|` fixes mu by a
-    quadratic; each candidate's objective is then evaluated directly.
+    `G_SS^-1 (mu 1 - a_S)` (a_i = g_i . g_0), and `|g_w| = c |g_0|` fixes mu
+    by a quadratic; each candidate's objective is then evaluated directly.
     """
     k = gram.shape[0]
+    present = _all_if_none(present, gram)
     masks = subsets(k, include_empty=False)
-    a = tf.reduce_mean(gram, axis=1)  # g_i . g_0
-    rho = c * tf.sqrt(tf.maximum(tf.reduce_mean(gram), 0.0))  # c |g_0|
+    a, g_0_squared = mean_gradient_products(gram, present)  # g_i . g_0, |g_0|^2
+    rho = c * tf.sqrt(tf.maximum(g_0_squared, 0.0))  # c |g_0|
     outer = masks[:, :, None] * masks[:, None, :]
     inverse = masks[:, :, None] * tf.linalg.pinv(outer * gram) * masks[:, None, :]  # G_SS^-1, zero outside S.
     p = tf.reduce_sum(inverse, axis=2)  # G_SS^-1 1
@@ -187,34 +222,34 @@ def conflict_averse_by_enumeration(gram: tf.Tensor, c: float) -> tf.Tensor:
     mu = (sum_q + tf.sqrt(tf.maximum(discriminant, 0.0))) / tf.where(sum_p > 0, sum_p, 1.0)
     denominator = mu[:, None] * p - q
     weights = denominator / tf.reduce_sum(denominator, axis=1, keepdims=True)
-    # The vertices, and MGDA's point (where g_w may vanish), are candidates too.
-    weights = tf.concat([weights, tf.eye(k, dtype=tf.float64), min_norm_in_simplex_by_enumeration(gram)[None, :]],
-                        axis=0)
-    well_posed = tf.concat([(discriminant >= 0) & (sum_p > 0), tf.ones([k + 1], tf.bool)], axis=0)
-    return _lowest_conflict_averse(weights, gram, rho, well_posed)
+    # The vertices, and MGDA's point (where g_w may vanish), are candidates too: of present outputs only.
+    weights = tf.concat([weights, tf.eye(k, dtype=tf.float64),
+                         min_norm_in_simplex_by_enumeration(gram, present)[None, :]], axis=0)
+    well_posed = tf.concat([(discriminant >= 0) & (sum_p > 0) & _within(masks, present), present,
+                            tf.reduce_any(present)[None]], axis=0)
+    return _lowest_conflict_averse(weights, gram, a, rho, well_posed)
 
 
-def _lowest_conflict_averse(weights: tf.Tensor, gram: tf.Tensor, rho: tf.Tensor, well_posed: tf.Tensor
-                            ) -> tf.Tensor:
-    """Among candidate weights (rows), the one in the simplex with the lowest CAGrad objective."""
+def _lowest_conflict_averse(weights: tf.Tensor, gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor,
+                            well_posed: tf.Tensor) -> tf.Tensor:
+    """Among candidate weights (rows), the one in the simplex with the lowest CAGrad objective (`a_i = g_i . g_0`)."""
     feasible = well_posed & tf.reduce_all(tf.math.is_finite(weights), axis=1) & (
         tf.reduce_min(weights, axis=1) >= -_FEASIBILITY_TOLERANCE)
     weights = tf.where(feasible[:, None], weights, 0.0)
-    a = tf.reduce_mean(gram, axis=1)
     objective = tf.linalg.matvec(weights, a) + rho * tf.sqrt(tf.maximum(_quadratic(weights, gram), 0.0))
     return _project_to_simplex(_lowest_feasible(weights, objective, feasible))
 
 
 def _project_to_simplex(weights: tf.Tensor) -> tf.Tensor:
-    """Rounding off: weights within the tolerance of 0 made 0, and the sum made exactly 1."""
+    """Rounding off: weights within the tolerance of 0 made 0, and the sum made exactly 1 (zeros stay zeros)."""
     weights = tf.maximum(weights, 0.0)
-    return weights / tf.reduce_sum(weights)
+    return tf.math.divide_no_nan(weights, tf.reduce_sum(weights))
 
 
 # --- The active-set methods -------------------------------------------------------------------------------------
 
 
-def min_norm_in_simplex_iterative(gram: tf.Tensor) -> tf.Tensor:
+def min_norm_in_simplex_iterative(gram: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
     """`min_norm_in_simplex` as a nonnegative quadratic problem (Lawson and Hanson's least distance programming).
 
     At the solution w*, `(G w*)_i >= w*^T G w* = delta`, with equality where
@@ -222,36 +257,44 @@ def min_norm_in_simplex_iterative(gram: tf.Tensor) -> tf.Tensor:
     `argmin_{x >= 0} 1/2 x^T (G + s 1 1^T) x - 1^T x` for any s > 0, and
     `w* = x / sum(x)`. With s the mean of G's diagonal, the two terms have
     the same scale; x stays bounded even when 0 is in the convex hull.
+    Absent outputs are held at 0.
     """
     k = gram.shape[0]
     gram = _positive_semidefinite(gram)
     lift = _mean_diagonal(gram)
-    x = nonnegative_quadratic(gram + lift, tf.ones([1, k], tf.float64))[0]
+    x = nonnegative_quadratic(gram + lift, tf.ones([1, k], tf.float64), allowed=present)[0]
     return _project_to_simplex(x)
 
 
-def project_onto_dual_cone_iterative(gram: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
-    """`project_onto_dual_cone` with `v = u + x`: `argmin_{x >= 0} 1/2 x^T G x + (G u)^T x`, all rows at once."""
+def project_onto_dual_cone_iterative(gram: tf.Tensor, lower: tf.Tensor, present: tf.Tensor | None = None
+                                     ) -> tf.Tensor:
+    """`project_onto_dual_cone` with `v = u + x`: `argmin_{x >= 0} 1/2 x^T G x + (G u)^T x`, all rows at once.
+
+    Absent outputs' `x_i` are held at 0 (their weights at their bound).
+    """
     gram = _positive_semidefinite(gram)
-    return lower + nonnegative_quadratic(gram, -tf.linalg.matmul(lower, gram))
+    return lower + nonnegative_quadratic(gram, -tf.linalg.matmul(lower, gram), allowed=present)
 
 
-def conflict_averse_iterative(gram: tf.Tensor, c: float) -> tf.Tensor:
+def conflict_averse_iterative(gram: tf.Tensor, c: float, present: tf.Tensor | None = None) -> tf.Tensor:
     """`conflict_averse` by following its solution along its multiplier (see `_conflict_averse_path`).
 
     Like the enumeration, the vertices and MGDA's point are candidates too:
     where the answer's `g_w` vanishes (0 on the boundary of the convex hull)
-    the path does not reach it.
+    the path does not reach it. Absent outputs never enter the path, nor
+    are their vertices candidates.
     """
     k = gram.shape[0]
-    a = tf.reduce_mean(gram, axis=1)  # g_i . g_0
-    rho = c * tf.sqrt(tf.maximum(tf.reduce_mean(gram), 0.0))  # c |g_0|
-    x = _conflict_averse_path(_positive_semidefinite(gram), a, rho)
+    present = _all_if_none(present, gram)
+    a, g_0_squared = mean_gradient_products(gram, present)  # g_i . g_0, |g_0|^2
+    rho = c * tf.sqrt(tf.maximum(g_0_squared, 0.0))  # c |g_0|
+    x = _conflict_averse_path(_positive_semidefinite(gram), a, rho, present)
     total = tf.reduce_sum(x)
     path = x / tf.where(total > 0, total, 1.0)
-    weights = tf.concat([path[None], tf.eye(k, dtype=tf.float64), min_norm_in_simplex_iterative(gram)[None]], axis=0)
-    well_posed = tf.concat([[total > 0], tf.ones([k + 1], tf.bool)], axis=0)
-    return _lowest_conflict_averse(weights, gram, rho, well_posed)
+    weights = tf.concat([path[None], tf.eye(k, dtype=tf.float64), min_norm_in_simplex_iterative(gram, present)[None]],
+                        axis=0)
+    well_posed = tf.concat([[total > 0], present, tf.reduce_any(present)[None]], axis=0)
+    return _lowest_conflict_averse(weights, gram, a, rho, well_posed)
 
 
 class _ActiveSet(NamedTuple):
@@ -263,7 +306,7 @@ class _ActiveSet(NamedTuple):
     done: tf.Tensor  # Whether x is the solution.
 
 
-def nonnegative_quadratic(q: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+def nonnegative_quadratic(q: tf.Tensor, c: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Tensor:
     """`argmin_{x >= 0} 1/2 x^T Q x - c^T x` for each row of `c`, by Lawson and Hanson's active-set method.
 
     The Gram form of NNLS (Bro and De Jong's fast NNLS). Each problem keeps
@@ -277,16 +320,19 @@ def nonnegative_quadratic(q: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
     objective, so no P repeats); capped at a few times K steps. An index
     that enters and must leave at once (only rounding does that, on a
     column nearly dependent on P's) may not enter again until x moves, as
-    in Lawson and Hanson's code.
+    in Lawson and Hanson's code. An index not `allowed` never enters: it is
+    held at 0, which is the problem without it.
 
     Args:
         q: `Q`, `(K, K)` float64, symmetric positive semi-definite.
         c: `(B, K)` float64, one problem per row, all sharing `Q`.
+        allowed: `(K,)` bool, the indices that may leave 0; all if None.
 
     Returns:
         `x`, `(B, K)`.
     """
     k = q.shape[0]
+    held_at_zero = ~_all_if_none(allowed, q)[None, :]
     unit = _mean_diagonal(q)
     largest_entry = tf.reduce_max(tf.linalg.diag_part(q))  # |Q_ij| <= max_i Q_ii for a PSD Q.
 
@@ -299,7 +345,7 @@ def nonnegative_quadratic(q: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         # The rounding of c - Q s is below eps times the size of its terms.
         tolerance = KKT_TOLERANCE * (tf.reduce_max(tf.abs(c), axis=1) + largest_entry * tf.reduce_sum(tf.abs(s), 1))
         still_rejected = rejected & ~tf.reduce_any(s != x, axis=1, keepdims=True)
-        candidates = tf.where(passive | still_rejected, -_INFINITY, residual)
+        candidates = tf.where(passive | still_rejected | held_at_zero, -_INFINITY, residual)
         enters = tf.reduce_max(candidates, axis=1) > tolerance
         entry = tf.one_hot(tf.argmax(candidates, axis=1), k, on_value=True, off_value=False) & enters[:, None]
         # Elsewhere: x moves to the boundary. A step of length 0 can only be the index that just entered
@@ -349,7 +395,7 @@ class _Path(NamedTuple):
     done: tf.Tensor  # Whether x^T G x has reached rho^2 (or the path cannot go on).
 
 
-def _conflict_averse_path(gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor) -> tf.Tensor:
+def _conflict_averse_path(gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """CAGrad's weights times `rho / |g_w|`, by following `x(mu) = argmin_{x >= 0} 1/2 x^T G x + (a - mu 1)^T x`.
 
     The KKT conditions of CAGrad's problem say that `x = (rho / |g_w|) w`
@@ -361,7 +407,7 @@ def _conflict_averse_path(gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor) -> tf.T
     with mu (its derivative is `2 sum x`); the path stops where, on its
     segment, `x^T G x = mu^2 sum(p) - 2 mu sum(q) + a_S . q = rho^2`:
     there x is the enumeration's closed form on S. A segment per event, at
-    most a few times K.
+    most a few times K. Only present outputs enter S.
     """
     k = gram.shape[0]
     unit = _mean_diagonal(gram)
@@ -370,7 +416,7 @@ def _conflict_averse_path(gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor) -> tf.T
     def segment(path: _Path) -> tuple[_Path]:
         p, q = tf.unstack(_solve_on_support(gram, path.support[None], ones_and_a, unit)[0], axis=1)
         stop_at = tf.maximum(_where_norm_reaches(rho, a, p, q), path.mu)
-        event_at = _events(gram, a, p, q, path.support)
+        event_at = _events(gram, a, p, q, path.support, present)
         # Rounding may put an event just behind mu: it happens now.
         next_event = tf.maximum(tf.reduce_min(event_at), path.mu)
         stops = stop_at <= next_event
@@ -386,7 +432,7 @@ def _conflict_averse_path(gram: tf.Tensor, a: tf.Tensor, rho: tf.Tensor) -> tf.T
     def unfinished(path: _Path) -> tf.Tensor:
         return ~path.done
 
-    first = tf.argmin(a)
+    first = tf.argmin(tf.where(present, a, _INFINITY))
     start = _Path(mu=a[first], support=tf.one_hot(first, k, on_value=True, off_value=False), x=tf.zeros_like(a),
                   done=tf.constant(False))
     (end,) = tf.while_loop(unfinished, segment, (start,), maximum_iterations=_step_cap(k))
@@ -401,13 +447,17 @@ def _where_norm_reaches(rho: tf.Tensor, a: tf.Tensor, p: tf.Tensor, q: tf.Tensor
     return tf.where(sum_p > 0, root, _INFINITY)
 
 
-def _events(gram: tf.Tensor, a: tf.Tensor, p: tf.Tensor, q: tf.Tensor, support: tf.Tensor) -> tf.Tensor:
-    """The mu at which each index outside S would enter, then each in S would leave (infinity if never), `(2K,)`."""
+def _events(gram: tf.Tensor, a: tf.Tensor, p: tf.Tensor, q: tf.Tensor, support: tf.Tensor, present: tf.Tensor
+            ) -> tf.Tensor:
+    """The mu at which each present index outside S would enter, then each in S would leave (infinity if never).
+
+    `(2K,)`.
+    """
     # Each derivative in mu is ~1 for an index that moves; one that is 0 but for rounding (a duplicated
     # gradient: G p = 1 there too) moves never.
     rounding = KKT_TOLERANCE * (1.0 + tf.reduce_max(tf.linalg.diag_part(gram)) * tf.reduce_sum(tf.abs(p)))
     slope = 1.0 - tf.linalg.matvec(gram, p)  # d/dmu of the residual mu - a_j - (G x)_j.
-    rises = ~support & (slope > rounding)
+    rises = ~support & present & (slope > rounding)
     enter_at = tf.where(rises, (a - tf.linalg.matvec(gram, q)) / tf.where(rises, slope, 1.0), _INFINITY)
     falls = support & (p < -rounding * tf.reduce_max(tf.abs(p)))  # p = d/dmu of x on S.
     leave_at = tf.where(falls, q / tf.where(falls, p, -1.0), _INFINITY)
