@@ -61,10 +61,28 @@ def ticket_examples(seed, count):
                "weight": np.float32(rng.choice([0.5, 1.0, 2.0])), "notes": "text nobody reads"}
 
 
+class PartlyLabelledTickets(SupportTickets):
+    """The same tickets, each label an optional feature: absent from some examples, as TFDS allows."""
+
+    def _info(self):
+        info = super()._info()
+        features = {name: feature for name, feature in info.features.items() if name not in ("is_main", "topic")}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            **features,
+            "is_main": tfds.features.Tensor(shape=(), dtype=np.int64, optional=True),
+            "topic": tfds.features.Tensor(shape=(1,), dtype=np.float32, optional=True)}), disable_shuffling=True)
+
+    def _generate_examples(self, *, seed, count):
+        for index, example in enumerate(ticket_examples(seed, count)):
+            yield index, {**example, "is_main": None if index % 3 == 0 else example["is_main"],
+                          "topic": None if index % 4 == 1 else example["topic"]}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tfds")
     SupportTickets(data_dir=str(directory)).download_and_prepare()
+    PartlyLabelledTickets(data_dir=str(directory)).download_and_prepare()
     return directory
 
 
@@ -87,6 +105,28 @@ def test_mapped_features_reach_the_batches_in_file_order(tmp_path, data_dir):
     np.testing.assert_array_equal(labels["aux_output"], [e["topic"] for e in expected])
     np.testing.assert_array_equal(sample_weights["main_output"], [e["weight"] for e in expected])
     assert set(sample_weights) == {"main_output"}
+
+
+def test_a_label_absent_from_an_example_is_a_missing_label_and_a_declared_value_too(tmp_path, data_dir):
+    """TFDS reads an absent optional feature as its dtype's lowest value: that example has no label there."""
+    config = _config(tmp_path, data_dir, dataset="tfds:partly_labelled_tickets",
+                     missing_labels={"aux_output": 1.0})  # And a topic of 1 means "not labelled" too.
+    signature = ModelSignature.of(build_headline(config))
+    _, labels, sample_weights = next(iter(batching.global_batches(
+        sources.load_examples(config, signature), signature=signature,
+        batching=batching.Batching.for_training(config))))
+    expected = list(ticket_examples(0, BATCH_SIZE))
+    main_labelled = np.array([index % 3 != 0 for index in range(BATCH_SIZE)])
+    aux_labelled = np.array([index % 4 != 1 and e["topic"][0] != 1.0 for index, e in enumerate(expected)])
+    np.testing.assert_array_equal(sample_weights["main_output"], [e["weight"] * labelled
+                                                                  for e, labelled in zip(expected, main_labelled)])
+    np.testing.assert_array_equal(sample_weights["aux_output"], aux_labelled.astype(np.float32))
+    # A missing label reaches no loss: it is 0, a label every loss takes.
+    np.testing.assert_array_equal(labels["main_output"], [e["is_main"] * labelled
+                                                          for e, labelled in zip(expected, main_labelled)])
+    np.testing.assert_array_equal(labels["aux_output"][:, 0], [e["topic"][0] * labelled
+                                                               for e, labelled in zip(expected, aux_labelled)])
+    assert 0 < main_labelled.sum() < BATCH_SIZE and 0 < aux_labelled.sum() < BATCH_SIZE
 
 
 def test_validation_reads_the_split_named_or_none_when_the_dataset_has_no_validation_split(tmp_path, data_dir):

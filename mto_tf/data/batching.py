@@ -145,8 +145,8 @@ def _parser(examples: Examples, *, signature: ModelSignature, batching: Batching
     output_names = signature.output_names
     class_weight_tables = {name: losses.class_weight_table(weights, output=name, prediction=signature.outputs[name])
                            for name, weights in batching.class_weights.items()}
-    # --missing_labels, and the value a source reads where a label is absent (a TFDS optional feature's).
-    missing_values = {**examples.absent_labels, **batching.missing_labels}
+    # The value a source reads where a label is absent (a TFDS optional feature's), and --missing_labels.
+    missing_values = [*examples.absent_labels.items(), *batching.missing_labels.items()]
 
     def to_tuple(*records):
         # tf.data passes a tuple element (a Python dataset's) as separate arguments.
@@ -156,7 +156,7 @@ def _parser(examples: Examples, *, signature: ModelSignature, batching: Batching
         labels = {name: batch[name] for name in output_names}
         sample_weights = {name: tf.reshape(tf.cast(batch[features.SAMPLE_WEIGHT_PREFIX + name], tf.float32), [-1])
                           for name in output_names if features.SAMPLE_WEIGHT_PREFIX + name in batch}
-        for name, value in missing_values.items():
+        for name, value in missing_values:
             labels[name], labelled = without_missing_labels(labels[name], value)
             sample_weights[name] = sample_weights[name] * labelled if name in sample_weights else labelled
         for name, table in class_weight_tables.items():
@@ -178,7 +178,9 @@ def without_missing_labels(labels: tf.Tensor, missing_value: float) -> tuple[tf.
     if math.isnan(missing_value):
         is_missing = tf.math.is_nan(labels)
     else:
-        is_missing = tf.equal(labels, tf.cast(missing_value, labels.dtype))
+        # Exactly the value, in the labels' own dtype (an int64 label's lowest value is not a float32's).
+        value = int(missing_value) if labels.dtype.is_integer else missing_value
+        is_missing = tf.equal(labels, tf.constant(value, labels.dtype))
     example_missing = tf.reduce_all(tf.reshape(is_missing, [tf.shape(labels)[0], -1]), axis=1)
     per_element = tf.reshape(example_missing, [-1] + [1] * (labels.shape.rank - 1))
     cleaned = tf.where(per_element, tf.zeros_like(labels), labels)

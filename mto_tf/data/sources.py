@@ -72,11 +72,11 @@ def _npz_examples(path: str, signature: ModelSignature, *, flag: str) -> Example
 
 
 def _tfds_examples(config: TrainConfig, signature: ModelSignature, *, split: str, split_flag: str) -> Examples:
-    records, feature_paths, num_examples = tfds_dataset.load(
+    records, feature_paths, num_examples, absent_labels = tfds_dataset.load(
         config.dataset.removeprefix("tfds:"), data_dir=config.data_dir, split=split,
         split_flag=split_flag, feature_map=config.feature_map, signature=signature)
     return Examples(records=records, parse_batch=lambda batch: tfds_dataset.select(batch, feature_paths),
-                    num_examples=num_examples)
+                    num_examples=num_examples, absent_labels=absent_labels)
 
 
 def _python_examples(dataset: tf.data.Dataset, signature: ModelSignature, *, flag: str) -> Examples:

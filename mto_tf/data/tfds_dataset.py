@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -25,13 +26,15 @@ from mto_tf.errors import ConfigError, describe_error
 
 
 def load(name: str, *, data_dir: str | None, split: str, split_flag: str, feature_map: Mapping[str, str],
-         signature: ModelSignature) -> tuple[tf.data.Dataset, dict[str, str], int | None]:
+         signature: ModelSignature) -> tuple[tf.data.Dataset, dict[str, str], int | None, dict[str, float]]:
     """Reads split `split` of TFDS dataset `name`, checked against the model's `signature`.
 
     Returns:
       The split's examples in file order, each a dict of the decoded features
-      the model needs; `{model name: feature path}` for each of them; and
-      the split's number of examples, if its metadata says.
+      the model needs; `{model name: feature path}` for each of them; the
+      split's number of examples, if its metadata says; and, for each output
+      whose labels are an optional feature, the value TFDS reads where an
+      example has none (`absent_label_value`).
     """
     builder = _builder(name, data_dir)
     info = builder.info
@@ -55,7 +58,19 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
         raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
                                      f"({describe_error(error)})") from None
     num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
-    return records, feature_paths, num_examples or None
+    absent = {output: absent_label_value(available[feature_paths[output]].get_tensor_info())
+              for output in signature.output_names if available[feature_paths[output]].get_tensor_info().optional}
+    return records, feature_paths, num_examples or None, absent
+
+
+def absent_label_value(tensor_info) -> float:
+    """What TFDS decodes where an example has no value for an optional feature (`Tensor(..., optional=True)`):
+    the dtype's lowest value (`Tensor._default_value` in tensorflow_datasets/core/features/tensor_feature.py).
+
+    So an example without that label is read as a missing label.
+    """
+    dtype = np.dtype(tf.as_dtype(tensor_info.dtype).as_numpy_dtype)
+    return float(np.iinfo(dtype).min if np.issubdtype(dtype, np.integer) else np.finfo(dtype).min)
 
 
 def split_names(name: str, *, data_dir: str | None) -> list[str]:
