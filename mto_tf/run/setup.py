@@ -117,10 +117,11 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
     with strategy.scope():
         # Schedules read the step the optimizer's learning-rate schedule reads;
-        # with callbacks, the numbers are variables they may set (and those
-        # that say so, `sets_loss_weights`, have them logged).
+        # the numbers are variables a callback may set, in every checkpoint
+        # (whether or not a resumed run has callbacks); a callback that says
+        # so (`sets_loss_weights`) has them logged.
         step = getattr(optimizer, "inner_optimizer", optimizer).iterations
-        loss_weights = LossWeights(setup.losses.weights, step=step, assignable=bool(callbacks) and custom_loop,
+        loss_weights = LossWeights(setup.losses.weights, step=step, assignable=custom_loop,
                                    set_by_callback=any(getattr(callback, "sets_loss_weights", False)
                                                        for callback in callbacks))
     loss_weights.attach_to(setup.model)
@@ -138,7 +139,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     try:
         more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
                                                       ("loss_weighting", method),
-                                                      ("loss_weights", loss_weights.assignable and loss_weights))
+                                                      ("loss_weights", custom_loop and loss_weights))
                       if state}
         checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer,
                                             is_chief=chief, **more_state)
