@@ -220,14 +220,15 @@ MULTI_WORKER_FLAGS = [*MODEL_FLAGS, "--strategy=multi_worker", "--optimizer=adam
 class Launch:
     """launch/local.py running `mto-train` workers, its output collected line by line."""
 
-    def __init__(self, *mto_train_flags, workers=2, restarts=0, scratch_dir=None):
+    def __init__(self, *mto_train_flags, workers=2, restarts=0, scratch_dir=None, base_flags=MULTI_WORKER_FLAGS):
+        """`base_flags`: what every launch of a module passes (the small headline model's, unless told otherwise)."""
         self.lines: list[str] = []
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         if scratch_dir:
             environment["TMPDIR"] = str(scratch_dir)
         self.process = subprocess.Popen(
             [sys.executable, LAUNCHER, f"--workers={workers}", f"--restarts={restarts}",
-             f"--timeout={LAUNCH_TIMEOUT_SECONDS}", "--", "mto-train", *MULTI_WORKER_FLAGS, *mto_train_flags],
+             f"--timeout={LAUNCH_TIMEOUT_SECONDS}", "--", "mto-train", *base_flags, *mto_train_flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
         self._new_line = threading.Condition()
         self._output_ended = False
