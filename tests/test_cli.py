@@ -50,6 +50,18 @@ def _npz_without(tmp_path, key):
     return f"--dataset=npz:{tmp_path / 'partial.npz'}"
 
 
+def _callbacks_module(tmp_path, body):
+    """`--callbacks=` a function of a module written in `tmp_path` (the test puts it on sys.path)."""
+    (tmp_path / "cli_table_callbacks.py").write_text(f"import mto_tf\n\n\ndef callbacks():\n    {body}\n")
+    return "--callbacks=cli_table_callbacks:callbacks"
+
+
+def _npz_with_integer_labels(tmp_path, key):
+    arrays = write_npz(tmp_path / "full.npz")
+    np.savez(tmp_path / "integer_labels.npz", **{**arrays, key: arrays[key].astype(np.int32)})
+    return f"--dataset=npz:{tmp_path / 'integer_labels.npz'}"
+
+
 BAD_INPUTS = {
     "unknown output": (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
                        "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
@@ -61,6 +73,32 @@ BAD_INPUTS = {
     "uneven batch": (lambda tmp: ["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
                      "--batch_size: the global batch size 15 does not split evenly across 2 replicas"),
     "missing key": (lambda tmp: [_npz_without(tmp, "aux_output")], "key 'aux_output': missing"),
+    "missing labels of an unknown output": (
+        lambda tmp: ["--missing_labels=unknown_output=1"],
+        "--missing_labels: unknown output 'unknown_output'; model 'headline' has outputs ['aux_output', "
+        "'main_output']"),
+    "nan for integer labels": (
+        lambda tmp: [_npz_with_integer_labels(tmp, "main_output"), "--missing_labels=main_output=nan"],
+        "--missing_labels: output 'main_output' has integer labels (int32); expected an integer value, got nan"),
+    "reduction none": (
+        lambda tmp: [('--losses={"main_output": {"class_name": "BinaryCrossentropy", "config": {"reduction": '
+                      '"none"}}, "aux_output": "binary_crossentropy"}')],
+        "--losses: output 'main_output': reduction 'none' gives a value per example; the total needs one number"),
+    # What only the custom loop does, refused by --loop=fit by name.
+    "a schedule of loss weights with fit": (
+        lambda tmp: ["--loop=fit", ('--loss_weights={"main_output": 1.0, "aux_output": {"class_name": '
+                                    '"PiecewiseConstantDecay", "config": {"boundaries": [2], "values": [0.2, 1.5]}}}')],
+        "--loss_weights: aux_output: Keras 3.15's compile takes a number for each loss weight, not a schedule "
+        "(keras-team/keras#20294); use --loop=custom"),
+    "an extra loss term with fit": (
+        lambda tmp: ["--loop=fit", "--extra_losses=consistency=my_terms:consistency"],
+        "--extra_losses: compile's losses each read one output's labels and predictions; a term of several is the "
+        "custom loop's: use --loop=custom"),
+    "LossWeightScheduler with fit": (
+        lambda tmp: ["--loop=fit", _callbacks_module(tmp, "return [mto_tf.LossWeightScheduler(lambda epoch, weights: "
+                                                          "{})]")],
+        "--callbacks: LossWeightScheduler sets the custom loop's loss weights; Keras 3.15's compile takes numbers "
+        "(keras-team/keras#20294): use --loop=custom"),
 }
 # In a fresh process: the exit status the shell sees, and no traceback from anywhere
 # (found before TensorFlow is imported: the process ends within a second).
@@ -79,6 +117,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, case
     make_args, expected_error = BAD_INPUTS[case]
     model_dir = tmp_path / "never_written"
     args = make_args(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # For a module a case wrote there.
     # Synthetic sizes only with the synthetic dataset: a setting nothing reads is refused.
     base_flags = MODEL_FLAGS if any(arg.startswith("--dataset=") for arg in args) else SMALL_FLAGS
     flags = [*base_flags, f"--data_dir={data_dir()}", f"--model_dir={model_dir}", *args]

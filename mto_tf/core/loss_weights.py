@@ -50,7 +50,8 @@ class LossWeights(tf.Module):
         self.set_by_callback = set_by_callback and assignable
         self.weights = ({name: tf.Variable(value, trainable=False, name=f"loss_weight_{index}")
                          for index, (name, value) in enumerate(numbers.items())} if assignable else numbers)
-        self._step = step
+        # Read through a function: the step is the optimizer's variable, checkpointed with it, not here again.
+        self._current_step = (lambda: step) if step is not None else (lambda: 0)
 
     @property
     def may_change(self) -> bool:
@@ -60,7 +61,7 @@ class LossWeights(tf.Module):
 
     def in_force(self) -> dict[str, tf.Tensor]:
         """Each term's weight now: a schedule's value at the current optimizer step, else the number."""
-        return self.at_step(self._step if self._step is not None else 0)
+        return self.at_step(self._current_step())
 
     def at_step(self, step) -> dict[str, tf.Tensor]:
         """Each term's weight at optimizer step `step` (a number: the same at every step)."""
@@ -68,8 +69,11 @@ class LossWeights(tf.Module):
                 else tf.convert_to_tensor(self.weights[name], tf.float32) for name in self.names}
 
     def numbers(self) -> dict[str, float]:
-        """The weights in force, as numbers (eagerly): what `compile` takes and a report shows."""
-        return {name: float(value) for name, value in self.in_force().items()}
+        """The weights in force, as numbers (eagerly): what `compile` takes and a report shows.
+
+        A constant weight is the number as given (0.2, not its float32 0.20000000298)."""
+        return {name: self.weights[name] if isinstance(self.weights.get(name), float) else float(value)
+                for name, value in self.in_force().items()}
 
     def attach_to(self, model: keras.Model) -> None:
         """Lets any callback of `model` find these weights (`variables_of(model)`)."""
