@@ -41,8 +41,9 @@ class MethodDescription:
 
     `computed_by` names, as `MODULE:NAME` in `mto_tf/core/weighting/`, the
     class of a method with state (learned values, histories, seeded draws)
-    or the function `f(G, **hyper-parameters) -> a` of a method that is a
-    function of the Gramian alone; `fixed`'s step is the train step's own.
+    or the function `f(G, present, **hyper-parameters) -> a` of a method
+    that is a function of the Gramian alone (`present`: the outputs with a
+    labelled example in the batch); `fixed`'s step is the train step's own.
     """
 
     paper: str

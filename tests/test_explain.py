@@ -61,9 +61,7 @@ def test_the_numbers_are_the_gradients_numpy_would_take_apart(tmp_path):
     config = small_config(tmp_path)
     setup = build_model_setup(config, tf.distribute.get_strategy())
     contributions = gradient_shares.make_gradient_contributions(
-        model=setup.model, signature=setup.signature, loss_fns=setup.losses.per_example,
-        loss_weights=setup.losses.weights,
-        strategy=tf.distribute.get_strategy(), global_batch_size=config.batch_size)
+        objective=setup.objective, strategy=tf.distribute.get_strategy(), global_batch_size=config.batch_size)
     batch = next(iter(batching.global_batches(setup.examples, signature=setup.signature,
                                               batching=batching.Batching.for_training(config))))
     parts = contributions(batch)
@@ -84,8 +82,8 @@ def test_the_numbers_are_the_gradients_numpy_would_take_apart(tmp_path):
         inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(batch)
         predictions = setup.model(inputs, training=True)
         loss = sum(setup.losses.weights[name]
-                   * tf.reduce_mean(setup.losses.per_example[name](labels[name], predictions[name]))
-                   for name in setup.losses.per_example)
+                   * tf.reduce_mean(setup.losses.terms[name].loss_fn(labels[name], predictions[name]))
+                   for name in setup.losses.terms)
     expected = tape.gradient(loss, lstm.trainable_weights)
     np.testing.assert_allclose(flat(parts.total), np.concatenate([g.numpy().ravel() for g in expected]), atol=1e-6)
 

@@ -317,9 +317,10 @@ def test_each_description_names_the_code_that_computes_its_method(name):
     method = weighting.make_method(catalog.parse(name), num_outputs=3, seed=SEED, period_steps=1)
     assert method.uses_gradients == description.uses_gradients and method.name == name
     if description.uses_gradients:  # A function of the Gramian, or a class computing from it.
-        weights, _ = method.gradient_weights(tf.eye(3, dtype=tf.float64) / 3, tf.ones([3]), gram_scale=1.0)
+        weights, _ = method.gradient_weights(tf.eye(3, dtype=tf.float64) / 3, tf.ones([3]), tf.ones([3], tf.bool),
+                                             gram_scale=1.0)
     else:
-        weights, _ = method.loss_factors(tf.ones([3]))
+        weights, _ = method.loss_factors(tf.ones([3]), tf.ones([3], tf.bool))
     assert weights.shape == (3,) and np.all(np.isfinite(weights.numpy()))
 
 
@@ -327,7 +328,7 @@ def _method_weights(name, gram):
     """`a` as the train step computes it: the method made from its description, `G` read by `method_weights`."""
     k = len(gram)
     method = weighting.make_method(catalog.parse(name), num_outputs=k, seed=SEED, period_steps=1)
-    weights, _ = weighting.method_weights(method, tf.constant(gram, tf.float64), tf.ones([k]))
+    weights, _ = weighting.method_weights(method, tf.constant(gram, tf.float64), tf.ones([k]), tf.ones([k], tf.bool))
     return weights.numpy()
 
 
@@ -453,12 +454,13 @@ def test_exact_solvers_against_numpy_with_three_outputs():
     J = _conflicting_jacobian(rng, 3)
     gram = tf.constant(J @ J.T)
     upgrad = np.mean([_project_onto_dual_cone(J, g) for g in J], axis=0)
-    np.testing.assert_allclose(gradient_methods.upgrad(gram).numpy() @ J, upgrad, atol=1e-9)
+    all_present = tf.ones([3], tf.bool)
+    np.testing.assert_allclose(gradient_methods.upgrad(gram, all_present).numpy() @ J, upgrad, atol=1e-9)
     # MGDA: the min-norm point of the hull, by projected gradient descent on the simplex in NumPy.
     w = np.ones(3) / 3
     for _ in range(20000):
         w = _project_to_simplex(w - 0.01 * (J @ J.T) @ w / np.trace(J @ J.T))
-    np.testing.assert_allclose(gradient_methods.mgda(gram).numpy() @ J, w @ J, atol=1e-6)
+    np.testing.assert_allclose(gradient_methods.mgda(gram, all_present).numpy() @ J, w @ J, atol=1e-6)
 
 
 def _project_to_simplex(v):
@@ -469,11 +471,12 @@ def _project_to_simplex(v):
 
 
 def test_pcgrad_orders_are_permutations_of_the_others_and_follow_the_seed():
-    orders = gradient_methods.random_orders(4, tf.constant([SEED, 5], tf.int64)).numpy()
+    all_present = tf.ones([4], tf.bool)
+    orders = gradient_methods.random_orders(all_present, tf.constant([SEED, 5], tf.int64)).numpy()
     for i, row in enumerate(orders):
         assert sorted(row) == sorted(set(range(4)) - {i})
-    again = gradient_methods.random_orders(4, tf.constant([SEED, 5], tf.int64)).numpy()
-    other_step = gradient_methods.random_orders(4, tf.constant([SEED, 6], tf.int64)).numpy()
+    again = gradient_methods.random_orders(all_present, tf.constant([SEED, 5], tf.int64)).numpy()
+    other_step = gradient_methods.random_orders(all_present, tf.constant([SEED, 6], tf.int64)).numpy()
     assert (orders == again).all() and not (orders == other_step).all()
 
 

@@ -72,7 +72,7 @@ def make_gradient_contributions(*, objective: Objective, strategy: tf.distribute
     def on_replica(batch):
         state = [tf.identity(variable) for variable in model.non_trainable_variables]
         with tf.GradientTape(persistent=True) as tape:
-            output_losses = objective.output_losses(batch, examples_in_batch=global_batch_size)
+            output_losses, labelled = objective.losses_and_labelled(batch, examples_in_batch=global_batch_size)
             loss_weights = objective.loss_weights.in_force()
             terms = {name: loss_weights[name] * output_losses[name] for name in output_losses}
             if model.losses:  # This replica's share of the regularization, as in the train step.
@@ -93,7 +93,7 @@ def make_gradient_contributions(*, objective: Objective, strategy: tf.distribute
         dense = summed_over_replicas(dense)
         if method is not None:
             dense = _weighted_by(method, dense, weighting.global_values(tf.stack(
-                [terms[name] for name in output_losses])), list(output_losses), reaches)
+                [terms[name] for name in output_losses])), list(output_losses), reaches, labelled)
         return dense
 
     @tf.function
@@ -159,18 +159,18 @@ def layer_report(model: keras.Model, contributions: Contributions, *, loss_weigh
 
 
 def _weighted_by(method: weighting.Method, dense: dict, weighted_losses: tf.Tensor, names: list[str],
-                 reaches: dict[str, list[bool]]) -> dict:
+                 reaches: dict[str, list[bool]], present: tf.Tensor) -> dict:
     """Each output's contribution times the method's `a_i` (a gradient method's: on the shared weights), and their sum."""
     if method.uses_gradients:
         shared = [v for v in range(len(dense["total"])) if sum(reaches[name][v] for name in names) > 1]
         # The train step's Gramian, of these dense gradients: the same products, so the same weights.
         blocks = [gramian.Block(rows=[dense[name][v] for name in names], indices=None, dense_shape=None)
                   for v in shared]
-        weights, _ = weighting.method_weights(method, gramian.gramian(blocks), weighted_losses)
+        weights, _ = weighting.method_weights(method, gramian.gramian(blocks), weighted_losses, present)
         scaled = {name: [tf.cast(weights[k], g.dtype) * g if v in shared else g for v, g in enumerate(dense[name])]
                   for k, name in enumerate(names)}
     else:
-        weights, _ = method.loss_factors(weighted_losses)
+        weights, _ = method.loss_factors(weighted_losses, present)
         scaled = {name: [tf.cast(weights[k], g.dtype) * g for g in dense[name]] for k, name in enumerate(names)}
     terms = [*names, *([REGULARIZATION] if REGULARIZATION in dense else [])]
     total = [tf.add_n([(scaled.get(name) or dense[name])[v] for name in terms]) for v in range(len(dense["total"]))]

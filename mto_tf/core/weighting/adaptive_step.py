@@ -86,7 +86,8 @@ def adaptive_weights(method: Method, *, objective: Objective, optimizer: keras.o
         output_losses = output_losses or {name: measurements[f"{name}_loss"] for name in names}
         return tf.stack([measurements[f"weight_in_force/{name}"] * output_losses[name] for name in names])
 
-    def labelled(measurements) -> tf.Tensor:
+    def present(measurements) -> tf.Tensor:
+        """The outputs with a labelled example in the step's global batch."""
         return tf.stack([measurements[f"labelled/{name}"] > 0.5 for name in names])
 
     def losses_after_update(batch, measurements) -> tf.Tensor:
@@ -98,7 +99,7 @@ def adaptive_weights(method: Method, *, objective: Objective, optimizer: keras.o
 
     def after_update(batch, measurements):
         """Across replicas, after the update: the method's state follows the global weighted losses."""
-        method.after_step(weighted(measurements), labelled(measurements),
+        method.after_step(weighted(measurements), present(measurements),
                           losses_after_update=lambda: losses_after_update(batch, measurements))
 
     return GradientFunction(on_replica=gradient_on_batch, variables=model.trainable_variables + method.trainable,

@@ -57,7 +57,7 @@ class Method(tf.Module):
         return tf.stack([tf.constant(self.seed, tf.int64), self.steps.read_value()])
 
     def loss_factors(self, weighted_losses: tf.Tensor, present: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Each output's factor (0 if absent) and any extra loss terms (divided by the replicas, as regularization is)."""
+        """Each output's factor (0 if absent), and extra loss terms (divided by the replicas, as regularization is)."""
         return tf.cast(present, tf.float32), []
 
     def gradient_weights(self, gram: tf.Tensor, weighted_losses: tf.Tensor, present: tf.Tensor, *,
@@ -70,7 +70,7 @@ class Method(tf.Module):
         self.steps.assign_add(1)
 
 
-def softmax_of_present(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+def _softmax_of_present(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """The softmax of the present outputs' logits alone, 0 for the others (all 0 if none is present)."""
     # The lowest float, not -inf: exp gives exactly 0, and no output present gives no 0 / 0.
     masked = tf.where(present, logits, tf.as_dtype(logits.dtype).min)
@@ -120,7 +120,7 @@ class DynamicWeightAverage(Method):
         self.measured_periods = tf.Variable(tf.zeros([k], tf.int64), trainable=False, name="measured_periods")
 
     def loss_factors(self, weighted_losses, present):
-        weights = _count(present) * softmax_of_present(self.ratios / self.weighting.parameters["temperature"], present)
+        weights = _count(present) * _softmax_of_present(self.ratios / self.weighting.parameters["temperature"], present)
         has_ratio = present & (self.measured_periods >= 2)
         return tf.where(tf.reduce_any(has_ratio), weights, tf.cast(present, tf.float32)), []
 
@@ -149,7 +149,7 @@ class RandomLossWeighting(Method):
     def loss_factors(self, weighted_losses, present):
         draws = tf.random.stateless_normal([self.num_outputs], seed=self.stateless_seed())
         place = tf.cumsum(tf.cast(present, tf.int32), exclusive=True)  # A present output's index among the present.
-        return softmax_of_present(tf.gather(draws, place), present), []
+        return _softmax_of_present(tf.gather(draws, place), present), []
 
 
 class FastAdaptiveMultitask(Method):
@@ -177,7 +177,7 @@ class FastAdaptiveMultitask(Method):
         self.measured_steps = tf.Variable(tf.zeros([k]), trainable=False, name="measured_steps")  # Adam's t, each.
 
     def loss_factors(self, weighted_losses, present):
-        z = softmax_of_present(self.logits, present)
+        z = _softmax_of_present(self.logits, present)
         shifted = weighted_losses + self._EPSILON
         c = tf.reduce_sum(z / shifted)
         return tf.math.divide_no_nan(z, c * shifted), []  # No output present: z = 0 and c = 0.
@@ -185,7 +185,7 @@ class FastAdaptiveMultitask(Method):
     def after_step(self, weighted_losses, present, losses_after_update=None):
         super().after_step(weighted_losses, present)
         delta = tf.math.log(weighted_losses + self._EPSILON) - tf.math.log(losses_after_update() + self._EPSILON)
-        z = softmax_of_present(self.logits, present)
+        z = _softmax_of_present(self.logits, present)
         gradient = z * (delta - tf.reduce_sum(z * delta))  # J_softmax^T delta (the Jacobian is symmetric).
         gradient += self.weighting.parameters["decay"] * self.logits
         self.first_moment.assign(tf.where(
@@ -246,7 +246,7 @@ class GradNorm(Method):
         # The gradients' own norms, not the normalized ones: the logits learn at their rate, as in the paper.
         norms = tf.cast(tf.sqrt(tf.linalg.diag_part(gram) * gram_scale), tf.float32)
         with tf.GradientTape() as tape:
-            weights = _count(present) * softmax_of_present(self.logits, present)
+            weights = _count(present) * _softmax_of_present(self.logits, present)
             loss = gradient_methods.gradnorm_loss(weights, norms, loss_ratios, self.weighting.parameters["alpha"],
                                                   present)
         return tf.cast(weights, tf.float64), tape.gradient(loss, [self.logits])

@@ -23,11 +23,11 @@ Each problem is over K weights (K outputs), and each is solved two ways:
   it. They solve for G shifted by its negative eigenvalue, if it has one
   (rounding of a float32 Gramian, which makes the problems non-convex).
 
-Each problem takes part of the outputs only when `present` says so (an
-output with no labelled example in the batch): its weight is held at 0
-(at its bound, for UPGrad), which is the problem on the present outputs
-alone, and its row and column of G are zeros. All present (`None`) is the
-problem as it is, operation for operation.
+An output absent from the batch (`present` False: no labelled example of
+it) has a zero row and column of G, and each problem is posed on the
+present outputs alone: an absent output's weight is held at 0 (at its
+bound, for UPGrad). `present=None`, all outputs, is the problem as it was
+before `present` existed, operation for operation.
 
 The train step hands every method G divided by its trace
 (`adaptive_step.method_weights`), so both see trace(G) = 1. The active-set
@@ -126,17 +126,18 @@ def conflict_averse(gram: tf.Tensor, c: float, present: tf.Tensor | None = None)
 
 
 def mean_gradient_products(gram: tf.Tensor, present: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """`g_i . g_0` for each i, and `|g_0|^2`: g_0 the mean of the present outputs' gradients (G is 0 elsewhere)."""
-    count = tf.maximum(_count(gram, present), 1.0)  # No output present: G is 0, and so are both.
-    return tf.reduce_sum(gram, axis=1) / count, tf.reduce_sum(gram) / (count * count)
+    """`g_i . g_0` for each i, and `|g_0|^2`: g_0 the mean of the present outputs' gradients.
 
-
-def _count(gram: tf.Tensor, present: tf.Tensor | None) -> tf.Tensor:
-    """The number of present outputs, as a float64 (K if `present` is None)."""
-    return tf.reduce_sum(tf.cast(_all_if_none(present, gram), tf.float64))
+    The means over all K outputs times K / m: an absent output's entries of
+    G are 0. All present, the factor is exactly 1.
+    """
+    count = tf.reduce_sum(tf.cast(_all_if_none(present, gram), tf.float64))
+    to_present = gram.shape[0] / tf.maximum(count, 1.0)  # None present: G is 0, and so are both.
+    return tf.reduce_mean(gram, axis=1) * to_present, tf.reduce_mean(gram) * to_present ** 2
 
 
 def _all_if_none(present: tf.Tensor | None, gram: tf.Tensor) -> tf.Tensor:
+    """`present`, or every output of `gram` if it is None."""
     return tf.ones([gram.shape[0]], tf.bool) if present is None else present
 
 
@@ -449,10 +450,7 @@ def _where_norm_reaches(rho: tf.Tensor, a: tf.Tensor, p: tf.Tensor, q: tf.Tensor
 
 def _events(gram: tf.Tensor, a: tf.Tensor, p: tf.Tensor, q: tf.Tensor, support: tf.Tensor, present: tf.Tensor
             ) -> tf.Tensor:
-    """The mu at which each present index outside S would enter, then each in S would leave (infinity if never).
-
-    `(2K,)`.
-    """
+    """The mu at which each present index outside S would enter, then each in S leave: `(2K,)`, infinity if never."""
     # Each derivative in mu is ~1 for an index that moves; one that is 0 but for rounding (a duplicated
     # gradient: G p = 1 there too) moves never.
     rounding = KKT_TOLERANCE * (1.0 + tf.reduce_max(tf.linalg.diag_part(gram)) * tf.reduce_sum(tf.abs(p)))
