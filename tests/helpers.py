@@ -135,8 +135,9 @@ VALUE_RTOL = 1e-5
 
 
 def compiled_headline(model):
+    # Metrics weighted by the sample weights, as mto_tf's are (an example of weight 0 has no label).
     model.compile(loss=dict(HEADLINE.losses), loss_weights=dict(HEADLINE.loss_weights),
-                  metrics={name: ["binary_accuracy"] for name in OUTPUTS})
+                  weighted_metrics={name: ["binary_accuracy"] for name in OUTPUTS})
     return model
 
 

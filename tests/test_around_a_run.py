@@ -420,13 +420,13 @@ def test_mto_evaluate_gives_exact_means_over_every_example_and_keras_agrees_wher
                              weights=str(tmp_path / "run" / "model.weights.h5"))
     for name in ("loss", *(f"{output}_loss" for output in OUTPUTS)):
         assert ours[name] == pytest.approx(keras_values[name], rel=VALUE_RTOL), name
-    # A sample weight of 0 means "no label": our metrics skip the example, as Keras's weighted_metrics would;
-    # compile's `metrics` count it. Keras's own metric on the labelled examples alone is ours.
-    labelled = full["sample_weight/main_output"] != 0
-    assert not labelled.all()
+    # Our metrics are weighted by the sample weights, as compile's weighted_metrics are (so an example of
+    # weight 0, no label, is skipped); model.keras was trained without sample weights, so compiled with plain
+    # metrics, which count every example: Keras's own weighted metric is ours, its evaluate's is not.
+    labels = full["main_output"].reshape(-1, 1)
     predicted = loaded.predict(inputs, batch_size=BATCH_SIZE, verbose=0)["main_output"]
-    on_labelled = keras.metrics.BinaryAccuracy()(full["main_output"].reshape(-1, 1)[labelled], predicted[labelled])
-    assert ours["main_output_binary_accuracy"] == pytest.approx(float(on_labelled), rel=VALUE_RTOL)
+    weighted = keras.metrics.BinaryAccuracy()(labels, predicted, sample_weight=full["sample_weight/main_output"])
+    assert ours["main_output_binary_accuracy"] == pytest.approx(float(weighted), rel=VALUE_RTOL)
     assert ours["main_output_binary_accuracy"] != pytest.approx(keras_values["main_output_binary_accuracy"],
                                                                 rel=VALUE_RTOL)
     # Mirrored (2 replicas, the partial batch split unevenly) equals one device.

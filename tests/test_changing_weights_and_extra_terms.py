@@ -204,6 +204,11 @@ USER_SOURCE = textwrap.dedent('''
 
     def one_number(labels, predictions, sample_weights):
         return keras.ops.mean(keras.ops.square(predictions["main_output"] - predictions["aux_output"]))
+
+
+    def weighted_by_main(labels, predictions, sample_weights):
+        """Reads the main output's sample weights: synthetic_headlines has none."""
+        return sample_weights["main_output"] * consistency(labels, predictions, sample_weights)
 ''')
 
 
@@ -477,6 +482,9 @@ def test_bad_extra_terms_from_the_command_line_are_one_line_exit_2_and_nothing_w
             ([f"--extra_losses={term}:one_number"],
              (f"--extra_losses: {term}:one_number: expected one number per example (shape (2,) for a batch of 2), "
               f"got float32 of shape ()")),
+            ([f"--extra_losses={term}:weighted_by_main"],  # Tried with the sample weights batches hold.
+             (f"--extra_losses: {term}:weighted_by_main: calling it with the (labels, predictions, sample_weights) "
+              f"dicts raised KeyError: 'main_output'")),
             ([f"--extra_losses={term}:missing"],
              f"--extra_losses: module '{USER_MODULE}' has no 'missing' (from '{USER_MODULE}:missing')"),
             ([f"--extra_losses={term}:consistency", "--loss_weights=main_output=1,aux_output=0.2,consistenc=1"],

@@ -79,7 +79,16 @@ BAD_INPUTS = {
         "'main_output']"),
     "nan for integer labels": (
         lambda tmp: [_npz_with_integer_labels(tmp, "main_output"), "--missing_labels=main_output=nan"],
-        "--missing_labels: output 'main_output' has integer labels (int32); expected an integer value, got nan"),
+        "--missing_labels: output 'main_output' has int32 labels; expected an integer in [-2147483648, 2147483647], "
+        "got nan"),
+    "a value int32 labels cannot hold": (
+        lambda tmp: [_npz_with_integer_labels(tmp, "main_output"), "--missing_labels=main_output=1e12"],
+        "--missing_labels: output 'main_output' has int32 labels; expected an integer in [-2147483648, 2147483647], "
+        "got 1000000000000.0"),
+    "a schedule starting below 0": (
+        lambda tmp: ['--loss_weights={"main_output": 1.0, "aux_output": {"class_name": "PiecewiseConstantDecay", '
+                     '"config": {"boundaries": [2], "values": [-1.0, 1.0]}}}'],
+        "--loss_weights: 'aux_output': the schedule's weight at step 0 must be a finite number >= 0, got -1.0"),
     "reduction none": (
         lambda tmp: [('--losses={"main_output": {"class_name": "BinaryCrossentropy", "config": {"reduction": '
                       '"none"}}, "aux_output": "binary_crossentropy"}')],

@@ -202,3 +202,23 @@ def test_a_loss_object_keeps_its_reduction_none_is_refused_and_no_label_gives_ze
                                {"priority": tf.zeros([4])})
     assert float(losses.reduced(part.weighted_sum, part.divisor, term.reduction)) == 0.0
     assert float(part.labelled) == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+def test_a_loss_with_a_value_per_time_step_is_reduced_over_every_element_as_keras_reduces_it(reduction):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, (4, 5))  # A class per time step.
+    predictions = tf.nn.softmax(rng.standard_normal((4, 5, 3)).astype(np.float32))
+    sample_weights = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+    config = {"class_name": "SparseCategoricalCrossentropy", "config": {"reduction": reduction}}
+    term = losses.output_loss(config, output="tags", y_true=tf.TensorSpec((4, 5), tf.int64),
+                              y_pred=tf.TensorSpec((4, 5, 3), tf.float32))
+    for weights in (sample_weights, None):
+        part = losses.replica_sums(term, {"tags": labels}, {"tags": predictions},
+                                   {} if weights is None else {"tags": tf.constant(weights)})
+        # Keras broadcasts a weight per example over the time steps when it is shaped (batch, 1).
+        keras_value = keras.losses.SparseCategoricalCrossentropy(reduction=reduction)(
+            labels, predictions, sample_weight=None if weights is None else weights[:, None])
+        # float32 sums in another order: a few ulps.
+        np.testing.assert_allclose(losses.reduced(part.weighted_sum, part.divisor, term.reduction).numpy(),
+                                   keras_value.numpy(), rtol=1e-6, err_msg=str(weights))

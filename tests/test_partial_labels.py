@@ -277,8 +277,9 @@ def numpy_mean_over_labelled(*, replicas):
                 c = coefficients(sample_weights, replicas)[:, None]
                 record[f"{name}_loss"] = float(np.sum(c * residuals ** 2))
                 record["loss"] += LINEAR_LOSS_WEIGHTS[name] * record[f"{name}_loss"]
-                # Metrics count each labelled example once, whatever its weight.
-                record[f"{name}_mae"] = float(np.mean(np.abs(residuals[sample_weights != 0])))
+                # Metrics weighted by the sample weights (Keras's weighted_metrics): an unlabelled example skipped.
+                record[f"{name}_mae"] = float(np.sum(sample_weights[:, None] * np.abs(residuals))
+                                              / np.sum(sample_weights))
                 upstream = 2 * LINEAR_LOSS_WEIGHTS[name] * c * residuals  # d loss / d y_k.
                 trunk_gradient = trunk_gradient + x.T @ upstream @ weights[name].T
                 head_gradients[name] = hidden.T @ upstream
@@ -292,7 +293,7 @@ def numpy_mean_over_labelled(*, replicas):
 
 
 def numpy_validation(weights):
-    """Each validation value over all the examples at once: sum(sw r^2) / sum(sw), the mae over the labelled."""
+    """Each validation value over all the examples at once: sum(sw r^2) / sum(sw), and sum(sw |r|) / sum(sw)."""
     _, validation, _ = linear_npz()
     rows = np.arange(VALIDATION_EXAMPLES)
     hidden = validation["features"].astype(np.float64) @ weights["trunk"]
@@ -302,7 +303,7 @@ def numpy_validation(weights):
         residuals = (hidden @ weights[name] - targets)[:, 0]
         values[f"val_{name}_loss"] = float(np.sum(sample_weights * residuals ** 2) / np.sum(sample_weights))
         values["val_loss"] += LINEAR_LOSS_WEIGHTS[name] * values[f"val_{name}_loss"]
-        values[f"val_{name}_mae"] = float(np.mean(np.abs(residuals[sample_weights != 0])))
+        values[f"val_{name}_mae"] = float(np.sum(sample_weights * np.abs(residuals)) / np.sum(sample_weights))
     return values
 
 
@@ -491,9 +492,9 @@ def test_missing_class_ids_and_nan_labels_train_as_sample_weight_0_and_metrics_a
         assert {name: value for name, value in a.items() if name != "examples_per_sec"} == \
                {name: value for name, value in b.items() if name != "examples_per_sec"}
 
-    # Step 1 (rows 0-15, the initial weights) and the validation (all 21, the final weights) against Keras
-    # on the labelled examples alone. The labelled-only values differ from those over every example (the
-    # missing ones read as class 0 or flag 0), so skipping them shows.
+    # Step 1 (rows 0-15, the initial weights) and the validation (all 21, the final weights) against Keras's
+    # metrics weighted by the sample weights, which skip the unlabelled examples (weight 0). They differ from
+    # the unweighted values over every example (the missing ones read as class 0 or flag 0), so skipping shows.
     def expected(model, arrays, rows, prefix):
         with_missing = arrays[0]
         predictions = model.predict({"features": with_missing["features"][rows]}, verbose=0)
@@ -503,14 +504,15 @@ def test_missing_class_ids_and_nan_labels_train_as_sample_weight_0_and_metrics_a
         kind_losses = keras.losses.sparse_categorical_crossentropy(np.maximum(kind, 0), predictions["kind"]).numpy()
         flag_losses = keras.losses.binary_crossentropy(np.nan_to_num(flag), predictions["flag"]).numpy()
 
-        def metric(make, labels, outputs):
+        def metric(make, labels, outputs, weights=None):
             measured = make()
-            measured.update_state(labels, outputs)
+            measured.update_state(labels, outputs, sample_weight=weights)
             return float(measured.result())
 
-        kind_accuracy = metric(keras.metrics.SparseCategoricalAccuracy, kind[kind_labelled],
-                               predictions["kind"][kind_labelled])
-        flag_accuracy = metric(keras.metrics.BinaryAccuracy, flag[flag_labelled], predictions["flag"][flag_labelled])
+        kind_accuracy = metric(keras.metrics.SparseCategoricalAccuracy, np.maximum(kind, 0), predictions["kind"],
+                               kind_labelled.astype(np.float32))
+        flag_accuracy = metric(keras.metrics.BinaryAccuracy, np.nan_to_num(flag), predictions["flag"],
+                               flag_weights[:, None])
         assert kind_accuracy != metric(keras.metrics.SparseCategoricalAccuracy, np.maximum(kind, 0),
                                        predictions["kind"])
         assert flag_accuracy != metric(keras.metrics.BinaryAccuracy, np.nan_to_num(flag), predictions["flag"])

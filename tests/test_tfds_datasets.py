@@ -129,6 +129,17 @@ def test_a_label_absent_from_an_example_is_a_missing_label_and_a_declared_value_
     assert 0 < main_labelled.sum() < BATCH_SIZE and 0 < aux_labelled.sum() < BATCH_SIZE
 
 
+def test_an_optional_bool_label_is_refused_naming_the_dataset_and_output():
+    from mto_tf.data import tfds_dataset
+
+    # TFDS reads an absent optional bool as False: a label like any, so no value can mean "no label".
+    info = tfds.features.Tensor(shape=(), dtype=np.bool_, optional=True).get_tensor_info()
+    with pytest.raises(ConfigError, match=r"^--dataset: the labels of output 'is_main' are an optional bool feature"):
+        tfds_dataset.absent_label_value(info, output="is_main")
+    assert tfds_dataset.absent_label_value(tfds.features.Tensor(shape=(), dtype=np.int16, optional=True)
+                                           .get_tensor_info(), output="kind") == -32768.0
+
+
 def test_validation_reads_the_split_named_or_none_when_the_dataset_has_no_validation_split(tmp_path, data_dir):
     signature = ModelSignature.of(build_headline(_config(tmp_path, data_dir)))
     assert sources.load_validation_examples(_config(tmp_path, data_dir), signature) is None  # Only a train split.

@@ -83,7 +83,8 @@ def _fit(arrays, user_module, tmp_path, strategy, steps):
                       loss={"urgent": keras.losses.BinaryCrossentropy(from_logits=True),
                             "tags": "categorical_crossentropy", "department": "sparse_categorical_crossentropy"},
                       loss_weights=LOSS_WEIGHTS,
-                      metrics={name: list(metrics) for name, metrics in METRICS.items()})
+                      # Weighted by the sample weights, as mto_tf's metrics are (ones: unweighted).
+                      weighted_metrics={name: list(metrics) for name, metrics in METRICS.items()})
     history = model.fit(dataset, epochs=steps, steps_per_epoch=1, shuffle=False, verbose=0)
     return history.history, model.get_weights()
 

@@ -280,6 +280,16 @@ def test_dwa_takes_each_outputs_mean_over_the_steps_that_measured_it():
     np.testing.assert_allclose(factors.numpy(), 2 * np.exp(r_over_t) / np.exp(r_over_t).sum(), rtol=FLOAT32_RTOL)
 
 
+def test_dwa_with_a_loss_weighted_by_0_gives_finite_weights():
+    # A loss weight annealed to 0 (or set to 0): its weighted loss is 0 period after period, 0 / 0 no ratio.
+    method = _make("dwa", 2)
+    for _ in range(4 * PERIOD_STEPS):
+        method.after_step(tf.constant([1.0, 0.0]), tf.constant([True, True]))
+    factors, _ = method.loss_factors(tf.constant([1.0, 0.0]), tf.constant([True, True]))
+    np.testing.assert_array_equal(method.ratios.numpy(), [1.0, 1.0])
+    np.testing.assert_allclose(factors.numpy(), [1.0, 1.0], rtol=FLOAT32_RTOL)
+
+
 def test_famo_leaves_an_absent_outputs_logit_and_moments_and_counts_its_own_adam_steps():
     method = _make("famo", 3)
     losses, later = tf.constant([1.0, 2.0, 3.0]), tf.constant([0.5, 1.9, 2.0])

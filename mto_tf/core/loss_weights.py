@@ -50,8 +50,11 @@ class LossWeights(tf.Module):
         self.set_by_callback = set_by_callback and assignable
         self.weights = ({name: tf.Variable(value, trainable=False, name=f"loss_weight_{index}")
                          for index, (name, value) in enumerate(numbers.items())} if assignable else numbers)
+        def current_step():
+            return 0 if step is None else step
+
         # Read through a function: the step is the optimizer's variable, checkpointed with it, not here again.
-        self._current_step = (lambda: step) if step is not None else (lambda: 0)
+        self._current_step = current_step
 
     @property
     def may_change(self) -> bool:

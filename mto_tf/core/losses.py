@@ -62,12 +62,16 @@ class OutputLoss:
     def per_example(self, labels, predictions, sample_weights) -> tuple[tf.Tensor, tf.Tensor | None]:
         """One value per example, and its weight (None: every example counts 1)."""
         values = self.loss_fn(labels[self.output], predictions[self.output])
+        weights = sample_weights.get(self.output)
         if values.shape.rank > 1:
-            # A value per time step (or pixel): Keras reduces every element;
-            # `sum` adds them, the means count each example as its elements' mean.
-            reduce = tf.reduce_sum if self.reduction == SUM else tf.reduce_mean
-            values = reduce(values, axis=range(1, values.shape.rank))
-        return values, sample_weights.get(self.output)
+            # A value per time step (or pixel): Keras reduces every element.
+            # `sum` adds them; `sum_over_batch_size` divides by every element,
+            # so each example counts its elements' mean; so does
+            # `mean_with_sample_weight` without weights, and with weights it
+            # divides the sum over every element by the examples' weights.
+            adds = self.reduction == SUM or (self.reduction == MEAN_WITH_SAMPLE_WEIGHT and weights is not None)
+            values = (tf.reduce_sum if adds else tf.reduce_mean)(values, axis=range(1, values.shape.rank))
+        return values, weights
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,11 +51,13 @@ class Objective:
         sample_weights = sample_weights or {}
         predictions = self.signature.as_output_dict((forward or self.model)(inputs, training=training))
         for output_name, metric in (metrics or {}).values():
-            # An example whose weight is 0 has no label for this output: its
-            # metrics skip it, as a Keras metric skips a 0 sample weight.
+            # Weighted by the sample weights, as compile's `weighted_metrics`:
+            # an example whose weight is 0 has no label for this output, and
+            # its metrics skip it (compile's plain `metrics` would count it).
             weights = sample_weights.get(output_name)
-            labelled = None if weights is None else tf.cast(weights != 0, tf.float32)
-            metric.update_state(labels[output_name], predictions[output_name], sample_weight=labelled)
+            if weights is not None:  # Shaped to broadcast against labels with a value per time step too.
+                weights = tf.reshape(weights, [-1] + [1] * (labels[output_name].shape.rank - 1))
+            metric.update_state(labels[output_name], predictions[output_name], sample_weight=weights)
         return {name: losses.replica_sums(term, labels, predictions, sample_weights)
                 for name, term in self.terms.items()}
 
@@ -95,7 +97,10 @@ class Objective:
         output_losses = {}
         for k, (name, part) in enumerate(sums.items()):
             reduction = self.terms[name].reduction
-            divisor = known.get(reduction, None if global_divisors is None else global_divisors[k])
+            if reduction in known:
+                divisor = known[reduction]
+            else:  # `sum`'s is None: it has no divisor.
+                divisor = None if global_divisors is None else global_divisors[k]
             output_losses[name] = losses.reduced(part.weighted_sum, divisor, reduction)
         return output_losses, (None if global_labelled is None else global_labelled > 0)
 
@@ -107,7 +112,6 @@ class Objective:
         """
         return losses.weighted_total_loss(output_losses=output_losses, loss_weights=self.loss_weights.in_force(),
                                           regularization_losses=self.model.losses, replicas_share=replicas_share)
-
 
     def changing_weights(self) -> dict[str, tf.Tensor]:
         """This replica's share of each weight in force, as `loss_weight/<term>`, when weights change (a

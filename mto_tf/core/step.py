@@ -51,7 +51,7 @@ def fixed_weights(*, objective: Objective, optimizer: keras.optimizers.Optimizer
     def gradient_on_batch(batch):
         """On one replica's slice: the gradient of the weighted total loss, summed over replicas."""
         with tf.GradientTape() as tape:
-            output_losses = objective.output_losses(           # sum(l * sw) / GLOBAL batch size, per output
+            output_losses = objective.output_losses(           # each sum(l * sw) reduced over the GLOBAL batch
                 batch, examples_in_batch=global_batch_size, metrics=output_metrics)
             loss = objective.total_loss(output_losses)         # sum_i w_i * loss_i + regularization / replicas
             scaled_loss = optimizer.scale_loss(loss)           # mixed_float16 only: times the loss scale

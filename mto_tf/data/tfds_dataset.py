@@ -58,19 +58,25 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
         raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
                                      f"({describe_error(error)})") from None
     num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
-    absent = {output: absent_label_value(available[feature_paths[output]].get_tensor_info())
+    absent = {output: absent_label_value(available[feature_paths[output]].get_tensor_info(), output=output)
               for output in signature.output_names if available[feature_paths[output]].get_tensor_info().optional}
     return records, feature_paths, num_examples or None, absent
 
 
-def absent_label_value(tensor_info) -> float:
+def absent_label_value(tensor_info, *, output: str) -> float:
     """What TFDS decodes where an example has no value for an optional feature (`Tensor(..., optional=True)`):
     the dtype's lowest value (`Tensor._default_value` in tensorflow_datasets/core/features/tensor_feature.py).
 
     So an example without that label is read as a missing label.
     """
     dtype = np.dtype(tf.as_dtype(tensor_info.dtype).as_numpy_dtype)
-    return float(np.iinfo(dtype).min if np.issubdtype(dtype, np.integer) else np.finfo(dtype).min)
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).min)
+    if np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).min)
+    raise ConfigError("dataset", f"the labels of output {output!r} are an optional {dtype.name} feature: TFDS reads "
+                                 f"an absent one as a value a label can have (False, or b''); store them as "
+                                 f"numbers, or give unlabelled examples sample weight 0")
 
 
 def split_names(name: str, *, data_dir: str | None) -> list[str]:

@@ -27,6 +27,7 @@ def compile_model(run: Run, *, keras_defaults: bool = False, optimizer: keras.op
     Keras's defaults for those two.
     """
     config, setup = run.config, run.setup
+    weighted = set(setup.weighted_outputs)
     settings = {} if keras_defaults else dict(jit_compile=config.jit_compile, steps_per_execution=config.steps_per_loop)
     with setup.strategy.scope():
         setup.model.compile(
@@ -35,8 +36,12 @@ def compile_model(run: Run, *, keras_defaults: bool = False, optimizer: keras.op
             # compile takes a number per output: the weights in force (an extra term is the custom loop's alone).
             loss_weights={name: weight for name, weight in run.loss_weights.numbers().items()
                           if name in setup.losses.identifiers},
+            # An output with sample weights: its metrics weighted by them, as the custom loop's are, so that
+            # they skip an unlabelled example (weight 0); compile's `metrics` would count it.
             metrics={name: [_configured(identifier, keras.metrics.get) for identifier in identifiers]
-                     for name, identifiers in run.metrics.identifiers.items()},
+                     for name, identifiers in run.metrics.identifiers.items() if name not in weighted},
+            weighted_metrics={name: [_configured(identifier, keras.metrics.get) for identifier in identifiers]
+                              for name, identifiers in run.metrics.identifiers.items() if name in weighted},
             **settings,
         )
 

@@ -9,6 +9,7 @@ is written. `run/setup.py` adds what training needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 import tensorflow as tf
@@ -64,6 +65,8 @@ class ModelSetup:
     labels_spec: dict[str, tf.TensorSpec]  # Each output's labels, as the batches hold them.
     losses: Losses
     loss_weights: LossWeights  # Schedules read at step 0: what mto-explain and mto-evaluate weigh by.
+    # The outputs whose training batches carry sample weights (their own, class weights', missing labels').
+    weighted_outputs: tuple[str, ...]
 
     @property
     def objective(self) -> Objective:
@@ -95,14 +98,18 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
     examples = sources.load_examples(config, signature)  # Checks the data against the model.
     # Building the batches checks the class weights against the outputs' shapes.
     # The labels' dtypes, to check --missing_labels before a batch is parsed with them.
-    _, labels_spec, *_ = batching.global_batches(examples, signature=signature, batching=dataclasses.replace(
-        batching.Batching.for_training(config), missing_labels={})).element_spec
+    _, labels_spec, *weights_spec = batching.global_batches(
+        examples, signature=signature,
+        batching=dataclasses.replace(batching.Batching.for_training(config), missing_labels={})).element_spec
     _check_missing_labels(config, signature, labels_spec)
-    losses = _resolve_losses(config, signature, labels_spec)
+    # The outputs whose batches carry sample weights (their own, class weights', or missing labels').
+    weighted_outputs = tuple(sorted({*(weights_spec[0] if weights_spec else {}), *config.missing_labels}))
+    losses = _resolve_losses(config, signature, labels_spec, weighted_outputs)
     with strategy.scope():
         loss_weights = LossWeights(losses.weights)
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
-                      labels_spec=labels_spec, losses=losses, loss_weights=loss_weights)
+                      labels_spec=labels_spec, losses=losses, loss_weights=loss_weights,
+                      weighted_outputs=weighted_outputs)
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
@@ -139,7 +146,8 @@ def _default_for(config: TrainConfig, field: str, user_model_default):
     return getattr(spec, field) if spec else user_model_default
 
 
-def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec]) -> Losses:
+def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec],
+                    weighted_outputs: tuple[str, ...]) -> Losses:
     """Each term (each trained output's loss, per example, and its reduction; each extra term) and its weight."""
     output_names = signature.output_names
     losses = _default_for(config, "losses", {})
@@ -151,7 +159,7 @@ def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec:
     trained = [name for name in output_names if losses[name] is not None]
     if not trained:
         raise ConfigError("losses", "every output's loss is null: nothing would be trained")
-    extra = _extra_terms(config, signature, labels_spec)
+    extra = _extra_terms(config, signature, labels_spec, weighted_outputs)
     for output in config.class_weights:
         if output not in trained:
             raise ConfigError("class_weights", f"output {output!r} has no loss (null in --losses): nothing to weigh")
@@ -193,7 +201,7 @@ def _resolve_weights(config: TrainConfig, signature: ModelSignature,
 def _weight(name: str, weight) -> float | LearningRateSchedule:
     """A number, or a Keras schedule (from its config, as `--learning_rate`'s is made)."""
     if isinstance(weight, LearningRateSchedule):
-        return weight
+        return _checked_at_start(name, weight)
     if not isinstance(weight, dict):
         return float(weight)
     try:
@@ -204,11 +212,24 @@ def _weight(name: str, weight) -> float | LearningRateSchedule:
     if not isinstance(schedule, LearningRateSchedule):
         raise ConfigError("loss_weights", f"{name!r}: expected a keras.optimizers.schedules class, got "
                                           f"{type(schedule).__name__}")
+    return _checked_at_start(name, schedule)
+
+
+def _checked_at_start(name: str, schedule: LearningRateSchedule) -> LearningRateSchedule:
+    """A schedule whose first weight is a finite number >= 0, as a constant weight must be (its later values
+    are the schedule's own: a decay to 0 is fine)."""
+    try:
+        first = float(schedule(0))
+    except Exception as error:  # The schedule's own code.
+        raise ConfigError("loss_weights", f"{name!r}: the schedule fails at step 0 ({describe_error(error)})") from None
+    if not (math.isfinite(first) and first >= 0):
+        raise ConfigError("loss_weights", f"{name!r}: the schedule's weight at step 0 must be a finite number >= 0, "
+                                          f"got {first}")
     return schedule
 
 
-def _extra_terms(config: TrainConfig, signature: ModelSignature,
-                 labels_spec: dict[str, tf.TensorSpec]) -> dict[str, losses_lib.ExtraLoss]:
+def _extra_terms(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec],
+                 weighted_outputs: tuple[str, ...]) -> dict[str, losses_lib.ExtraLoss]:
     """--extra_losses: each a term over several outputs, its name free, its function imported and tried."""
     terms = {}
     for name, function in config.extra_losses.items():
@@ -218,13 +239,14 @@ def _extra_terms(config: TrainConfig, signature: ModelSignature,
         if isinstance(function, str):
             function = user_code.load_function(function, flag="extra_losses")
         terms[name] = losses_lib.ExtraLoss(name=name, function=function)
-        _try_extra_term(terms[name], signature, labels_spec)
+        _try_extra_term(terms[name], signature, labels_spec, weighted_outputs)
     return terms
 
 
-def _try_extra_term(term: losses_lib.ExtraLoss, signature: ModelSignature,
-                    labels_spec: dict[str, tf.TensorSpec]) -> None:
-    """Calls the term's function once on a batch of 2 zeros: it must take the three dicts and give 2 values."""
+def _try_extra_term(term: losses_lib.ExtraLoss, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec],
+                    weighted_outputs: tuple[str, ...]) -> None:
+    """Calls the term's function once on a batch of 2 zeros, with the sample weights batches hold (of
+    `weighted_outputs`): it must take the three dicts and give 2 values."""
     def zeros(spec) -> tf.Tensor:
         return tf.zeros([2, *(1 if size is None else size for size in spec.shape[1:])], spec.dtype)
 
@@ -232,7 +254,8 @@ def _try_extra_term(term: losses_lib.ExtraLoss, signature: ModelSignature,
     predictions = {name: zeros(tf.TensorSpec(tensor.shape, tensor.dtype)) for name, tensor in signature.outputs.items()}
     described = f"{term.name}={getattr(term.function, '__module__', '?')}:{getattr(term.function, '__name__', '?')}"
     try:
-        values = tf.convert_to_tensor(term.function(labels, predictions, {name: tf.ones([2]) for name in labels}))
+        values = tf.convert_to_tensor(term.function(labels, predictions,
+                                                    {name: tf.ones([2]) for name in weighted_outputs}))
     except Exception as error:  # The user's code: anything can go wrong.
         raise ConfigError("extra_losses", f"{described}: calling it with the (labels, predictions, "
                                           f"sample_weights) dicts raised {type(error).__name__}: "
@@ -250,9 +273,15 @@ def _check_missing_labels(config: TrainConfig, signature: ModelSignature,
             raise ConfigError("missing_labels", f"unknown output {output!r}; model {signature.model_name!r} has "
                                                 f"outputs {sorted(signature.output_names)}")
         dtype = labels_spec[output].dtype
-        if not dtype.is_floating and not float(value).is_integer():
-            raise ConfigError("missing_labels", f"output {output!r} has integer labels ({dtype.name}); "
-                                                f"expected an integer value, got {value}")
+        if dtype.is_floating:
+            continue  # Any number, or nan (an infinite one too, as a label may be).
+        if not dtype.is_integer:
+            raise ConfigError("missing_labels", f"output {output!r} has {dtype.name} labels: no value of them "
+                                                f"can mean 'no label'; give those examples sample weight 0")
+        low, high = (int(bound) for bound in (dtype.min, dtype.max))
+        if not (float(value).is_integer() and low <= value <= high):
+            raise ConfigError("missing_labels", f"output {output!r} has {dtype.name} labels; expected an integer "
+                                                f"in [{low}, {high}], got {value}")
 
 
 def _check_output_names(flag: str, mapping, signature: ModelSignature) -> None:

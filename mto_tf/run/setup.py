@@ -26,7 +26,6 @@ from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
 from mto_tf.run.evaluation import Evaluation
-from mto_tf.run.loss_weight_scheduler import LossWeightScheduler
 from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
@@ -181,9 +180,9 @@ def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callbac
     for callback in callbacks:
         if not isinstance(callback, keras.callbacks.Callback):
             raise ConfigError("callbacks", f"expected keras.callbacks.Callback objects, got {callback!r}")
-        if isinstance(callback, LossWeightScheduler) and config.loop == "fit":
-            raise ConfigError("callbacks", "LossWeightScheduler sets the custom loop's loss weights; Keras 3.15's "
-                                           "compile takes numbers (keras-team/keras#20294): use --loop=custom")
+        if getattr(callback, "sets_loss_weights", False) and config.loop == "fit":
+            raise ConfigError("callbacks", f"{type(callback).__name__} sets the custom loop's loss weights; Keras "
+                                           f"3.15's compile takes numbers (keras-team/keras#20294): use --loop=custom")
         if rate_is_a_schedule and isinstance(callback, _SETS_THE_LEARNING_RATE):
             raise ConfigError("callbacks", f"{type(callback).__name__} sets the optimizer's learning rate, but "
                                            f"it is a schedule (--learning_rate), which Keras does not let a callback "

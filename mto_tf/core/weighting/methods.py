@@ -131,8 +131,11 @@ class DynamicWeightAverage(Method):
         ended = tf.equal(self.steps % self.period_steps, 0)
         measured = ended & (counts > 0)  # The outputs whose mean this period gives.
         means = sums / tf.maximum(counts, 1.0)
-        # The ratio needs two measured periods' means: a weight changes from an output's third period on.
-        self.ratios.assign(tf.where(measured & (self.measured_periods >= 1), means / self.last_means, self.ratios))
+        # The ratio needs two measured periods' means: a weight changes from an output's third period on. A
+        # last mean of 0 (its loss weight annealed to 0) gives no ratio: 1, as for a loss that did not change.
+        had_loss = self.last_means > 0
+        ratios = tf.where(had_loss, means / tf.where(had_loss, self.last_means, 1.0), 1.0)
+        self.ratios.assign(tf.where(measured & (self.measured_periods >= 1), ratios, self.ratios))
         self.last_means.assign(tf.where(measured, means, self.last_means))
         self.measured_periods.assign_add(tf.cast(measured, tf.int64))
         self.period_sums.assign(tf.where(ended, tf.zeros_like(sums), sums))
