@@ -80,7 +80,7 @@ class ModelSetup:
 
     @property
     def loss_names(self) -> list[str]:
-        """What the train step measures: the total loss, then each trained output's loss, named as `fit` names them."""
+        """What the train step measures: the total loss, then each term's loss, named as `fit` names them."""
         return self.losses.names
 
 
