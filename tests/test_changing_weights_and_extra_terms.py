@@ -10,7 +10,6 @@ Per-step values: runs log every step (`log_every=1`) unless a test says otherwis
 
 import dataclasses
 import importlib
-import itertools
 import json
 import textwrap
 
@@ -25,6 +24,7 @@ import mto_tf
 from mto_tf import LossWeightScheduler, train
 from mto_tf.core.models import build_headline
 from mto_tf.programs import explain
+from test_loss_weighting import numpy_upgrad  # UPGrad in NumPy, over every set of active constraints.
 
 OUTPUTS = ("aux_output", "main_output")  # A dict model's outputs, sorted as Keras sorts them.
 STEPS = 6
@@ -387,26 +387,6 @@ def pull_together(labels, predictions, sample_weights):
     return tf.reduce_sum(tf.square(predictions["first"] - predictions["second"]), axis=-1)
 
 
-def _project_onto_dual_cone(J, g):
-    """argmin |x - g| subject to J x >= 0, over every set of active constraints (K = 3: eight)."""
-    best = None
-    for size in range(len(J) + 1):
-        for active in itertools.combinations(range(len(J)), size):
-            x = g.copy()
-            if active:
-                rows = J[list(active)]
-                x = g - rows.T @ np.linalg.solve(rows @ rows.T, rows @ g)
-            if np.all(J @ x >= -1e-10) and (best is None or np.linalg.norm(x - g) < np.linalg.norm(best - g)):
-                best = x
-    return best
-
-
-def numpy_upgrad(J):
-    """Quinton and Rey 2024: the mean of the rows, each projected onto the dual cone; as weights of J's rows."""
-    update = np.mean([_project_onto_dual_cone(J, g) for g in J], axis=0)
-    return np.linalg.lstsq(J.T, update, rcond=None)[0]
-
-
 def _flat(gradients, model):
     """One row of J: the gradients of every weight, flattened; zeros where the loss does not reach a weight."""
     return np.concatenate([np.zeros(variable.shape).ravel() if gradient is None else gradient.numpy().ravel()
@@ -438,14 +418,14 @@ def test_with_upgrad_the_extra_term_is_a_row_of_the_gramian_weighted_as_in_force
             weighted = {name: weights[name] * loss for name, loss in losses.items()}
         J = np.stack([_flat(tape.gradient(loss, model.trainable_variables), model)
                       for loss in weighted.values()]).astype(np.float64)
-        a = numpy_upgrad(J)
+        a = numpy_upgrad(J, None)
         gram = J @ J.T
         # The check can fail: the term's gradient conflicts (UPGrad projects, the weights are not 1/3 each), and
         # its row unweighted (weight 1 instead of the one in force) gives other weights.
         assert gram[2, :2].min() < 0 and np.ptp(a) > 0.01, (step, gram, a)
         unweighted = J.copy()
         unweighted[2] /= weights["pull_together"]
-        assert np.max(np.abs(numpy_upgrad(unweighted) - a)) > 0.01, step
+        assert np.max(np.abs(numpy_upgrad(unweighted, None) - a)) > 0.01, step
         expected_factors.append(a)
         update, offset = a @ J, 0
         for variable in model.trainable_variables:
