@@ -119,6 +119,7 @@ def test_a_piecewise_constant_schedule_equals_two_fit_calls_with_its_two_weights
     assert max_weight_difference(weights, fit_weights) <= WEIGHT_ATOL
 
 
+@pytest.mark.slow  # Inner loop: the scheduler from Python, bit-identical to the schedule's run.
 def test_a_run_resumed_mid_schedule_ends_bit_identical_to_the_uninterrupted_one(tmp_path):
     uninterrupted_records, uninterrupted_weights = _scheduled_run(tmp_path)
     npz, init_weights, _ = _shared_data(tmp_path)
@@ -393,6 +394,7 @@ def _flat(gradients, model):
                            for gradient, variable in zip(gradients, model.trainable_variables, strict=True)])
 
 
+@pytest.mark.slow  # Inner loop: the extra term against a hand-written tape.
 def test_with_upgrad_the_extra_term_is_a_row_of_the_gramian_weighted_as_in_force(tmp_path):
     data = _linear_data()
     np.savez(tmp_path / "data.npz", **data)

@@ -285,7 +285,15 @@ def test_gradnorm_and_famo_over_many_steps(tmp_path):
         np.testing.assert_allclose(trained["trunk"], expected["trunk"], atol=5 * WEIGHT_ATOL, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ADAPTIVE)
+# The inner loop takes a method of each kind (from the losses, from the Gramian); CI takes every method.
+INNER_LOOP = ("famo", "upgrad")
+
+
+def _inner_loop_or_slow(names):
+    return [pytest.param(name, marks=() if name in INNER_LOOP else pytest.mark.slow) for name in names]
+
+
+@pytest.mark.parametrize("name", _inner_loop_or_slow(ADAPTIVE))
 def test_mirrored_equals_one_device(tmp_path, name, mirrored_strategy):
     one_device, one_history = _trained(_config(tmp_path / "one", name))
     mirrored, mirrored_history = _trained(_config(tmp_path / "mirrored", name, strategy="mirrored",
@@ -584,6 +592,7 @@ def test_representation_agrees_with_shared_weights_where_it_must(tmp_path, name)
     assert "loss_weight/first" in history[-1]
 
 
+@pytest.mark.slow  # The headline model under two strategies; the inner loop has the linear model's representation.
 def test_representation_of_the_headline_lstm_trains_and_equals_mirrored(tmp_path, mirrored_strategy):
     from helpers import small_config
     one, _ = _trained_headline(small_config(tmp_path / "one", loss_weighting="mgda",
@@ -621,7 +630,7 @@ def test_bad_weighting_gradients_name_the_flag(tmp_path, overrides, message):
 STATEFUL = ["uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad"]  # Learned values, histories or seeded draws.
 
 
-@pytest.mark.parametrize("name", STATEFUL)
+@pytest.mark.parametrize("name", _inner_loop_or_slow(STATEFUL))
 def test_resumed_mid_run_ends_bit_identical_to_an_uninterrupted_run(tmp_path, name):
     # Adam: the method's trainable variables have slots too. A DWA period of
     # 2 steps, the checkpoint at step 3: resumed in the middle of a period.

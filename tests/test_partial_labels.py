@@ -483,11 +483,23 @@ def test_missing_class_ids_and_nan_labels_train_as_sample_weight_0_and_metrics_a
             missing_labels={"kind": -1, "flag": math.nan} if run == "missing" else {}, train_steps=4,
             progress="quiet"))
     missing, as_weights = runs["missing"], runs["as_weights"]
+    # And from Python: the same examples as a tf.data.Dataset of (inputs, labels, sample_weights) dicts.
+    arrays = train_arrays[0]
+    python_dataset = tf.data.Dataset.from_tensor_slices(
+        ({"features": arrays["features"]}, {"kind": arrays["kind"], "flag": arrays["flag"]},
+         {"flag": arrays["sample_weight/flag"]}))
+    from_python = train(run_config(
+        tmp_path / "python", model=classifier, dataset=python_dataset,
+        losses={"kind": "sparse_categorical_crossentropy", "flag": "binary_crossentropy"},
+        metrics={"kind": ("accuracy",), "flag": ("binary_accuracy",)},
+        missing_labels={"kind": -1, "flag": math.nan}, train_steps=4, progress="quiet"))
 
     # The same tensors reach the step: label 0 and weight 0 where missing (the flag's own weights times 1
     # elsewhere). The same run, bit for bit: weights, losses, metrics and validation values.
-    for a, b in zip(missing.model.get_weights(), as_weights.model.get_weights(), strict=True):
+    for a, b, c in zip(missing.model.get_weights(), as_weights.model.get_weights(), from_python.model.get_weights(),
+                       strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
     for a, b in zip(missing.history, as_weights.history, strict=True):
         assert {name: value for name, value in a.items() if name != "examples_per_sec"} == \
                {name: value for name, value in b.items() if name != "examples_per_sec"}

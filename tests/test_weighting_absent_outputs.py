@@ -106,7 +106,9 @@ def _weigher(name: str, k: int):
     return method, tf.function(lambda gram, losses, present: weighting.method_weights(method, gram, losses, present))
 
 
-@pytest.mark.parametrize("case", PRESENCE)
+# The inner loop takes K = 3; CI takes the active-set cases (K = 8) too.
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow if "eight" in case else ())
+                                  for case in PRESENCE])
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_gradient_methods_weigh_the_present_outputs_as_if_alone(name, case):
     present = np.array(PRESENCE[case], bool)
@@ -412,6 +414,7 @@ def test_all_present_gives_the_factors_of_before(name):
 # --- On each replica ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # The inner loop has the whole runs of test_weighting_with_unlabelled_batches.py.
 @pytest.mark.parametrize("name", ["upgrad", "famo"])
 def test_each_replica_computes_the_one_device_weights_with_outputs_absent(name, mirrored_strategy):
     # The train step asks for the factors and weights on every replica (a replica context), from global values.
