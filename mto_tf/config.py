@@ -350,7 +350,7 @@ class TrainConfig:
         if self.loop == "fit":
             _check_what_fit_cannot_do(self)
         for output, weight in (self.loss_weights or {}).items():
-            if not (_is_keras_config(weight) or _is_schedule(weight) or isinstance(weight, (int, float))
+            if not (_is_scheduled(weight) or isinstance(weight, (int, float))
                     and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError("loss_weights", f"weight of {output!r} must be a finite number >= 0 or a Keras "
                                                   f"schedule config, got {weight!r}")
@@ -563,9 +563,10 @@ def _is_keras_config(value) -> bool:
     return isinstance(value, Mapping) and isinstance(value.get("class_name"), str)
 
 
-def _is_schedule(value) -> bool:
-    """A Keras LearningRateSchedule given from Python (duck-typed: this module imports no Keras)."""
-    return callable(value) and hasattr(value, "get_config")
+def _is_scheduled(weight) -> bool:
+    """A loss weight that is a Keras schedule: its config, or a LearningRateSchedule given from Python
+    (duck-typed: this module imports no Keras)."""
+    return _is_keras_config(weight) or callable(weight) and hasattr(weight, "get_config")
 
 
 def _check_npz_file(field: str, source: str):
@@ -604,8 +605,7 @@ def _check_what_fit_cannot_do(config: TrainConfig):
                                               f"{config.strategy} cannot synchronize in; use --loop=custom")
     if config.log_gradient_shares_every:
         raise ConfigError("log_gradient_shares_every", "the custom loop's: not with --loop=fit")
-    scheduled = [name for name, weight in (config.loss_weights or {}).items()
-                 if _is_keras_config(weight) or _is_schedule(weight)]
+    scheduled = [name for name, weight in (config.loss_weights or {}).items() if _is_scheduled(weight)]
     if scheduled:
         raise ConfigError("loss_weights", f"{scheduled[0]}: Keras 3.15's compile takes a number for each loss "
                                           f"weight, not a schedule (keras-team/keras#20294); use --loop=custom")

@@ -50,6 +50,7 @@ class LossWeights(tf.Module):
         self.set_by_callback = set_by_callback and assignable
         self.weights = ({name: tf.Variable(value, trainable=False, name=f"loss_weight_{index}")
                          for index, (name, value) in enumerate(numbers.items())} if assignable else numbers)
+
         def current_step():
             return 0 if step is None else step
 
@@ -64,10 +65,7 @@ class LossWeights(tf.Module):
 
     def in_force(self) -> dict[str, tf.Tensor]:
         """Each term's weight now: a schedule's value at the current optimizer step, else the number."""
-        return self.at_step(self._current_step())
-
-    def at_step(self, step) -> dict[str, tf.Tensor]:
-        """Each term's weight at optimizer step `step` (a number: the same at every step)."""
+        step = self._current_step()
         return {name: tf.cast(self.schedules[name](step), tf.float32) if name in self.schedules
                 else tf.convert_to_tensor(self.weights[name], tf.float32) for name in self.names}
 

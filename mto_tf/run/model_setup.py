@@ -176,10 +176,8 @@ def _resolve_weights(config: TrainConfig, signature: ModelSignature,
                      terms: dict[str, losses_lib.LossTerm]) -> dict[str, float | LearningRateSchedule]:
     """Each term's weight (a number, or a Keras schedule made from its config); every term must have one."""
     output_names = signature.output_names
-    # Keras's default: every output counts once; so does an extra term.
+    # Keras's default: every output counts once; so does an extra term (below).
     weights = _default_for(config, "loss_weights", {name: 1.0 for name in output_names})
-    if config.loss_weights is None:
-        weights = {**weights, **{name: 1.0 for name in terms if name not in output_names}}
     unknown = sorted(set(weights) - set(output_names) - set(terms))
     if unknown:
         raise ConfigError("loss_weights", f"unknown output {unknown[0]!r}; model {signature.model_name!r} has "

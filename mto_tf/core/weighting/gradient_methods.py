@@ -28,7 +28,7 @@ def mgda(gram: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
 def upgrad(gram: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """Quinton and Rey 2024: the mean of each gradient projected onto the dual cone of all (`J d >= 0`)."""
     # Row i: the weights of g_i / m projected (a zero row for an absent output); the update is their sum.
-    mean_of_each = tf.linalg.diag(_indicator(present)) / _count(present)
+    mean_of_each = tf.linalg.diag(_indicator(present)) / solvers.present_count(present)
     return tf.reduce_sum(solvers.project_onto_dual_cone(gram, mean_of_each, present), axis=0)
 
 
@@ -40,7 +40,7 @@ def cagrad(gram: tf.Tensor, present: tf.Tensor, *, c: float) -> tf.Tensor:
     g_0_norm = tf.sqrt(tf.maximum(g_0_squared, 0.0))
     # |g_w| = 0: a convex combination of the gradients vanishes (a Pareto-stationary point): no step.
     scale = tf.math.divide_no_nan(c * g_0_norm, g_w_norm)
-    mean = _indicator(present) / _count(present)  # g_0's weights.
+    mean = _indicator(present) / solvers.present_count(present)  # g_0's weights.
     return tf.where(g_w_norm > 0, mean + scale * w, tf.zeros_like(mean))
 
 
@@ -83,7 +83,7 @@ def aligned_mtl(gram: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """
     eigenvalues, vectors = tf.linalg.eigh(gram)
     # Zero within the rounding of a float32 Gramian of m gradients: the rank of J.
-    tolerance = tf.reduce_max(eigenvalues) * _count(present) * float(np.finfo(np.float32).eps)
+    tolerance = tf.reduce_max(eigenvalues) * solvers.present_count(present) * float(np.finfo(np.float32).eps)
     kept = eigenvalues > tolerance
     smallest = tf.reduce_min(tf.where(kept, eigenvalues, eigenvalues[-1]))
     inverse_sqrt = tf.where(kept, tf.math.rsqrt(tf.where(kept, eigenvalues, 1.0)), 0.0)
@@ -140,7 +140,7 @@ def gradnorm_loss(weights: tf.Tensor, gradient_norms: tf.Tensor, loss_ratios: tf
     those ratios (its inverse training rate). Sums and means are over the
     present outputs (an absent one's weight is 0).
     """
-    count = tf.maximum(tf.reduce_sum(tf.cast(present, weights.dtype)), 1.0)
+    count = solvers.present_count(present, weights.dtype)
     weighted_norms = weights * gradient_norms
     mean_ratio = tf.reduce_sum(tf.where(present, loss_ratios, 0.0)) / count
     relative_rates = tf.math.divide_no_nan(loss_ratios, mean_ratio)  # No output present: no ratio, 0.
@@ -152,7 +152,3 @@ def _indicator(present: tf.Tensor) -> tf.Tensor:
     """1.0 where present, 0.0 elsewhere (float64)."""
     return tf.cast(present, tf.float64)
 
-
-def _count(present: tf.Tensor) -> tf.Tensor:
-    """m, the number of present outputs (float64); 1 when there are none, so that dividing by it is safe."""
-    return tf.maximum(tf.reduce_sum(_indicator(present)), 1.0)

@@ -31,7 +31,7 @@ import importlib
 import keras
 import tensorflow as tf
 
-from mto_tf.core.weighting import gradient_methods
+from mto_tf.core.weighting import gradient_methods, solvers
 from mto_tf.loss_weighting import LossWeighting
 
 
@@ -77,10 +77,6 @@ def _softmax_of_present(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     return tf.where(present, tf.nn.softmax(masked), 0.0)
 
 
-def _count(present: tf.Tensor) -> tf.Tensor:
-    """m, the number of present outputs (float32)."""
-    return tf.reduce_sum(tf.cast(present, tf.float32))
-
 
 class Uncertainty(Method):
     """Kendall et al. 2018: total `sum_k exp(-s_k) L_k / 2 + s_k / 2`, `s_k` trained by the run's optimizer.
@@ -120,7 +116,8 @@ class DynamicWeightAverage(Method):
         self.measured_periods = tf.Variable(tf.zeros([k], tf.int64), trainable=False, name="measured_periods")
 
     def loss_factors(self, weighted_losses, present):
-        weights = _count(present) * _softmax_of_present(self.ratios / self.weighting.parameters["temperature"], present)
+        temperature = self.weighting.parameters["temperature"]
+        weights = solvers.present_count(present, tf.float32) * _softmax_of_present(self.ratios / temperature, present)
         has_ratio = present & (self.measured_periods >= 2)
         return tf.where(tf.reduce_any(has_ratio), weights, tf.cast(present, tf.float32)), []
 
@@ -249,7 +246,7 @@ class GradNorm(Method):
         # The gradients' own norms, not the normalized ones: the logits learn at their rate, as in the paper.
         norms = tf.cast(tf.sqrt(tf.linalg.diag_part(gram) * gram_scale), tf.float32)
         with tf.GradientTape() as tape:
-            weights = _count(present) * _softmax_of_present(self.logits, present)
+            weights = solvers.present_count(present, tf.float32) * _softmax_of_present(self.logits, present)
             loss = gradient_methods.gradnorm_loss(weights, norms, loss_ratios, self.weighting.parameters["alpha"],
                                                   present)
         return tf.cast(weights, tf.float64), tape.gradient(loss, [self.logits])

@@ -131,9 +131,14 @@ def mean_gradient_products(gram: tf.Tensor, present: tf.Tensor | None = None) ->
     The means over all K outputs times K / m: an absent output's entries of
     G are 0. All present, the factor is exactly 1.
     """
-    count = tf.reduce_sum(tf.cast(_all_if_none(present, gram), tf.float64))
-    to_present = gram.shape[0] / tf.maximum(count, 1.0)  # None present: G is 0, and so are both.
+    # None present: G is 0, and so are both.
+    to_present = gram.shape[0] / present_count(_all_if_none(present, gram))
     return tf.reduce_mean(gram, axis=1) * to_present, tf.reduce_mean(gram) * to_present ** 2
+
+
+def present_count(present: tf.Tensor, dtype: tf.DType = tf.float64) -> tf.Tensor:
+    """m, the number of present outputs; 1 when there are none, so that dividing by it is safe."""
+    return tf.maximum(tf.reduce_sum(tf.cast(present, dtype)), 1.0)
 
 
 def _all_if_none(present: tf.Tensor | None, gram: tf.Tensor) -> tf.Tensor:
