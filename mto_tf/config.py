@@ -31,12 +31,14 @@ before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from mto_tf import loss_weighting as loss_weighting_lib
+from mto_tf import task_mixing as task_mixing_lib
 from mto_tf.errors import ConfigError
 
 _DEFAULT_TRAIN_STEPS = 500
@@ -53,7 +55,11 @@ DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSI
 PARTS = ("model", "data", "loss", "metrics", "training", "evaluation", "driver", "distribution")
 # How the command line writes a setting; mto_tf/programs/flags.py has a flag type and parser for each.
 KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weights", "metrics", "class_weights",
-         "feature_map", "missing_labels", "extra_losses", "keras_object", "keras_object_or_number", "name_or_json")
+         "feature_map", "missing_labels", "extra_losses", "keras_object", "keras_object_or_number", "name_or_json",
+         "datasets", "integer_per_task", "text_per_task")
+# The settings that may differ per task with --datasets: each then a JSON object {TASK: value} (feature_map:
+# {TASK: {NAME: FEATURE}}); a task it leaves out takes the default (batch_size: every task needs one).
+PER_TASK = ("batch_size", "shuffle_buffer", "feature_map", "validation_data")
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -145,18 +151,34 @@ class TrainConfig:
     # Data: a source name (or, from Python, a tf.data.Dataset).
     dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', or "
                         "'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset prepared in --data_dir).", reads=("data",))
+    # Task (an output, or several joined by ",") -> its source, as `dataset` takes it (from Python also a dataset).
+    datasets: Mapping[str, Any] = parsed(
+        "datasets", {}, "Instead of --dataset, one dataset per task: a JSON object {TASK: SOURCE, ...}, a task being "
+        "an output name or several joined by ',' (every output in exactly one task), a source as --dataset takes "
+        "it. Each source holds the model's inputs and its task's labels. --batch_size, --shuffle_buffer, "
+        "--feature_map and --validation_data may then be JSON objects {TASK: value}. See docs/data.md.",
+        reads=("data",))
+    task_mixing: str | Mapping[str, Any] = parsed(
+        "name_or_json", "joint", "With --datasets: 'joint' (each step a batch of every task, one update of the "
+        "weighted sum of all losses) or a sampled turn, each step training one task drawn from --seed and the step: "
+        "'uniform', 'proportional' (probability ~ examples^alpha; JSON {\"name\": \"proportional\", \"alpha\": "
+        "0.5}, default 1), 'annealed' (alpha falling from 1 to 0.2 over the epochs, as Model Garden's "
+        "AnnealingTaskSampler; JSON parameters steps_per_epoch, total_steps).", reads=("training",))
+    epochs_of: str | None = text(None, "With --datasets and --epochs: the task whose passes --epochs counts (the "
+                                       "others repeat). Unset: the task with the most examples.", reads=("driver",))
     data_dir: str | None = text(None, "TFDS data directory (default: TFDS's own).", reads=("data",), resumable=True)
     train_split: str = text("train", "tfds: the split to train on.", reads=("data",))
     # Model input, output or `sample_weight/<output>` -> dataset feature.
     feature_map: Mapping[str, str] = parsed(
         "feature_map", {}, "tfds: NAME=FEATURE,... maps a model input, output or sample_weight/<output> to a "
-        "dataset feature (nested: parent/child); unmapped inputs and outputs read the feature of their name.",
-        reads=("data",))
+        "dataset feature (nested: parent/child); unmapped inputs and outputs read the feature of their name. "
+        "With --datasets, also JSON {TASK: {NAME: FEATURE}}.", reads=("data",))
     # Validation: `npz:PATH` (from Python also a tf.data.Dataset like `dataset`),
     # or a split of the training dataset (synthetic_headlines, tfds:); None:
     # its `validation` split if it has one; "" for no validation.
-    validation_data: Any = text(None, "npz:PATH of validation examples (keys as for --dataset=npz:). Unset: the "
-                                      "dataset's validation split, if it has one.", reads=("evaluation",))
+    validation_data: Any = parsed("text_per_task", None, "npz:PATH of validation examples (keys as for "
+                                  "--dataset=npz:); with --datasets, JSON {TASK: npz:PATH}. Unset: the dataset's "
+                                  "validation split, if it has one.", reads=("evaluation",))
     validation_split: str | None = text(
         None, "synthetic_headlines, tfds: the split to validate on. Unset: 'validation' if the dataset has it; "
               "empty: no validation.", reads=("evaluation",))
@@ -170,7 +192,9 @@ class TrainConfig:
                                             only_for=("synthetic_headlines",), positive=True)
     synthetic_validation_examples: int = integer(1000, "Size of synthetic_headlines' validation split.",
                                                  reads=("data",), only_for=("synthetic_headlines",), positive=True)
-    shuffle_buffer: int = integer(0, "Shuffle buffer in examples; 0 keeps file order.", reads=("data",))
+    shuffle_buffer: int | Mapping[str, int] = parsed(
+        "integer_per_task", 0, "Shuffle buffer in examples; 0 keeps file order. With --datasets, also JSON "
+        "{TASK: N}.", reads=("data",))
 
     # Losses: one per output, one weight per output, metrics per output.
     # None: the built-in model's own (for `MODULE:FUNCTION` models: losses
@@ -249,8 +273,9 @@ class TrainConfig:
     xla_update: bool = boolean(False, "Compile the optimizer's update alone with XLA (custom loop, one replica): "
                                       "the same update, faster for dense gradients; no faster for an embedding's "
                                       "sparse one.", reads=("training",), resumable=True)
-    batch_size: int = integer(64, "GLOBAL batch size; each replica gets batch_size / replicas examples.",
-                              reads=("data",), positive=True)
+    batch_size: int | Mapping[str, int] = parsed(
+        "integer_per_task", 64, "GLOBAL batch size; each replica gets batch_size / replicas examples. With "
+        "--datasets, also JSON {TASK: N} (each task's global batch size).", reads=("data",), positive=True)
     train_steps: int | None = integer(_DEFAULT_TRAIN_STEPS, "Total steps; a resumed run continues up to it.",
                                       reads=("driver",), resumable=True,
                                       positive=True)  # Replaced by `epochs` when that is set.
@@ -309,11 +334,11 @@ class TrainConfig:
         elif self.train_steps is None:
             raise ConfigError("train_steps", "expected an integer > 0, got None")
         for name, setting in SETTINGS.items():
-            value = getattr(self, name)
-            if setting.positive and value is not None and not (isinstance(value, int) and value > 0):
-                raise ConfigError(name, f"expected an integer > 0, got {value!r}")
-            if setting.choices and value not in setting.choices:
-                raise ConfigError(name, f"expected one of {', '.join(setting.choices)}; got {value!r}")
+            for value in self._values_of(name):
+                if setting.positive and value is not None and not (isinstance(value, int) and value > 0):
+                    raise ConfigError(name, f"expected an integer > 0, got {value!r}")
+                if setting.choices and value not in setting.choices:
+                    raise ConfigError(name, f"expected one of {', '.join(setting.choices)}; got {value!r}")
         if self.vocab_size < 3:
             raise ConfigError("vocab_size", f"expected >= 3 (token 0 pads, and each synthetic sentiment owns a token), "
                                             f"got {self.vocab_size}")
@@ -321,8 +346,9 @@ class TrainConfig:
             raise ConfigError("l2", f"expected a factor >= 0, got {self.l2}")
         if not 0 <= self.dropout_rate < 1:
             raise ConfigError("dropout_rate", f"expected a rate in [0, 1), got {self.dropout_rate}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError("shuffle_buffer", f"expected >= 0 (0 keeps file order), got {self.shuffle_buffer}")
+        for buffer in self._values_of("shuffle_buffer"):
+            if not (isinstance(buffer, int) and buffer >= 0):
+                raise ConfigError("shuffle_buffer", f"expected an integer >= 0 (0 keeps file order), got {buffer!r}")
         self._check_optimization()
         if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
             raise ConfigError(
@@ -336,7 +362,11 @@ class TrainConfig:
             raise ConfigError("jit_compile", f"XLA compiles a step for one device; not with "
                                              f"--strategy={self.strategy}")
         self._check_model()
-        self._check_dataset()
+        if self.datasets:  # Each task's source and settings are checked as its own run's (`task_config`).
+            self._check_tasks()
+        else:
+            self._check_no_tasks()
+            self._check_dataset()
         self._check_validation()
         _check_class_weights(self.class_weights)
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
@@ -397,6 +427,100 @@ class TrainConfig:
                       if self.strategy in ("mirrored", "multi_worker") else None)
             if reason:
                 raise ConfigError("xla_update", f"not with {reason}")
+
+    def _values_of(self, name: str) -> list:
+        """A setting's value, or each task's value of a per-task one."""
+        value = getattr(self, name)
+        return list(value.values()) if self.is_per_task(name) else [value]
+
+    def is_per_task(self, name: str) -> bool:
+        """Whether setting `name` (of PER_TASK) is given per task, as {TASK: value}."""
+        value = getattr(self, name)
+        if name not in PER_TASK or not isinstance(value, Mapping):
+            return False
+        # A feature map is a mapping itself: per task, its values are mappings.
+        return name != "feature_map" or bool(value) and all(isinstance(item, Mapping) for item in value.values())
+
+    def for_task(self, name: str, task: str):
+        """Setting `name`'s value for `task`: its own (per task), else the one value every task shares."""
+        if not self.is_per_task(name):
+            return getattr(self, name)
+        return getattr(self, name).get(task, default_of(name))
+
+    @property
+    def mixing(self) -> task_mixing_lib.TaskMixing:
+        """`task_mixing` read: the mixing and its parameters."""
+        return task_mixing_lib.parse(self.task_mixing)
+
+    def task_config(self, task: str) -> TrainConfig:
+        """The run's settings as task `task`'s data sees them: its source as --dataset, its value of each
+        per-task setting, the class weights and missing labels of its outputs; checked as a run's are."""
+        outputs = task_mixing_lib.task_outputs(task)
+        try:
+            return dataclasses.replace(
+                self, datasets={}, task_mixing=default_of("task_mixing"), epochs_of=None, dataset=self.datasets[task],
+                class_weights={name: value for name, value in self.class_weights.items() if name in outputs},
+                missing_labels={name: value for name, value in self.missing_labels.items() if name in outputs},
+                **{name: self.for_task(name, task) for name in PER_TASK})
+        except ConfigError as error:
+            raise ConfigError("datasets" if error.flag == "dataset" else error.flag,
+                              f"task {task!r}: {error.message}") from None
+
+    def _check_no_tasks(self):
+        """Without --datasets: no value per task, no mixing of tasks."""
+        per_task = [name for name in PER_TASK if self.is_per_task(name)]
+        if per_task:
+            raise ConfigError(per_task[0], "a value per task ({TASK: value}) needs --datasets")
+        for name in ("task_mixing", "epochs_of"):
+            if getattr(self, name) != default_of(name):
+                raise ConfigError(name, "chooses among the tasks of --datasets; give --datasets too")
+
+    def _check_tasks(self):
+        """--datasets: its tasks, each task's settings, and what one dataset per task cannot do (yet)."""
+        if not isinstance(self.datasets, Mapping):
+            raise ConfigError("datasets", f"expected {{TASK: SOURCE, ...}}, got {self.datasets!r}")
+        task_mixing_lib.check_task_names(self.datasets)
+        tasks = list(self.datasets)
+        if self.dataset != default_of("dataset"):
+            raise ConfigError("dataset", "give --dataset or --datasets (one source per task), not both")
+        for name in PER_TASK:
+            if self.is_per_task(name):
+                unknown = sorted(set(getattr(self, name)) - set(tasks))
+                if unknown:
+                    raise ConfigError(name, f"unknown task {unknown[0]!r}; --datasets has tasks {tasks}")
+        if self.is_per_task("batch_size"):
+            missing = [task for task in tasks if task not in self.batch_size]
+            if missing:
+                raise ConfigError("batch_size", f"no batch size for task {missing[0]!r}; expected one for each of "
+                                                f"{tasks}")
+        if self.epochs_of is not None:
+            if self.epochs_of not in tasks:
+                raise ConfigError("epochs_of", f"unknown task {self.epochs_of!r}; --datasets has tasks {tasks}")
+            if self.epochs is None:
+                raise ConfigError("epochs_of", "names the task whose passes --epochs counts; give --epochs too")
+        mixing = self.mixing
+        if self.loop == "fit":
+            raise ConfigError("datasets", "model.fit takes one dataset; one dataset per task is the custom loop's: "
+                                          "use --loop=custom")
+        if self.extra_losses:
+            raise ConfigError("extra_losses", "a term of several outputs reads one batch's labels; with --datasets "
+                                              "each task's batch holds its own outputs' labels only")
+        if self.representation_layer:
+            raise ConfigError("weighting_gradients", "representation:LAYER takes per-example gradients of one "
+                                                     "batch's representation; with --datasets, use shared_weights")
+        if mixing.sampled:
+            if self.epochs is not None:
+                raise ConfigError("epochs", f"with --task_mixing={mixing.name}, how many steps a pass over a task "
+                                            f"takes depends on the draws; give --train_steps")
+            if self.weighting.name != "fixed":
+                raise ConfigError("loss_weighting", f"{self.weighting.name} weighs the tasks' losses against each "
+                                                    f"other; a step of --task_mixing={mixing.name} trains one task: "
+                                                    f"use --task_mixing=joint")
+            if self.grad_accum_steps > 1:
+                raise ConfigError("grad_accum_steps", f"not with --task_mixing={mixing.name}: each step trains one "
+                                                      f"task; use --task_mixing=joint")
+        for task in tasks:
+            self.task_config(task)
 
     @property
     def representation_layer(self) -> str | None:
@@ -471,11 +595,14 @@ class TrainConfig:
         Called once the model is built, so that a --model that names no model
         is reported as such first.
         """
-        readers = {value for value in (self.model, self.dataset) if isinstance(value, str)}
+        sources = self.datasets.values() if self.datasets else [self.dataset]
+        readers = {value for value in (self.model, *sources) if isinstance(value, str)}
         for name, setting in SETTINGS.items():
             if setting.only_for and not readers & set(setting.only_for) and getattr(self, name) != default_of(name):
-                raise ConfigError(name, f"--model={self.describe()['model']} with --dataset="
-                                        f"{self.describe()['dataset']} does not read it; leave it unset")
+                data = (f"--datasets={json.dumps(self.describe()['datasets'])}" if self.datasets
+                        else f"--dataset={self.describe()['dataset']}")
+                raise ConfigError(name, f"--model={self.describe()['model']} with {data} does not read it; leave "
+                                        f"it unset")
 
     def _check_validation(self):
         if self.eval_every < 0:
@@ -486,7 +613,7 @@ class TrainConfig:
         if self.save_best is not None and not self.save_best.startswith("val_"):
             raise ConfigError("save_best", f"expected a validation value such as val_loss or "
                                            f"val_<output>_loss, got {self.save_best!r}")
-        if self.validation_data is None:
+        if self.validation_data is None or self.is_per_task("validation_data"):  # Per task: each task checks its.
             return
         if self.validation_split is not None:
             raise ConfigError("validation_data", "give --validation_data or --validation_split, not both")

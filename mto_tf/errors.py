@@ -22,6 +22,7 @@ class ConfigError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"--{flag}: {message}")
         self.flag = flag
+        self.message = message
 
 
 class NonFiniteError(Exception):

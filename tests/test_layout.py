@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and those below:
 
-    errors <- config, loss_weighting, _compat <- core <- data <- run <- programs <- the public API and the `python -m` modules
+    errors <- config, loss_weighting, task_mixing, _compat <- core <- data <- run <- programs <- the public API and the `python -m` modules
 """
 
 import ast
@@ -17,6 +17,7 @@ LAYERS = {
     "mto_tf.errors": 0,
     "mto_tf.config": 1,
     "mto_tf.loss_weighting": 1,
+    "mto_tf.task_mixing": 1,
     "mto_tf._compat": 1,
     "mto_tf.core": 2,
     "mto_tf.data": 3,

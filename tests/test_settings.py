@@ -47,7 +47,7 @@ def test_mto_explain_refuses_the_flags_of_the_parts_it_does_not_run():
         "optimizer", "learning_rate", "clipnorm", "global_clipnorm", "clipvalue", "grad_accum_steps", "xla_update",
         "jit_compile", "train_steps", "epochs", "steps_per_loop", "log_every", "checkpoint_every", "loop",
         "progress", "save_best", "early_stopping_patience", "metrics", "validation_data", "validation_split",
-        "eval_every", "eval_steps", "log_gradient_shares_every", "callbacks"}
+        "eval_every", "eval_steps", "log_gradient_shares_every", "callbacks", "task_mixing", "epochs_of"}
     for name in flags_not_read_by(explain.READS):
         assert not set(config_lib.SETTINGS[name].reads) & set(explain.READS), name
 

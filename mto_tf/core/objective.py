@@ -34,6 +34,13 @@ class Objective:
     signature: ModelSignature
     terms: Mapping[str, losses.LossTerm]  # Each trained output's loss, then each extra term, by name.
     loss_weights: LossWeights
+    # With one dataset per task: each task's terms. A batch is then `{task: batch}`, each term computed on
+    # its task's batch (one forward pass per task); None: one batch holds every term's labels.
+    tasks: Mapping[str, tuple[str, ...]] | None = None
+
+    def of_task(self, task: str) -> Objective:
+        """The total loss of one task's terms, on a batch of that task alone (a sampled turn's step)."""
+        return dataclasses.replace(self, terms={name: self.terms[name] for name in self.tasks[task]}, tasks=None)
 
     def replica_sums(self, batch, *, training: bool = True,
                      metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
@@ -41,16 +48,28 @@ class Objective:
         """Forward on one replica's slice `batch`, and each term's sums on it (before any sum over replicas).
 
         Args:
-          batch: `(inputs, labels)` or `(inputs, labels, sample_weights)`, this replica's slice.
+          batch: `(inputs, labels)` or `(inputs, labels, sample_weights)`, this replica's slice (with
+            `tasks`: `{task: slice}`).
           training: Dropout drops, BatchNorm normalizes by the batch and updates its
             moving statistics; False changes nothing.
           metrics: `{log name: (output, metric)}` to update with this slice's predictions.
           forward: `forward(inputs, training)`, the predictions, instead of the model's call.
         """
+        if self.tasks is None:
+            return self._sums_on(batch, list(self.terms), training=training, metrics=metrics, forward=forward)
+        sums = {}
+        for task, names in self.tasks.items():  # Each task's outputs, on a forward pass of its own batch.
+            sums.update(self._sums_on(batch[task], names, training=training, metrics=metrics, forward=forward))
+        return {name: sums[name] for name in self.terms}
+
+    def _sums_on(self, batch, names, *, training, metrics, forward) -> dict[str, losses.ReplicaSums]:
+        """Forward on one batch; the sums of the terms `names`, and the metrics of the outputs it has labels of."""
         inputs, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(batch)
         sample_weights = sample_weights or {}
         predictions = self.signature.as_output_dict((forward or self.model)(inputs, training=training))
         for output_name, metric in (metrics or {}).values():
+            if output_name not in labels:  # Another task's output.
+                continue
             # Weighted by the sample weights, as compile's `weighted_metrics`:
             # an example whose weight is 0 has no label for this output, and
             # its metrics skip it (compile's plain `metrics` would count it).
@@ -58,8 +77,7 @@ class Objective:
             if weights is not None:  # Shaped to broadcast against labels with a value per time step too.
                 weights = tf.reshape(weights, [-1] + [1] * (labels[output_name].shape.rank - 1))
             metric.update_state(labels[output_name], predictions[output_name], sample_weight=weights)
-        return {name: losses.replica_sums(term, labels, predictions, sample_weights)
-                for name, term in self.terms.items()}
+        return {name: losses.replica_sums(self.terms[name], labels, predictions, sample_weights) for name in names}
 
     def output_losses(self, batch, *, examples_in_batch: int | tf.Tensor | None = None, training: bool = True,
                       metrics: Mapping[str, tuple[str, keras.metrics.Metric]] | None = None,
@@ -67,8 +85,8 @@ class Objective:
         """Forward, and each term's share of its global-batch loss: on one replica's slice `batch`.
 
         `examples_in_batch`: the examples in the whole global batch, when
-        known (every batch full); None: counted across replicas. Other
-        arguments as `replica_sums`.
+        known (every batch full; with `tasks`, `{task: examples}`); None:
+        counted across replicas. Other arguments as `replica_sums`.
         """
         sums = self.replica_sums(batch, training=training, metrics=metrics, forward=forward)
         return self._shares(sums, examples_in_batch=examples_in_batch, count_labelled=False)[0]
@@ -88,21 +106,28 @@ class Objective:
         # fit divides each replica's sums by its own). One all-reduce for every
         # divisor and count, and none when the batch size says it all (every
         # batch full: it is sum_over_batch_size's divisor; `sum` has none).
-        known = ({} if examples_in_batch is None
-                 else {losses.SUM_OVER_BATCH_SIZE: tf.cast(examples_in_batch, tf.float32)})
+        known = self._known_divisors(examples_in_batch)
         global_divisors = global_labelled = None
-        if count_labelled or any(term.reduction not in (losses.SUM, *known) for term in self.terms.values()):
+        if count_labelled or any(term.reduction != losses.SUM and name not in known
+                                 for name, term in self.terms.items()):
             global_divisors, global_labelled = tf.unstack(summed_over_replicas(tf.stack(
                 [[part.divisor for part in sums.values()], [part.labelled for part in sums.values()]])))
         output_losses = {}
         for k, (name, part) in enumerate(sums.items()):
-            reduction = self.terms[name].reduction
-            if reduction in known:
-                divisor = known[reduction]
+            if name in known:
+                divisor = known[name]
             else:  # `sum`'s is None: it has no divisor.
                 divisor = None if global_divisors is None else global_divisors[k]
-            output_losses[name] = losses.reduced(part.weighted_sum, divisor, reduction)
+            output_losses[name] = losses.reduced(part.weighted_sum, divisor, self.terms[name].reduction)
         return output_losses, (None if global_labelled is None else global_labelled > 0)
+
+    def _known_divisors(self, examples_in_batch) -> dict[str, tf.Tensor]:
+        """Each `sum_over_batch_size` term's divisor when the batch size says it: the examples of its batch."""
+        if examples_in_batch is None:
+            return {}
+        task_of = {name: task for task, names in (self.tasks or {}).items() for name in names}
+        return {name: tf.cast(examples_in_batch[task_of[name]] if self.tasks else examples_in_batch, tf.float32)
+                for name, term in self.terms.items() if term.reduction == losses.SUM_OVER_BATCH_SIZE}
 
     def total_loss(self, output_losses: Mapping[str, tf.Tensor], *, replicas_share: bool = True) -> tf.Tensor:
         """`sum_i w_i * loss_i` plus this replica's share of the regularization (all of it: `replicas_share=False`).

@@ -27,6 +27,9 @@ class ModelSignature:
     inputs: Mapping[str, tf.TensorSpec]  # In the model's order; a None size takes any size.
     outputs: Mapping[str, tf.TensorSpec]  # In the order `fit` names them.
     outputs_are_dict: bool  # The model returns a dict (else a list, in `outputs`' order).
+    # With one dataset per task, a task's data is checked against the model's inputs and the task's outputs:
+    # the other outputs' labels (and sample weights), if the data has them, are not the task's and are not read.
+    other_outputs: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, model: keras.Model) -> ModelSignature:
@@ -47,6 +50,11 @@ class ModelSignature:
     @property
     def output_names(self) -> list[str]:
         return list(self.outputs)
+
+    def with_outputs(self, names) -> ModelSignature:
+        """The signature a task's data must fit: the model's inputs, and only the outputs `names` (model order)."""
+        return dataclasses.replace(self, outputs={name: spec for name, spec in self.outputs.items() if name in names},
+                                   other_outputs=tuple(name for name in self.outputs if name not in names))
 
     def as_output_dict(self, outputs) -> dict:
         """The model's outputs (a dict or a list, as it was built) as a dict keyed by output name."""

@@ -156,16 +156,19 @@ def make_evaluate(
     return evaluate
 
 
-def make_train_loop(train_step: Callable[[object], dict[str, tf.Tensor]],
-                    measurement_names: list[str]) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
-    """Returns `train_loop(iterator, num_steps)`: `num_steps` steps, and the SUM of each measurement."""
+def make_train_loop(train_step: Callable[[object], dict[str, tf.Tensor]], measurement_names: list[str], *,
+                    reads_iterator: bool = False) -> Callable[[object, tf.Tensor], dict[str, tf.Tensor]]:
+    """Returns `train_loop(iterator, num_steps)`: `num_steps` steps, and the SUM of each measurement.
+
+    `reads_iterator`: the step takes the iterator (a sampled turn's: `{task: iterator}`), not its next batch.
+    """
 
     @tf.function
     def train_loop(iterator, num_steps):
         """`num_steps` steps in one call: Python and dispatch overhead paid once."""
         totals = {name: tf.constant(0.0) for name in measurement_names}
         for _ in tf.range(num_steps):
-            measurements = train_step(next(iterator))
+            measurements = train_step(iterator if reads_iterator else next(iterator))
             totals = {name: totals[name] + measurements[name] for name in totals}
         return totals
 

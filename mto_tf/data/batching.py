@@ -84,37 +84,41 @@ def distributed_batches(strategy: tf.distribute.Strategy, examples: Examples, *,
     whole global batch holds. Every worker sees every batch, so all run the
     same number of steps and every example is used exactly once per pass.
     """
+    return strategy.distribute_datasets_from_function(
+        lambda input_context: replica_slices(input_context, examples, signature=signature, batching=batching,
+                                             skip_batches=skip_batches))
+
+
+def replica_slices(input_context: tf.distribute.InputContext, examples: Examples, *, signature: ModelSignature,
+                   batching: Batching, skip_batches: int = 0) -> tf.data.Dataset:
+    """One input pipeline's part of `distributed_batches`: its replicas' slices of each global batch, parsed."""
     parse = _parser(examples, signature=signature, batching=batching)
     full = batching.full_batches_only
+    replicas = input_context.num_replicas_in_sync
+    local_replicas = replicas // input_context.num_input_pipelines
+    first_replica = input_context.input_pipeline_id * local_replicas
+    per_replica_rows = batching.batch_size // replicas  # Of a full batch (the strategy checks it divides).
 
-    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        replicas = input_context.num_replicas_in_sync
-        local_replicas = replicas // input_context.num_input_pipelines
-        first_replica = input_context.input_pipeline_id * local_replicas
-        per_replica_rows = batching.batch_size // replicas  # Of a full batch (the strategy checks it divides).
+    def slices(*records):
+        record_batch = records if len(records) > 1 else records[0]
+        rows = tf.shape(tf.nest.flatten(record_batch)[0], out_type=tf.int64)[0]
+        slice_rows = (rows + replicas - 1) // replicas
 
-        def replica_slices(*records):
-            record_batch = records if len(records) > 1 else records[0]
-            rows = tf.shape(tf.nest.flatten(record_batch)[0], out_type=tf.int64)[0]
-            slice_rows = (rows + replicas - 1) // replicas
+        def replica_slice(replica):
+            start = tf.minimum(replica * slice_rows, rows)
+            end = tf.minimum(start + slice_rows, rows)
+            return tf.nest.map_structure(
+                # Full batches keep a static size: a step traced for an unknown
+                # batch size ran about 5 % slower.
+                lambda tensor: tf.ensure_shape(tensor[start:end], [per_replica_rows, *tensor.shape[1:]])
+                if full else tensor[start:end], record_batch)
 
-            def replica_slice(replica):
-                start = tf.minimum(replica * slice_rows, rows)
-                end = tf.minimum(start + slice_rows, rows)
-                return tf.nest.map_structure(
-                    # Full batches keep a static size: a step traced for an unknown
-                    # batch size ran about 5 % slower.
-                    lambda tensor: tf.ensure_shape(tensor[start:end], [per_replica_rows, *tensor.shape[1:]])
-                    if full else tensor[start:end], record_batch)
+        return tf.data.Dataset.range(first_replica, first_replica + local_replicas).map(replica_slice)
 
-            return tf.data.Dataset.range(first_replica, first_replica + local_replicas).map(replica_slice)
-
-        records = _record_batches(examples, batching).skip(skip_batches)
-        if replicas > 1:
-            records = records.flat_map(replica_slices)
-        return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    records = _record_batches(examples, batching).skip(skip_batches)
+    if replicas > 1:
+        records = records.flat_map(slices)
+    return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 def steps_per_pass(num_examples: int, batch_size: int) -> int:

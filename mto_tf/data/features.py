@@ -20,8 +20,9 @@ SAMPLE_WEIGHT_PREFIX = "sample_weight/"
 
 
 def expected_keys(signature: ModelSignature) -> list[str]:
-    """Every name a dataset may provide: inputs, outputs, and each output's sample weight."""
-    outputs = signature.output_names
+    """Every name a dataset may provide: inputs, outputs, and each output's sample weight (another task's
+    outputs too: one file may feed several tasks)."""
+    outputs = [*signature.output_names, *signature.other_outputs]
     return [*signature.input_names, *outputs, *(SAMPLE_WEIGHT_PREFIX + name for name in outputs)]
 
 

@@ -38,6 +38,9 @@ def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> tf.d
     features.check({key: tf.TensorSpec(array.shape[1:], tf.as_dtype(array.dtype) if array.dtype.kind in "biuf"
                                        else tf.string) for key, array in arrays.items()},
                    signature, flag=flag, where=lambda key: f"npz file {path!r}, key {key!r}")
+    for name in signature.other_outputs:  # Another task's labels: not read.
+        arrays.pop(name, None)
+        arrays.pop(features.SAMPLE_WEIGHT_PREFIX + name, None)
     for name, tensor in signature.outputs.items():
         # Labels (N,) for a (batch, 1) output become (N, 1), like the
         # predictions, so that per-example losses are computed row by row.

@@ -111,7 +111,8 @@ def _feature_paths(feature_map: Mapping[str, str], signature: ModelSignature) ->
                                          f"{features.SAMPLE_WEIGHT_PREFIX}<output> of model {signature.model_name!r} "
                                          f"(inputs {signature.input_names}, outputs {signature.output_names})")
     wanted = [*signature.input_names, *signature.output_names,
-              *(key for key in feature_map if key.startswith(features.SAMPLE_WEIGHT_PREFIX))]
+              *(key for key in feature_map if key.startswith(features.SAMPLE_WEIGHT_PREFIX)
+                and key.removeprefix(features.SAMPLE_WEIGHT_PREFIX) in signature.outputs)]
     return {key: feature_map.get(key, key) for key in wanted}
 
 

@@ -6,7 +6,10 @@
 The same model, data and loss flags as `mto-train` (and its metrics and
 `--batch_size`); the weights of a run (`--model_dir` with `--weights=final`,
 `best` or `step:N`) or `--init_weights`; the examples from
-`--eval_data=npz:PATH` or a split of the run's dataset (`--eval_split`).
+`--eval_data=npz:PATH` or a split of the run's dataset (`--eval_split`);
+with `--datasets`, each task's outputs on its own examples
+(`--eval_data='{"TASK": "npz:PATH", ...}'`, or the split of each task's
+dataset).
 It prints `loss`, each `<output>_loss` and each metric, named as `fit`
 names them, each an exact mean over every example (the last partial batch
 included, sample weights as in training), under any strategy. It only
@@ -24,11 +27,10 @@ from absl import flags
 from mto_tf.config import TrainConfig
 from mto_tf.core import models
 from mto_tf.core.strategy import make_strategy
-from mto_tf.data import sources
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
 from mto_tf.run import best, model_dir
-from mto_tf.run.evaluation import Evaluation
+from mto_tf.run.evaluation import evaluation_of
 from mto_tf.run.model_setup import build_model_setup, resolve_metric_identifiers
 
 # The parts of a run mto-evaluate runs (see PARTS in mto_tf/config.py); the other flags are refused.
@@ -53,20 +55,36 @@ def weights_file(run_dir: str, weights: str) -> str:
     return path
 
 
-def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data: str | None,
+def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data: str | dict | None,
              eval_split: str | None, weights: str | None = None) -> dict[str, float | list]:
-    """The model's losses and metrics on the examples, each an exact mean over all of them."""
+    """The model's losses and metrics on the examples, each an exact mean over all of them.
+
+    With --datasets, each task's outputs on its own examples (`eval_data`:
+    `{task: npz:PATH}`, or a split of each task's dataset), `loss` their
+    weighted total, `examples` each task's count.
+    """
     setup = build_model_setup(config, strategy)
     if weights and weights.endswith(".weights.h5"):
         models.load_weights(setup.model, weights, flag="weights")
     elif weights:  # A checkpoint: the model's part of it.
         tf.train.Checkpoint(model=setup.model).read(weights).expect_partial()
-    examples = sources.load_evaluation_examples(config, setup.signature, data=eval_data, split=eval_split,
-                                                split_must_exist=True, data_flag="eval_data",
-                                                split_flag="eval_split")
     identifiers = resolve_metric_identifiers(config, setup.signature)
-    evaluation = Evaluation(setup, examples, metric_identifiers=identifiers)
+    evaluation = evaluation_of(setup, data=eval_data, split=eval_split, metric_identifiers=identifiers)
+    if evaluation is None:  # --eval_data per task that names no task.
+        raise ConfigError("eval_data", f"no examples to evaluate: name a task of --datasets {list(config.datasets)}")
     return {**evaluation(), "examples": evaluation.num_examples}
+
+
+def _eval_data(text: str | None) -> str | dict[str, str] | None:
+    """--eval_data: npz:PATH, or (with --datasets) a JSON object {TASK: npz:PATH}."""
+    if text is None:
+        return None
+    data = mto_flags.parse_json_object("eval_data", text, '{"TASK": "npz:PATH", ...}') if text.lstrip().startswith(
+        "{") else text
+    for path in data.values() if isinstance(data, dict) else [data]:
+        if not (isinstance(path, str) and path.startswith("npz:")):
+            raise ConfigError("eval_data", f"expected npz:PATH, got {path!r}")
+    return data
 
 
 def evaluate_main() -> None:
@@ -77,8 +95,7 @@ def evaluate_main() -> None:
     if (given.eval_data is None) == (given.eval_split is None):
         raise ConfigError("eval_data", "give the examples to evaluate: --eval_data=npz:PATH or --eval_split=NAME "
                                        "(a split of --dataset), one of them")
-    if given.eval_data is not None and not given.eval_data.startswith("npz:"):
-        raise ConfigError("eval_data", f"expected npz:PATH, got {given.eval_data!r}")
+    eval_data = _eval_data(given.eval_data)
     if given.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(given.output_json))):
         raise ConfigError("output_json", f"no directory to write {given.output_json!r} in")
     config = mto_flags.config_from_flags()
@@ -90,11 +107,15 @@ def evaluate_main() -> None:
     elif given["weights"].present:
         raise ConfigError("weights", "chooses a run's weights: give --model_dir too")
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
-    values = evaluate(config, strategy=strategy, eval_data=given.eval_data, eval_split=given.eval_split,
+    if isinstance(eval_data, dict):
+        unknown = sorted(set(eval_data) - set(config.datasets))
+        if unknown:
+            raise ConfigError("eval_data", f"unknown task {unknown[0]!r}; --datasets has tasks {list(config.datasets)}")
+    values = evaluate(config, strategy=strategy, eval_data=eval_data, eval_split=given.eval_split,
                       weights=weights)
     width = max(len(name) for name in values)
     for name, value in values.items():
-        shown = json.dumps(value) if isinstance(value, list) else f"{value:.6g}"
+        shown = json.dumps(value) if isinstance(value, list | dict) else f"{value:.6g}"
         print(f"{name.ljust(width)}  {shown}")
     if given.output_json:
         with open(given.output_json, "w") as file:

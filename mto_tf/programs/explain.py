@@ -24,7 +24,6 @@ from absl import flags
 from mto_tf.config import TrainConfig
 from mto_tf.core import gradient_shares, models
 from mto_tf.core.strategy import make_strategy
-from mto_tf.data import batching
 from mto_tf.errors import ConfigError
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data and loss ones are read.
 from mto_tf.run import model_dir
@@ -55,16 +54,16 @@ def explain(config: TrainConfig, *, strategy: tf.distribute.Strategy, explain_ba
         if weights:  # The method's state (learned weights, histories) at the end of the run.
             _restore_method_state(method, os.path.dirname(weights))
     contributions = gradient_shares.make_gradient_contributions(
-        objective=setup.objective, strategy=strategy, global_batch_size=config.batch_size, method=method)
-    batches = batching.distributed_batches(strategy, setup.examples, signature=setup.signature,
-                                           batching=batching.Batching.for_training(config))
+        objective=setup.objective, strategy=strategy, global_batch_size=setup.global_batch_sizes, method=method)
+    # Each output's gradient on its own task's batch, with --datasets.
+    batches = setup.training_batches()
     summed = None
     for batch in itertools.islice(iter(batches), explain_batches):
         batch_contributions = contributions(batch)
         summed = batch_contributions if summed is None else gradient_shares.added(summed, batch_contributions)
     report = gradient_shares.layer_report(setup.model, summed, loss_weights=setup.loss_weights.numbers())
     report["batches"] = explain_batches
-    report["batch_size"] = config.batch_size
+    report["batch_size"] = config.batch_size  # With --datasets, {task: its global batch size}.
     report["loss_weighting"] = config.weighting.describe()
     return report
 

@@ -28,6 +28,8 @@ def flag_default(name: str):
     default = config_lib.default_of(name)
     if config_lib.SETTINGS[name].kind in _TEXT_PARSERS and isinstance(default, dict):
         return ""  # An empty mapping.
+    if config_lib.SETTINGS[name].kind == "integer_per_task":
+        return str(default)  # A number, or JSON per task: a text flag.
     return default
 
 
@@ -62,9 +64,11 @@ def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """mto-evaluate's own flags, beside mto-train's (defined when it runs: mto-explain has an --output_json too)."""
     if "eval_data" in flag_values:  # Defined already, by an earlier run in this process.
         return
-    flags.DEFINE_string("eval_data", None, "npz:PATH of the examples to evaluate (keys as for --dataset=npz:).",
+    flags.DEFINE_string("eval_data", None, "npz:PATH of the examples to evaluate (keys as for --dataset=npz:); "
+                                           "with --datasets, JSON {TASK: npz:PATH} (each task's outputs on its own).",
                         flag_values=flag_values)
-    flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, synthetic_headlines).",
+    flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, synthetic_headlines); "
+                                            "with --datasets, of each task's.",
                         flag_values=flag_values)
     flags.DEFINE_string("weights", "final", "With --model_dir: final (model.weights.h5), best (best.weights.h5) or "
                                             "step:N (the checkpoint of step N).", flag_values=flag_values)
@@ -230,6 +234,49 @@ def _parse_metrics(flag: str, text: str) -> dict[str, tuple]:
     return metrics
 
 
+def parse_json_object(flag: str, text: str, what: str) -> dict:
+    """A JSON object; a ConfigError naming `flag` (and `what` was expected) otherwise."""
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(flag, f"not valid JSON ({error})") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(flag, f"expected a JSON object {what}, got {text!r}")
+    return mapping
+
+
+def _parse_datasets(flag: str, text: str) -> dict[str, str]:
+    """`{"TASK": "SOURCE", ...}`: each source as --dataset takes it."""
+    if not text.strip():
+        return {}
+    mapping = parse_json_object(flag, text, '{"TASK": "SOURCE", ...}')
+    for task, source in mapping.items():
+        if not isinstance(source, str):
+            raise ConfigError(flag, f"task {task!r}: expected a source as --dataset takes it, got {source!r}")
+    return mapping
+
+
+def _parse_integer_per_task(flag: str, text: str) -> int | dict[str, int]:
+    """A number, or `{"TASK": N, ...}` (with --datasets)."""
+    if text.lstrip().startswith("{"):
+        return parse_json_object(flag, text, '{"TASK": N, ...}')
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(flag, f"expected an integer, or a JSON object {{\"TASK\": N, ...}}, got {text!r}") from None
+
+
+def _parse_feature_map(flag: str, text: str) -> dict:
+    """NAME=FEATURE,... (names kept as written), or (with --datasets) `{"TASK": {"NAME": "FEATURE"}, ...}`."""
+    if text.lstrip().startswith("{"):
+        mapping = parse_json_object(flag, text, '{"TASK": {"NAME": "FEATURE", ...}, ...}')
+        if not all(isinstance(pairs, dict) and all(isinstance(value, str) for value in pairs.values())
+                   for pairs in mapping.values()):
+            raise ConfigError(flag, f'expected {{"TASK": {{"NAME": "FEATURE", ...}}, ...}}, got {text!r}')
+        return mapping
+    return _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=FEATURE")
+
+
 # Each kind the command line writes as text -> `parse(flag, text)`, the setting's value.
 _TEXT_PARSERS = {
     "losses": lambda flag, text: _parse_mapping(flag, text, _loss_from_text),
@@ -237,12 +284,17 @@ _TEXT_PARSERS = {
     "metrics": _parse_metrics,
     "class_weights": _parse_class_weights,
     # A model input, an output or sample_weight/<output>, and the feature that feeds it: names, kept as written.
-    "feature_map": lambda flag, text: _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=FEATURE"),
+    "feature_map": _parse_feature_map,
     "missing_labels": lambda flag, text: _parse_mapping(flag, text, _missing_value_from_text, json_ok=False),
     "extra_losses": lambda flag, text: _parse_mapping(flag, text, json_ok=False, pairs_of="NAME=MODULE:FUNCTION"),
     "keras_object": _parse_keras_object,
     "keras_object_or_number": lambda flag, text: _parse_keras_object(flag, text, number_ok=True),
     "name_or_json": _parse_keras_object,
+    "datasets": _parse_datasets,
+    "integer_per_task": _parse_integer_per_task,
+    # Text as given, or (with --datasets) a JSON object {TASK: text}.
+    "text_per_task": lambda flag, text: (parse_json_object(flag, text, '{"TASK": "...", ...}')
+                                         if text.lstrip().startswith("{") else text),
 }
 
 define_flags()

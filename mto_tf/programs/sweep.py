@@ -92,7 +92,8 @@ def sweep_methods(config: TrainConfig, *, methods: list[str], sweep_dir: str, st
 
 
 def _check_validation(config: TrainConfig, setup, *, flag: str) -> None:
-    if sources.load_validation_examples(config, setup.signature) is None:
+    data = [(task.config, task.signature) for task in setup.tasks] or [(config, setup.signature)]
+    if all(sources.load_validation_examples(data_config, signature) is None for data_config, signature in data):
         raise ConfigError(flag, "the sweep compares final validation values: give --validation_data or a "
                                 "dataset with a validation split")
 

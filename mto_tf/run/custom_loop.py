@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import step
-from mto_tf.data import batching
 from mto_tf.run import driver
 from mto_tf.run.callbacks import KerasCallbacks
 from mto_tf.run.gradient_share_log import make_gradient_share_measurement
@@ -33,17 +32,16 @@ def run_custom_loop(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
     """
     config, setup = run.config, run.setup
     schedule = driver.Schedule.of(run)
-    train_loop = step.make_train_loop(make_train_step(run), run.measurement_names)
-    batches = iter(batching.distributed_batches(setup.strategy, setup.examples, signature=setup.signature,
-                                                batching=batching.Batching.for_training(config),
-                                                skip_batches=run.start_step))
+    train_loop = step.make_train_loop(make_train_step(run), run.measurement_names,
+                                      reads_iterator=run.sampler is not None)
+    batches = run.training_input()
     measure_shares = make_gradient_share_measurement(run) if config.log_gradient_shares_every else None
-    callbacks, timer = KerasCallbacks(run), driver.WindowTimer(config.batch_size)
+    callbacks, timer = KerasCallbacks(run), driver.WindowTimer()
     window_ends = driver.WindowEnds(run, schedule=schedule, timer=timer, first=[callbacks.on_window_end],
                                     then=actions)
     preemption = PreemptionWatcher(setup.strategy)
     try:
-        current_step, window = run.start_step, driver.StepSums()
+        current_step, window = run.start_step, driver.StepSums(run.counted_by)
         callbacks.train_begins()
         while current_step < run.total_steps:
             num_steps = schedule.steps_in_call(current_step)
@@ -62,8 +60,8 @@ def run_custom_loop(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
             if boundary.window_ended:
                 callbacks.keep_epoch_metrics()  # Before the window's training metrics are read and reset.
                 boundary.record.update({**window.means(), **metrics_lib.results_and_reset(run.metrics.training),
-                                        "examples_per_sec": timer.examples_per_sec(window.steps)})
-                window = driver.StepSums()
+                                        "examples_per_sec": timer.examples_per_sec(run.examples_in(window.totals, window.steps))})
+                window = driver.StepSums(run.counted_by)
             if measure_shares and schedule.gradient_shares_due(current_step):
                 boundary.record.update(measure_shares())
             if run.evaluation and schedule.evaluation_due(current_step):

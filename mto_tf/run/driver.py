@@ -63,7 +63,7 @@ class Schedule:
         config = run.config
         # Counted last: a Python dataset of unknown size is read to count it.
         partial_step_alone = bool(config.epochs and run.setup.strategy.num_replicas_in_sync > 1
-                                  and run.setup.examples.count() % config.batch_size)
+                                  and run.setup.examples.count() % run.setup.pass_batch_size)
         return cls(total_steps=run.total_steps, steps_per_loop=config.steps_per_loop, log_every=config.log_every,
                    epoch_steps=run.epoch_steps, checkpoint_every=config.checkpoint_every,
                    eval_every=config.eval_every, gradient_shares_every=config.log_gradient_shares_every,
@@ -121,17 +121,16 @@ Action = Callable[[Boundary], None]
 class WindowTimer:
     """The training time of the window being trained, for `examples_per_sec`."""
 
-    def __init__(self, global_batch_size: int):
-        self._global_batch_size = global_batch_size
+    def __init__(self):
         self.restart()
 
     def restart(self) -> None:
         """The window being trained starts now."""
         self._started = time.perf_counter()
 
-    def examples_per_sec(self, num_steps: int) -> float:
-        """Training throughput of the window so far, which trained `num_steps` global batches."""
-        return num_steps * self._global_batch_size / (time.perf_counter() - self._started)
+    def examples_per_sec(self, examples: int) -> float:
+        """Training throughput of the window so far, which trained `examples` examples."""
+        return examples / (time.perf_counter() - self._started)
 
 
 class WindowEnds:
@@ -190,11 +189,18 @@ def check_finite(values: Mapping[str, float], *, where: str, run: Run) -> None:
 
 
 class StepSums:
-    """Each step measurement's sum over some steps (a logging window, an epoch), and their number."""
+    """Each step measurement's sum over some steps (a logging window, an epoch), and their number.
 
-    def __init__(self):
+    `counted_by` (sampled turns of tasks): a measurement that only its
+    task's steps make -> the measurement counting those steps (`steps/<task>`,
+    summed, not averaged): its mean is over its task's steps, and it is left
+    out when the task had none.
+    """
+
+    def __init__(self, counted_by: Mapping[str, str] | None = None):
         self.totals: dict[str, np.float32] = {}
         self.steps = 0
+        self._counted_by = counted_by or {}
 
     def add(self, loop_totals: Mapping[str, np.float32], num_steps: int) -> None:
         # Added in float32, as inside the loop, so that how steps are
@@ -203,5 +209,14 @@ class StepSums:
         self.steps += num_steps
 
     def means(self) -> dict[str, float]:
-        """Each measurement's mean over the steps."""
-        return {name: float(total) / self.steps for name, total in self.totals.items()}
+        """Each measurement's mean over the steps (over its task's steps; a count of steps, summed)."""
+        counts = set(self._counted_by.values())
+        means = {}
+        for name, total in self.totals.items():
+            if name in counts:
+                means[name] = float(total)
+            elif name not in self._counted_by:
+                means[name] = float(total) / self.steps
+            elif self.totals[self._counted_by[name]]:
+                means[name] = float(total) / float(self.totals[self._counted_by[name]])
+        return means

@@ -29,7 +29,7 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
     def __init__(self, run: Run, *, schedule: driver.Schedule, actions: Sequence[driver.Action]):
         super().__init__()
         self._run = run
-        self._timer = driver.WindowTimer(run.config.batch_size)
+        self._timer = driver.WindowTimer()
         self._window_ends = driver.WindowEnds(run, schedule=schedule, timer=self._timer, then=actions)
         self._log_names = [*run.setup.loss_names, *run.metrics.training]
         self._val_names = [f"val_{name}" for name in self._log_names]
@@ -54,7 +54,7 @@ class _WindowEndsOfEpochs(keras.callbacks.Callback):
         record = {name: logs[name] for name in self._log_names}
         # As the custom loop stops: before logging or checkpointing the window.
         driver.check_finite(record, where=f"the window ending at step {current_step}", run=self._run)
-        record["examples_per_sec"] = self._timer.examples_per_sec(config.log_every)
+        record["examples_per_sec"] = self._timer.examples_per_sec(config.log_every * config.batch_size)
         if "val_loss" in logs:  # fit evaluated after this window.
             record.update({name: logs[name] for name in self._val_names})
         finished = current_step == self._run.total_steps

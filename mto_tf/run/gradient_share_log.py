@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mto_tf.core import gradient_shares
-from mto_tf.data import batching
 from mto_tf.run.setup import Run
 
 
@@ -16,12 +15,11 @@ def make_gradient_share_measurement(run: Run) -> Callable[[], dict[str, float]]:
     run's strategy (gradients summed over replicas); it changes neither the
     weights nor the training batches.
     """
-    config, setup = run.config, run.setup
+    setup = run.setup
     contributions = gradient_shares.make_gradient_contributions(
         objective=run.objective, strategy=setup.strategy,
-        global_batch_size=None if config.epochs else config.batch_size, method=run.method)
-    batches = iter(batching.distributed_batches(setup.strategy, setup.examples, signature=setup.signature,
-                                                batching=batching.Batching.for_training(config)))
+        global_batch_size=setup.global_batch_sizes, method=run.method)
+    batches = iter(setup.training_batches())
 
     def measure() -> dict[str, float]:
         report = gradient_shares.layer_report(setup.model, contributions(next(batches)),

@@ -24,7 +24,9 @@ from mto_tf.core.objective import Objective
 from mto_tf.core.signature import ModelSignature
 from mto_tf.core.strategy import check_batch_split
 from mto_tf.data import batching, sources
+from mto_tf.data import tasks as tasks_lib
 from mto_tf.data.examples import Examples
+from mto_tf.data.tasks import Task
 from mto_tf.errors import ConfigError, describe_error, first_line
 
 
@@ -61,12 +63,55 @@ class ModelSetup:
     strategy: tf.distribute.Strategy
     model: keras.Model
     signature: ModelSignature  # Read once, where the model is built.
-    examples: Examples  # The training data, in file order.
+    examples: Examples  # The training data, in file order (with --datasets: the task --epochs counts).
     labels_spec: dict[str, tf.TensorSpec]  # Each output's labels, as the batches hold them.
     losses: Losses
     loss_weights: LossWeights  # Schedules read at step 0: what mto-explain and mto-evaluate weigh by.
     # The outputs whose training batches carry sample weights (their own, class weights', missing labels').
     weighted_outputs: tuple[str, ...]
+    tasks: tuple[Task, ...] = ()  # With --datasets: each task, its examples and settings.
+
+    @property
+    def epochs_task(self) -> Task | None:
+        """With --datasets, the task whose passes --epochs counts (`examples` are its)."""
+        return tasks_lib.epochs_task(self.config, self.tasks) if self.tasks else None
+
+    @property
+    def pass_batch_size(self) -> int:
+        """The global batch size of `examples`: a pass over them takes `steps_per_pass(count, this)` steps."""
+        return self.epochs_task.batch_size if self.tasks else self.config.batch_size
+
+    @property
+    def examples_per_step(self) -> int:
+        """The examples a full training step reads (with --datasets, a batch of every task)."""
+        return sum(task.batch_size for task in self.tasks) if self.tasks else self.config.batch_size
+
+    @property
+    def global_batch_sizes(self) -> int | dict[str, int] | None:
+        """What each training batch holds when every batch is full (`{task: size}` with --datasets); None with
+        --epochs (each pass ends with a partial batch, which the step counts)."""
+        if self.config.epochs:
+            return None
+        return {task.name: task.batch_size for task in self.tasks} if self.tasks else self.config.batch_size
+
+    def training_batches(self, *, skip_batches: int = 0) -> tf.distribute.DistributedDataset:
+        """Each replica's slices of each global training batch (with --datasets, `{task: slices}`: one of every
+        task), from the start or after `skip_batches` steps."""
+        if not self.tasks:
+            return batching.distributed_batches(self.strategy, self.examples, signature=self.signature,
+                                                batching=batching.Batching.for_training(self.config),
+                                                skip_batches=skip_batches)
+        epochs_task = self.epochs_task
+        batchings = {task.name: tasks_lib.training_batching(task, by_epoch=task is epochs_task and
+                                                            bool(self.config.epochs)) for task in self.tasks}
+        return tasks_lib.joint_batches(self.strategy, self.tasks, batchings=batchings, skip_batches=skip_batches)
+
+    def task_batches(self, skip_batches: dict[str, int]) -> dict[str, tf.distribute.DistributedDataset]:
+        """Each task's own training batches (a sampled turn reads the drawn task's only), after `skip_batches`."""
+        return {task.name: batching.distributed_batches(
+            self.strategy, task.examples, signature=task.signature,
+            batching=tasks_lib.training_batching(task, by_epoch=False), skip_batches=skip_batches[task.name])
+            for task in self.tasks}
 
     @property
     def objective(self) -> Objective:
@@ -75,8 +120,10 @@ class ModelSetup:
 
     def objective_weighted_by(self, loss_weights: LossWeights) -> Objective:
         """The same terms, weighted by `loss_weights` (a run's: its schedules follow the optimizer's step)."""
+        tasks = ({task.name: tuple(name for name in task.outputs if name in self.losses.terms) for task in self.tasks}
+                 if self.tasks else None)
         return Objective(model=self.model, signature=self.signature, terms=self.losses.terms,
-                         loss_weights=loss_weights)
+                         loss_weights=loss_weights, tasks=tasks)
 
     @property
     def loss_names(self) -> list[str]:
@@ -86,7 +133,8 @@ class ModelSetup:
 
 def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
     """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
-    check_batch_split(config, strategy)
+    for task in config.datasets or [None]:  # Each task's batches split evenly too.
+        check_batch_split(config.task_config(task) if task else config, strategy)
     optimization.set_precision(config)  # Layers take their dtypes when they are built.
     # Variables created in the scope are mirrored on every replica.
     with strategy.scope():
@@ -95,21 +143,30 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
         if config.init_weights:
             models.load_weights(model, config.init_weights, flag="init_weights")
     _check_class_weight_outputs(config, signature)
-    examples = sources.load_examples(config, signature)  # Checks the data against the model.
-    # Building the batches checks the class weights against the outputs' shapes.
-    # The labels' dtypes, to check --missing_labels before a batch is parsed with them.
-    _, labels_spec, *weights_spec = batching.global_batches(
-        examples, signature=signature,
-        batching=dataclasses.replace(batching.Batching.for_training(config), missing_labels={})).element_spec
+    # Each source's data is checked against the model (with --datasets: its inputs and the task's outputs).
+    tasks = tasks_lib.load_tasks(config, signature) if config.datasets else ()
+    sources_and_configs = ([(task.examples, task.signature, task.config) for task in tasks] if tasks
+                           else [(sources.load_examples(config, signature), signature, config)])
+    labels_spec, weighted = {}, set(config.missing_labels)
+    for examples, data_signature, data_config in sources_and_configs:
+        # Building the batches checks the class weights against the outputs' shapes.
+        # The labels' dtypes, to check --missing_labels before a batch is parsed with them.
+        _, labels, *weights_spec = batching.global_batches(
+            examples, signature=data_signature,
+            batching=dataclasses.replace(batching.Batching.for_training(data_config), missing_labels={})).element_spec
+        labels_spec.update(labels)
+        # The outputs whose batches carry sample weights (their own, class weights', or missing labels').
+        weighted.update(weights_spec[0] if weights_spec else {})
+    labels_spec = {name: labels_spec[name] for name in signature.output_names}
     _check_missing_labels(config, signature, labels_spec)
-    # The outputs whose batches carry sample weights (their own, class weights', or missing labels').
-    weighted_outputs = tuple(sorted({*(weights_spec[0] if weights_spec else {}), *config.missing_labels}))
+    weighted_outputs = tuple(sorted(weighted))
+    examples = tasks_lib.epochs_task(config, tasks).examples if tasks else sources_and_configs[0][0]
     losses = _resolve_losses(config, signature, labels_spec, weighted_outputs)
     with strategy.scope():
         loss_weights = LossWeights(losses.weights)
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
                       labels_spec=labels_spec, losses=losses, loss_weights=loss_weights,
-                      weighted_outputs=weighted_outputs)
+                      weighted_outputs=weighted_outputs, tasks=tasks)
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
@@ -119,7 +176,7 @@ def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
     if num_outputs < 2:
         raise ConfigError("loss_weighting", f"{name} weighs several outputs' losses; model "
                                             f"{setup.signature.model_name!r} has one to train")
-    period_steps = (batching.steps_per_pass(setup.examples.count(), config.batch_size) if config.epochs
+    period_steps = (batching.steps_per_pass(setup.examples.count(), setup.pass_batch_size) if config.epochs
                     else config.log_every)
     return weighting.make_method(config.weighting, num_outputs=num_outputs, seed=config.seed,
                                  period_steps=period_steps)

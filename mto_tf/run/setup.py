@@ -10,7 +10,7 @@ change nothing in it but the variables it holds.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -20,12 +20,13 @@ from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import optimization, user_code, weighting
 from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.objective import Objective
+from mto_tf.core.task_sampling import TaskSampler
 from mto_tf.core.strategy import is_chief
-from mto_tf.data import batching, sources
+from mto_tf.data import batching
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
-from mto_tf.run.evaluation import Evaluation
+from mto_tf.run.evaluation import Evaluation, TaskEvaluations, validation_of
 from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
@@ -49,8 +50,8 @@ class Run:
     method: weighting.Method | None  # --loss_weighting's, when it is not `fixed`: its state is checkpointed.
     representation: weighting.Representation | None  # --weighting_gradients=representation:LAYER's.
     metrics: Metrics
-    validation: Examples | None
-    evaluation: Evaluation | None  # Of the validation data, when there is any.
+    validation: Examples | None  # The examples `--loop=fit` validates on (one dataset's).
+    evaluation: Evaluation | TaskEvaluations | None  # Of the validation data (each task's), when there is any.
     best_value: best.BestValue | None  # With --save_best.
     checkpoints: model_dir.Checkpoints
     metrics_log: model_dir.MetricsLog
@@ -59,6 +60,7 @@ class Run:
     total_steps: int  # --train_steps, or --epochs passes over the data, each ending with its partial batch.
     lock: model_dir.Lock | None = None  # The chief's hold on --model_dir: `release()` when the run ends.
     callbacks: tuple[keras.callbacks.Callback, ...] = ()  # --callbacks' list, then those `train` was given.
+    sampler: TaskSampler | None = None  # A sampled --task_mixing's: its counts are checkpointed.
 
     def release(self) -> None:
         """Ends the run's hold on --model_dir (another run may then use it)."""
@@ -85,7 +87,32 @@ class Run:
         the weight in force when weights may change)."""
         logged = self.method or self.loss_weights.may_change
         weights = [f"loss_weight/{name}" for name in self.setup.losses.weights] if logged else []
-        return [*self.setup.loss_names, *weights]
+        task_steps = [f"steps/{name}" for name in self.sampler.task_names] if self.sampler else []
+        return [*self.setup.loss_names, *weights, *task_steps]
+
+    @property
+    def counted_by(self) -> dict[str, str]:
+        """Sampled turns: each term's measurement -> the count of its task's steps (its mean is over those)."""
+        if not self.sampler:
+            return {}
+        return {measurement: f"steps/{task.name}" for task in self.setup.tasks for name in task.outputs
+                if name in self.setup.losses.terms for measurement in (f"{name}_loss", f"loss_weight/{name}")}
+
+    def training_input(self):
+        """What the train loop reads, from where the run starts: an iterator of global batches (with --datasets
+        and `joint`, of `{task: batch}`), or for sampled turns `{task: iterator}`, each after the batches its task
+        had read."""
+        if not self.sampler:
+            return iter(self.setup.training_batches(skip_batches=self.start_step))
+        read = dict(zip(self.sampler.task_names, (int(count) for count in self.sampler.task_draws.numpy())))
+        return {task: iter(batches) for task, batches in self.setup.task_batches(read).items()}
+
+    def examples_in(self, totals: Mapping[str, float], steps: int) -> int:
+        """The training examples of `steps` steps whose measurements summed to `totals` (sampled turns: each
+        drawn task's batches)."""
+        if not self.sampler:
+            return steps * self.setup.examples_per_step
+        return sum(int(totals.get(f"steps/{task.name}", 0)) * task.batch_size for task in self.setup.tasks)
 
 
 def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
@@ -94,12 +121,6 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
         raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
     setup = build_model_setup(config, strategy)
-    validation = sources.load_validation_examples(config, setup.signature)
-    for flag in ("eval_every", "eval_steps"):
-        if getattr(config, flag) and validation is None:
-            raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
-                                    "with a validation split")
-
     metric_identifiers = resolve_metric_identifiers(config, setup.signature)
     custom_loop = config.loop == "custom"
     with strategy.scope():
@@ -113,6 +134,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                         if custom_loop and config.grad_accum_steps > 1 else None)
         training_metrics = metrics_lib.make_output_metrics(metric_identifiers, y_true=setup.labels_spec,
                                                            y_pred=setup.signature.outputs)
+        sampler = _make_sampler(config, setup)
     callbacks = _load_callbacks(config, callbacks, optimizer=optimizer)
     with strategy.scope():
         # Schedules read the step the optimizer's learning-rate schedule reads;
@@ -124,12 +146,18 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                                    set_by_callback=any(getattr(callback, "sets_loss_weights", False)
                                                        for callback in callbacks))
     loss_weights.attach_to(setup.model)
-    evaluation = Evaluation(setup, validation, metric_identifiers=metric_identifiers, prefix="val_",
-                            max_steps=config.eval_steps,
-                            objective=setup.objective_weighted_by(loss_weights)) if validation else None
+    evaluation = validation_of(setup, metric_identifiers=metric_identifiers, max_steps=config.eval_steps,
+                               objective=setup.objective_weighted_by(loss_weights))
+    for flag in ("eval_every", "eval_steps"):
+        if getattr(config, flag) and evaluation is None:
+            raise ConfigError(flag, "there is no validation data: give --validation_data=npz:PATH, or a dataset "
+                                    "with a validation split")
+    # The examples `--loop=fit` validates on (it takes one dataset).
+    validation = evaluation.examples if isinstance(evaluation, Evaluation) else None
     metrics = Metrics(identifiers=metric_identifiers, training=training_metrics,
                       validation=evaluation.metrics if evaluation else {})
-    best_value = _make_best_value(config, strategy, validation=validation, metrics=metrics, losses=setup.losses)
+    best_value = _make_best_value(config, strategy, validated=evaluation is not None, metrics=metrics,
+                                  losses=setup.losses)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone, holding its lock; the other workers read its checkpoints).
@@ -137,13 +165,13 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     lock = model_dir.prepare(config) if chief else None
     try:
         more_state = {name: state for name, state in (("best_value", best_value), ("accumulation", accumulation),
-                                                      ("loss_weighting", method),
+                                                      ("loss_weighting", method), ("task_sampler", sampler),
                                                       ("loss_weights", custom_loop and loss_weights))
                       if state}
         checkpoints = model_dir.Checkpoints(config.model_dir, model=setup.model, optimizer=optimizer,
                                             is_chief=chief, **more_state)
         start_step = checkpoints.restore_latest()
-        total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), config.batch_size)
+        total_steps = (config.epochs * batching.steps_per_pass(setup.examples.count(), setup.pass_batch_size)
                        if config.epochs else config.train_steps)
         return Run(setup=setup, optimizer=optimizer, loss_weights=loss_weights, accumulation=accumulation,
                    method=method, representation=representation, metrics=metrics, validation=validation, evaluation=evaluation,
@@ -151,11 +179,22 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
                    metrics_log=model_dir.MetricsLog(config.model_dir, write_files=chief, resume_step=start_step),
                    progress=progress.Progress(config.progress if chief else "quiet", start_step=start_step,
                                               total_steps=total_steps),
-                   start_step=start_step, total_steps=total_steps, lock=lock, callbacks=callbacks)
+                   start_step=start_step, total_steps=total_steps, lock=lock, callbacks=callbacks, sampler=sampler)
     except BaseException:
         if lock:
             lock.release()
         raise
+
+
+def _make_sampler(config: TrainConfig, setup: ModelSetup) -> TaskSampler | None:
+    """A sampled --task_mixing's sampler (in the strategy's scope: its counts are mirrored), weighing each task
+    by its number of examples; `annealed`'s epoch is a pass over the largest task."""
+    if not (setup.tasks and config.mixing.sampled):
+        return None
+    largest = setup.epochs_task  # Without --epochs (sampled turns train by --train_steps): the largest.
+    return TaskSampler(config.mixing, task_examples={task.name: task.examples.count() for task in setup.tasks},
+                       seed=config.seed, total_steps=config.train_steps,
+                       steps_per_epoch=batching.steps_per_pass(largest.examples.count(), largest.batch_size))
 
 
 def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callback], *,
@@ -194,12 +233,12 @@ def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callbac
 _SETS_THE_LEARNING_RATE = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
 
-def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validation: Examples | None,
+def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validated: bool,
                      metrics: Metrics, losses: Losses) -> best.BestValue | None:
     """`--save_best`'s tracker, checked against what the evaluation reports."""
     if config.save_best is None:
         return None
-    if validation is None:
+    if not validated:
         raise ConfigError("save_best", "needs validation data: --validation_data=npz:PATH, or a dataset with a "
                                        "validation split (--validation_split)")
     watched = metrics.validation.get(config.save_best)

@@ -1,0 +1,92 @@
+"""Sampled turns (`--task_mixing=uniform|proportional|annealed`): each step draws one task and trains on it alone.
+
+Model Garden's `MultiTaskInterleavingTrainer`, with its three samplers
+(`official/modeling/multitask/task_sampler.py`), made exact and resumable:
+
+- the draw is a stateless function of `--seed` and the step, computed once
+  per step outside the replicas, so every replica and worker takes the same
+  task (no random state to keep in step);
+- only the drawn task's batches are read, and each task's count of draws is a
+  variable in every checkpoint: a resumed run skips exactly the batches each
+  task had read, and draws the same tasks from there on.
+
+Each draw inverts the cumulative distribution of the task probabilities at
+that step; the last task takes any rounding gap at the top, so every draw
+trains a task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from mto_tf.task_mixing import TaskMixing
+
+
+class TaskSampler(tf.Module):
+    """Draws each step's task; its counts (draws so far, and each task's) are checkpointed."""
+
+    def __init__(self, mixing: TaskMixing, *, task_examples: Mapping[str, int], seed: int, steps_per_epoch: int,
+                 total_steps: int):
+        """`task_examples`: each task's number of training examples (`proportional` and `annealed` weigh by
+        them); `steps_per_epoch` and `total_steps`: `annealed`'s schedule, unless its parameters set them."""
+        super().__init__(name="task_sampler")
+        self.task_names = tuple(task_examples)
+        self.mixing = mixing
+        self._log_examples = tf.constant(np.log(list(task_examples.values())), tf.float32)
+        self._seed = seed
+        self._steps_per_epoch = mixing.parameters.get("steps_per_epoch") or steps_per_epoch
+        self._total_steps = mixing.parameters.get("total_steps") or total_steps
+        self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="draws")  # Steps drawn so far.
+        # Each task's draws: the batches of its data read so far.
+        self.task_draws = tf.Variable(tf.zeros([len(self.task_names)], tf.int64), trainable=False, name="task_draws")
+
+    def probabilities(self, step) -> tf.Tensor:
+        """Each task's probability at `step` (0-based), as Model Garden's samplers compute it."""
+        if self.mixing.name == "uniform":
+            return tf.fill([len(self.task_names)], 1.0 / len(self.task_names))
+        if self.mixing.name == "proportional":
+            alpha = tf.constant(self.mixing.parameters["alpha"], tf.float32)
+        else:  # annealed: AnnealingTaskSampler's alpha, 1 at epoch 1 and 0.2 at the last (0-based epochs).
+            epoch = tf.floor(tf.cast(step, tf.float32) / self._steps_per_epoch)
+            total_epochs = self._total_steps / self._steps_per_epoch
+            alpha = 1.0 - 0.8 * (epoch - 1.0) / (total_epochs - 1.0 + 1e-10)
+        # n_t^alpha / sum_s n_s^alpha, as a softmax of alpha log n_t (no overflow for large n or alpha).
+        return tf.nn.softmax(alpha * self._log_examples)
+
+    def draw(self) -> tf.Tensor:
+        """The task of the next step (its index), the same on every replica and worker; counts it."""
+        step = self.draws.read_value()
+        uniform = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(self._seed, tf.int64), step]))
+        cumulative = tf.cumsum(self.probabilities(step))
+        task = tf.minimum(tf.searchsorted(cumulative, uniform[None], side="right")[0], len(self.task_names) - 1)
+        self.draws.assign_add(1)
+        self.task_draws.assign_add(tf.one_hot(task, len(self.task_names), dtype=tf.int64))
+        return task
+
+
+def sampled_turns(task_steps: Mapping[str, Callable[[object], dict[str, tf.Tensor]]], sampler: TaskSampler,
+                  measurement_names: Sequence[str]) -> Callable[[Mapping[str, object]], dict[str, tf.Tensor]]:
+    """Returns `train_step(iterators)`: one step of the drawn task on the next batch of its own iterator.
+
+    `task_steps`: each task's train step (`core/step.py`'s, on that task's
+    losses alone). Every measurement of `measurement_names` is returned, 0
+    for the other tasks' losses; `steps/<task>` is 1 for the drawn task, so
+    that summed over a window they count each task's steps.
+    """
+    names = list(task_steps)
+
+    def train_step(iterators):
+        def turn(task):
+            def run_task():
+                measured = task_steps[task](next(iterators[task]))  # Only the drawn task's data advances.
+                return {name: measured[name] if name in measured else
+                        tf.constant(float(name == f"steps/{task}")) for name in measurement_names}
+            return run_task
+
+        # Every replica and worker takes the same branch: the draw is made once, outside the replicas.
+        return tf.switch_case(tf.cast(sampler.draw(), tf.int32), [turn(task) for task in names])
+
+    return train_step
