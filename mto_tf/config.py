@@ -519,6 +519,9 @@ class TrainConfig:
             if self.grad_accum_steps > 1:
                 raise ConfigError("grad_accum_steps", f"not with --task_mixing={mixing.name}: each step trains one "
                                                       f"task; use --task_mixing=joint")
+            if self.jit_compile:  # A step reads the drawn task's iterator, which XLA cannot.
+                raise ConfigError("jit_compile", f"not with --task_mixing={mixing.name}: XLA cannot read the drawn "
+                                                 f"task's batches inside the step; use --task_mixing=joint")
         for task in tasks:
             self.task_config(task)
 

@@ -72,7 +72,9 @@ def sampled_turns(task_steps: Mapping[str, Callable[[object], dict[str, tf.Tenso
     """Returns `train_step(iterators)`: one step of the drawn task on the next batch of its own iterator.
 
     `task_steps`: each task's train step (`core/step.py`'s, on that task's
-    losses alone). Every measurement of `measurement_names` is returned, 0
+    losses alone), as a plain function: traced in a branch of the switch
+    (a `tf.function` called there under MirroredStrategy left its inputs
+    unfed: "You must feed a value for placeholder tensor", measured). Every measurement of `measurement_names` is returned, 0
     for the other tasks' losses; `steps/<task>` is 1 for the drawn task, so
     that summed over a window they count each task's steps.
     """
