@@ -144,7 +144,8 @@ class Objective:
         if not self.loss_weights.may_change:
             return {}
         share = 1.0 / tf.distribute.get_replica_context().num_replicas_in_sync
-        return {f"loss_weight/{name}": weight * share for name, weight in self.loss_weights.in_force().items()}
+        in_force = self.loss_weights.in_force()
+        return {f"loss_weight/{name}": in_force[name] * share for name in self.terms}  # A task's turn: its own.
 
 
 def as_measurements(loss: tf.Tensor, output_losses: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -126,6 +126,7 @@ def _by_output(record: Mapping[str, float], output_names: list[str], *, prefix: 
                      None)
         if owner:
             by_output[owner].append(f"{key.removeprefix(owner + '_')} {shown(value)}")
+    # An output with no value here (with --datasets, a task without validation data, or not drawn) is left out.
     parts = [f"loss {record[prefix + 'loss']:.4g}"] + [f"{name}: {', '.join(values)}"
-                                                      for name, values in by_output.items()]
+                                                      for name, values in by_output.items() if values]
     return " | ".join(parts)
