@@ -50,6 +50,32 @@ def test_json_losses_and_metrics_keep_keras_configs_and_module_functions():
     assert config.feature_map == {"main_input": "text/tokens", "sample_weight/main_output": "weight"}
 
 
+def test_per_task_settings_are_json_objects_and_each_task_sees_its_own(tmp_path):
+    for name in ("a.npz", "b.npz", "b_val.npz"):
+        (tmp_path / name).touch()  # The settings only need the files to exist.
+    config = config_from_args(
+        f'--datasets={{"main_output": "npz:{tmp_path}/a.npz", "aux_output": "npz:{tmp_path}/b.npz"}}',
+        '--batch_size={"main_output": 32, "aux_output": 8}', '--shuffle_buffer={"aux_output": 100}',
+        f'--validation_data={{"aux_output": "npz:{tmp_path}/b_val.npz"}}', '--missing_labels=aux_output=-1',
+        '--task_mixing={"name": "proportional", "alpha": 0.5}')
+    assert config.batch_size == {"main_output": 32, "aux_output": 8}
+    assert (config.mixing.name, config.mixing.parameters) == ("proportional", {"alpha": 0.5})
+    main, aux = config.task_config("main_output"), config.task_config("aux_output")
+    assert (main.dataset, main.batch_size, main.shuffle_buffer, main.validation_data, main.missing_labels) == (
+        f"npz:{tmp_path}/a.npz", 32, 0, None, {})
+    assert (aux.dataset, aux.batch_size, aux.shuffle_buffer, aux.validation_data, aux.missing_labels) == (
+        f"npz:{tmp_path}/b.npz", 8, 100, f"npz:{tmp_path}/b_val.npz", {"aux_output": -1.0})
+    # One value for every task, as without --datasets.
+    shared = config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}', "--batch_size=16")
+    assert shared.task_config("main_output,aux_output").batch_size == 16
+    # Each task's settings are checked as a run's: a feature map for an npz source is refused, naming the task.
+    with pytest.raises(ConfigError, match="^--feature_map: task 'main_output,aux_output': maps features of a tfds"):
+        config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}',
+                         "--feature_map=main_input=tokens")
+    assert config_from_args('--feature_map={"t": {"main_input": "tokens"}}', f'--datasets={{"t": "tfds:x"}}'
+                            ).task_config("t").feature_map == {"main_input": "tokens"}
+
+
 def test_flagfile_sets_flags(tmp_path):
     flagfile = tmp_path / "run.flags"
     flagfile.write_text("--optimizer=adam\n--batch_size=32\n--loss_weights=main_output=1,aux_output=0.5\n")

@@ -210,6 +210,8 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
     config = mto_flags.config_from_flags()
+    if config.datasets:  # Its variants compare fit and the limit, which read one dataset.
+        raise ConfigError("datasets", "the benchmark measures steps on one dataset; give --dataset")
     if FLAGS.window_steps % config.steps_per_loop:
         raise app.UsageError("--window_steps must be a multiple of --steps_per_loop")
     if FLAGS.run_variant:
