@@ -20,8 +20,8 @@ from mto_tf.core import metrics as metrics_lib
 from mto_tf.core import optimization, user_code, weighting
 from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.objective import Objective
-from mto_tf.core.task_sampling import TaskSampler
 from mto_tf.core.strategy import is_chief
+from mto_tf.core.task_sampling import TaskSampler
 from mto_tf.data import batching
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
