@@ -162,8 +162,9 @@ class TrainConfig:
         "name_or_json", "joint", "With --datasets: 'joint' (each step a batch of every task, one update of the "
         "weighted sum of all losses) or a sampled turn, each step training one task drawn from --seed and the step: "
         "'uniform', 'proportional' (probability ~ examples^alpha; JSON {\"name\": \"proportional\", \"alpha\": "
-        "0.5}, default 1), 'annealed' (alpha falling from 1 to 0.2 over the epochs, as Model Garden's "
-        "AnnealingTaskSampler; JSON parameters steps_per_epoch, total_steps).", reads=("training",))
+        "0.5}, default 1), 'annealed' (alpha = 1 - 0.8 (e - 1) / (E - 1) at epoch e of E, as Model Garden's "
+        "AnnealingTaskSampler; JSON parameters steps_per_epoch (default: a pass over the largest task), "
+        "total_steps (default: --train_steps)).", reads=("training",))
     epochs_of: str | None = text(None, "With --datasets and --epochs: the task whose passes --epochs counts (the "
                                        "others repeat). Unset: the task with the most examples.", reads=("driver",))
     data_dir: str | None = text(None, "TFDS data directory (default: TFDS's own).", reads=("data",), resumable=True)

@@ -13,8 +13,9 @@ mathematics is in `mto_tf/core/task_sampling.py`.
   alike; `proportional`: task t with probability `n_t^alpha / sum_s n_s^alpha`
   (`n_t` its number of training examples); `annealed`: the same with
   `alpha` falling over the epochs, `alpha = 1 - 0.8 (e - 1) / (E - 1)` at
-  epoch e of E (Stickland and Murray 2019, as Model Garden's
-  `AnnealingTaskSampler` computes it: its first epoch has alpha above 1).
+  0-based epoch e of E (Stickland and Murray 2019, as Model Garden's
+  `AnnealingTaskSampler` computes it: 1 + 0.8 / (E - 1) at the first epoch,
+  1 at the second, 0.2 + 0.8 / (E - 1) at the last; at least 0).
 """
 
 from __future__ import annotations

@@ -62,6 +62,14 @@ def _npz_with_integer_labels(tmp_path, key):
     return f"--dataset=npz:{tmp_path / 'integer_labels.npz'}"
 
 
+def _datasets(tmp_path, *tasks):
+    """--datasets naming `tasks`, each reading one small npz file (it holds every output's labels)."""
+    write_npz(tmp_path / "full.npz")
+    return "--datasets=" + json.dumps({task: f"npz:{tmp_path / 'full.npz'}" for task in tasks})
+
+
+BOTH_TASKS = ("main_output", "aux_output")
+
 BAD_INPUTS = {
     "unknown output": (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
                        "--loss_weights: unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
@@ -108,6 +116,30 @@ BAD_INPUTS = {
                                                           "{})]")],
         "--callbacks: LossWeightScheduler sets the custom loop's loss weights; Keras 3.15's compile takes numbers "
         "(keras-team/keras#20294): use --loop=custom"),
+    # One dataset per task, and how each step mixes the tasks.
+    "an unknown task mixing": (
+        lambda tmp: [_datasets(tmp, *BOTH_TASKS), "--task_mixing=round_robin"],
+        "--task_mixing: unknown mixing 'round_robin'; expected one of joint, uniform, proportional, annealed"),
+    "proportional with a negative alpha": (
+        lambda tmp: [_datasets(tmp, *BOTH_TASKS), '--task_mixing={"name": "proportional", "alpha": -1}'],
+        "--task_mixing: proportional's alpha must be a number >= 0, got -1"),
+    "a task mixing without datasets": (
+        lambda tmp: ["--task_mixing=uniform"],
+        "--task_mixing: chooses among the tasks of --datasets; give --datasets too"),
+    "a task of an unknown output": (
+        lambda tmp: [_datasets(tmp, "main_output", "aux")],
+        "--datasets: task 'aux': unknown output 'aux'; model 'headline' has outputs ['aux_output', 'main_output']"),
+    "an output in no task": (
+        lambda tmp: [_datasets(tmp, "main_output")],
+        "--datasets: output 'aux_output' is in no task; every output's labels come from one task's dataset "
+        "(tasks ['main_output'])"),
+    "a batch size per task without datasets": (
+        lambda tmp: ['--batch_size={"main_output": 16, "aux_output": 16}'],
+        "--batch_size: a value per task ({TASK: value}) needs --datasets"),
+    "epochs with a sampled mixing": (
+        lambda tmp: [_datasets(tmp, *BOTH_TASKS), "--task_mixing=uniform", "--epochs=2"],
+        "--epochs: with --task_mixing=uniform, how many steps a pass over a task takes depends on the draws; give "
+        "--train_steps"),
 }
 # In a fresh process: the exit status the shell sees, and no traceback from anywhere
 # (found before TensorFlow is imported: the process ends within a second).
@@ -128,7 +160,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, case
     args = make_args(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # For a module a case wrote there.
     # Synthetic sizes only with the synthetic dataset: a setting nothing reads is refused.
-    base_flags = MODEL_FLAGS if any(arg.startswith("--dataset=") for arg in args) else SMALL_FLAGS
+    base_flags = MODEL_FLAGS if any(arg.startswith(("--dataset=", "--datasets=")) for arg in args) else SMALL_FLAGS
     flags = [*base_flags, f"--data_dir={data_dir()}", f"--model_dir={model_dir}", *args]
     if case == IN_A_FRESH_PROCESS:
         process = run_cli(*flags)

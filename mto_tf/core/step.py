@@ -91,7 +91,10 @@ def make_train_step(
 
     def apply(gradients):
         """The optimizer's update, identical on every replica: unscale, clip, update, as on one device."""
-        optimizer.apply_gradients(zip(gradients, gradient_function.variables))
+        # A weight this step's loss does not reach (another task's head in a sampled turn) has no gradient
+        # and is not updated: Keras would skip it too, with a warning.
+        optimizer.apply_gradients((gradient, variable) for gradient, variable in
+                                  zip(gradients, gradient_function.variables) if gradient is not None)
 
     # The update of every weight and slot is many element-wise ops: XLA
     # fuses them into one pass over memory (the same mathematics, rounded

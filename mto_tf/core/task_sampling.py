@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from mto_tf.errors import ConfigError
 from mto_tf.task_mixing import TaskMixing
 
 
@@ -39,6 +40,11 @@ class TaskSampler(tf.Module):
         self._seed = seed
         self._steps_per_epoch = mixing.parameters.get("steps_per_epoch") or steps_per_epoch
         self._total_steps = mixing.parameters.get("total_steps") or total_steps
+        if mixing.name == "annealed" and self._total_steps < 2 * self._steps_per_epoch:
+            # One epoch or less: 1 / (E - 1) is huge or negative (Model Garden's formula has no guard).
+            raise ConfigError("task_mixing", f"annealed anneals over epochs of {self._steps_per_epoch} steps and "
+                                             f"needs two at least; its total_steps is {self._total_steps}: give a "
+                                             f"smaller steps_per_epoch or a larger total_steps (or --train_steps)")
         self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="draws")  # Steps drawn so far.
         # Each task's draws: the batches of its data read so far.
         self.task_draws = tf.Variable(tf.zeros([len(self.task_names)], tf.int64), trainable=False, name="task_draws")
@@ -49,10 +55,12 @@ class TaskSampler(tf.Module):
             return tf.fill([len(self.task_names)], 1.0 / len(self.task_names))
         if self.mixing.name == "proportional":
             alpha = tf.constant(self.mixing.parameters["alpha"], tf.float32)
-        else:  # annealed: AnnealingTaskSampler's alpha, 1 at epoch 1 and 0.2 at the last (0-based epochs).
+        else:  # annealed: AnnealingTaskSampler's alpha, 1 at (0-based) epoch 1, falling 0.8 / (E - 1) per epoch.
             epoch = tf.floor(tf.cast(step, tf.float32) / self._steps_per_epoch)
             total_epochs = self._total_steps / self._steps_per_epoch
-            alpha = 1.0 - 0.8 * (epoch - 1.0) / (total_epochs - 1.0 + 1e-10)
+            # Past its total_steps (a longer run than the schedule's) it would turn negative and favour the
+            # smallest task: it stops at 0 (uniform) instead.
+            alpha = tf.maximum(1.0 - 0.8 * (epoch - 1.0) / (total_epochs - 1.0 + 1e-10), 0.0)
         # n_t^alpha / sum_s n_s^alpha, as a softmax of alpha log n_t (no overflow for large n or alpha).
         return tf.nn.softmax(alpha * self._log_examples)
 

@@ -27,6 +27,8 @@ def train_main(config: TrainConfig) -> None:
     # The strategy first: the CPU must be split into devices before
     # TensorFlow runs its first op.
     strategy = make_strategy(config)
-    logger.info("Training %s on %s with %s, %d replica(s), %s loop, into %s", config.model, config.dataset,
+    data = (", ".join(f"{task} from {source}" for task, source in config.describe()["datasets"].items())
+            + f" ({config.mixing.describe()})" if config.datasets else config.dataset)
+    logger.info("Training %s on %s with %s, %d replica(s), %s loop, into %s", config.model, data,
                 config.strategy, strategy.num_replicas_in_sync, config.loop, config.model_dir)
     train(config, strategy=strategy)

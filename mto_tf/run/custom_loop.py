@@ -53,14 +53,20 @@ def run_custom_loop(run: Run, *, actions: Sequence[driver.Action] = ()) -> int:
             current_step += num_steps
             window.add(loop_totals, num_steps)
             callbacks.call_ends(current_step, loop_totals, num_steps)
-            run.progress.update(current_step, {name: value / num_steps for name, value in loop_totals.items()})
+            call = driver.StepSums(run.counted_by)
+            call.add(loop_totals, num_steps)
+            run.progress.update(current_step, call.means())
             # SIGTERM or Ctrl-C on any worker: every worker stops here.
             boundary = schedule.boundary(current_step, preempted=None if current_step == run.total_steps
                                          else preemption.stop_agreed())
             if boundary.window_ended:
                 callbacks.keep_epoch_metrics()  # Before the window's training metrics are read and reset.
-                boundary.record.update({**window.means(), **metrics_lib.results_and_reset(run.metrics.training),
-                                        "examples_per_sec": timer.examples_per_sec(run.examples_in(window.totals, window.steps))})
+                untrained = run.outputs_not_trained(window.totals)  # Sampled turns: a task drawn by no step.
+                metrics = {name: value for name, value in metrics_lib.results_and_reset(run.metrics.training).items()
+                           if run.metrics.training[name][0] not in untrained}
+                boundary.record.update({**window.means(), **metrics,
+                                        "examples_per_sec": timer.examples_per_sec(run.examples_in(window.totals,
+                                                                                                   window.steps))})
                 window = driver.StepSums(run.counted_by)
             if measure_shares and schedule.gradient_shares_due(current_step):
                 boundary.record.update(measure_shares())

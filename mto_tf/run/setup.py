@@ -107,6 +107,13 @@ class Run:
         read = dict(zip(self.sampler.task_names, (int(count) for count in self.sampler.task_draws.numpy())))
         return {task: iter(batches) for task, batches in self.setup.task_batches(read).items()}
 
+    def outputs_not_trained(self, totals: Mapping[str, float]) -> set[str]:
+        """The outputs no step summed in `totals` trained (sampled turns: their task was not drawn): no metric of
+        theirs is logged for those steps."""
+        if not self.sampler:
+            return set()
+        return {name for task in self.setup.tasks if not totals.get(f"steps/{task.name}") for name in task.outputs}
+
     def examples_in(self, totals: Mapping[str, float], steps: int) -> int:
         """The training examples of `steps` steps whose measurements summed to `totals` (sampled turns: each
         drawn task's batches)."""
