@@ -335,9 +335,11 @@ class TrainConfig:
         elif self.train_steps is None:
             raise ConfigError("train_steps", "expected an integer > 0, got None")
         for name, setting in SETTINGS.items():
-            for value in self._values_of(name):
-                if setting.positive and value is not None and not (isinstance(value, int) and value > 0):
-                    raise ConfigError(name, f"expected an integer > 0, got {value!r}")
+            for task, value in self._values_of(name):
+                where = f"task {task!r}: " if task else ""
+                if setting.positive and value is not None and not (
+                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                    raise ConfigError(name, f"{where}expected an integer > 0, got {value!r}")
                 if setting.choices and value not in setting.choices:
                     raise ConfigError(name, f"expected one of {', '.join(setting.choices)}; got {value!r}")
         if self.vocab_size < 3:
@@ -347,9 +349,11 @@ class TrainConfig:
             raise ConfigError("l2", f"expected a factor >= 0, got {self.l2}")
         if not 0 <= self.dropout_rate < 1:
             raise ConfigError("dropout_rate", f"expected a rate in [0, 1), got {self.dropout_rate}")
-        for buffer in self._values_of("shuffle_buffer"):
-            if not (isinstance(buffer, int) and buffer >= 0):
-                raise ConfigError("shuffle_buffer", f"expected an integer >= 0 (0 keeps file order), got {buffer!r}")
+        for task, buffer in self._values_of("shuffle_buffer"):
+            if not (isinstance(buffer, int) and not isinstance(buffer, bool) and buffer >= 0):
+                where = f"task {task!r}: " if task else ""
+                raise ConfigError("shuffle_buffer", f"{where}expected an integer >= 0 (0 keeps file order), got "
+                                                    f"{buffer!r}")
         self._check_optimization()
         if self.num_cpu_devices > 1 and self.strategy not in ("mirrored", "multi_worker"):
             raise ConfigError(
@@ -429,10 +433,10 @@ class TrainConfig:
             if reason:
                 raise ConfigError("xla_update", f"not with {reason}")
 
-    def _values_of(self, name: str) -> list:
-        """A setting's value, or each task's value of a per-task one."""
+    def _values_of(self, name: str) -> list[tuple[str | None, Any]]:
+        """`(None, value)`, or each task's `(task, value)` of a per-task setting."""
         value = getattr(self, name)
-        return list(value.values()) if self.is_per_task(name) else [value]
+        return list(value.items()) if self.is_per_task(name) else [(None, value)]
 
     def is_per_task(self, name: str) -> bool:
         """Whether setting `name` (of PER_TASK) is given per task, as {TASK: value}."""
@@ -457,15 +461,24 @@ class TrainConfig:
         """The run's settings as task `task`'s data sees them: its source as --dataset, its value of each
         per-task setting, the class weights and missing labels of its outputs; checked as a run's are."""
         outputs = task_mixing_lib.task_outputs(task)
+        source = self.datasets[task]
+        # The split settings serve the sources that have splits (--train_split: tfds; --validation_split: tfds and
+        # synthetic_headlines); an npz file or a Python dataset leaves them at their defaults.
+        is_tfds = isinstance(source, str) and source.startswith("tfds:")
+        has_splits = is_tfds or source == "synthetic_headlines"
+        per_task = {name: self.for_task(name, task) for name in PER_TASK}
+        if not (is_tfds or self.is_per_task("feature_map")):
+            per_task["feature_map"] = {}  # A shared map serves the tfds sources (a task's own is checked as given).
         try:
             return dataclasses.replace(
-                self, datasets={}, task_mixing=default_of("task_mixing"), epochs_of=None, dataset=self.datasets[task],
+                self, datasets={}, task_mixing=default_of("task_mixing"), epochs_of=None, dataset=source,
                 class_weights={name: value for name, value in self.class_weights.items() if name in outputs},
                 missing_labels={name: value for name, value in self.missing_labels.items() if name in outputs},
-                **{name: self.for_task(name, task) for name in PER_TASK})
+                train_split=self.train_split if is_tfds else default_of("train_split"),
+                validation_split=self.validation_split if has_splits else default_of("validation_split"),
+                **per_task)
         except ConfigError as error:
-            raise ConfigError("datasets" if error.flag == "dataset" else error.flag,
-                              f"task {task!r}: {error.message}") from None
+            raise error.about_task(task) from None
 
     def _check_no_tasks(self):
         """Without --datasets: no value per task, no mixing of tasks."""
@@ -489,6 +502,20 @@ class TrainConfig:
                 unknown = sorted(set(getattr(self, name)) - set(tasks))
                 if unknown:
                     raise ConfigError(name, f"unknown task {unknown[0]!r}; --datasets has tasks {tasks}")
+        if self.is_per_task("feature_map"):  # A task's map names its own outputs' labels, not another task's.
+            for task, mapping in self.feature_map.items():
+                others = {output for other in tasks if other != task for output in task_mixing_lib.task_outputs(other)}
+                foreign = sorted(key for key in mapping if key.removeprefix("sample_weight/") in others)
+                if foreign:
+                    raise ConfigError("feature_map", f"task {task!r}: {foreign[0]!r} is another task's output; map "
+                                                     f"it in that task's entry")
+        # Shared settings of sources with features or splits: read by the tasks whose source has them (at least one).
+        for name, readers in (("feature_map", ("tfds:",)), ("train_split", ("tfds:",)),
+                              ("validation_split", ("tfds:", "synthetic_headlines"))):
+            if getattr(self, name) not in (None, default_of(name)) and not self.is_per_task(name) and not any(
+                    isinstance(source, str) and source.startswith(readers) for source in self.datasets.values()):
+                raise ConfigError(name, f"serves a {' or '.join(readers).replace(':', ':NAME')} source; no task of "
+                                        f"--datasets has one")
         if self.is_per_task("batch_size"):
             missing = [task for task in tasks if task not in self.batch_size]
             if missing:
@@ -520,9 +547,10 @@ class TrainConfig:
             if self.grad_accum_steps > 1:
                 raise ConfigError("grad_accum_steps", f"not with --task_mixing={mixing.name}: each step trains one "
                                                       f"task; use --task_mixing=joint")
-            if self.jit_compile:  # A step reads the drawn task's iterator, which XLA cannot.
-                raise ConfigError("jit_compile", f"not with --task_mixing={mixing.name}: XLA cannot read the drawn "
-                                                 f"task's batches inside the step; use --task_mixing=joint")
+            for name in ("jit_compile", "xla_update"):  # A step reads the drawn task's iterator, which XLA cannot.
+                if getattr(self, name):
+                    raise ConfigError(name, f"not with --task_mixing={mixing.name}: XLA cannot read the drawn task's "
+                                            f"batches inside the step; use --task_mixing=joint")
         for task in tasks:
             self.task_config(task)
 

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
         self.flag = flag
         self.message = message
 
+    def about_task(self, task: str) -> ConfigError:
+        """The same error about one task of --datasets: it names the task (and --datasets for its source)."""
+        return ConfigError("datasets" if self.flag == "dataset" else self.flag, f"task {task!r}: {self.message}")
+
 
 class NonFiniteError(Exception):
     """Training produced a non-finite loss or weight; nothing after the last good checkpoint was kept."""

@@ -71,8 +71,12 @@ def test_per_task_settings_are_json_objects_and_each_task_sees_its_own(tmp_path)
     # Each task's settings are checked as a run's: a feature map for an npz source is refused, naming the task.
     with pytest.raises(ConfigError, match="^--feature_map: task 'main_output,aux_output': maps features of a tfds"):
         config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}',
+                         '--feature_map={"main_output,aux_output": {"main_input": "tokens"}}')
+    # A shared one serves the tfds sources; with none, nothing would read it.
+    with pytest.raises(ConfigError, match="^--feature_map: serves a tfds:NAME source; no task of --datasets has one"):
+        config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}',
                          "--feature_map=main_input=tokens")
-    assert config_from_args('--feature_map={"t": {"main_input": "tokens"}}', f'--datasets={{"t": "tfds:x"}}'
+    assert config_from_args('--feature_map={"t": {"main_input": "tokens"}}', '--datasets={"t": "tfds:x"}'
                             ).task_config("t").feature_map == {"main_input": "tokens"}
 
 
@@ -92,6 +96,10 @@ def test_flagfile_sets_flags(tmp_path):
     (['--losses={"main_output": 3}'], "^--losses: output 'main_output': expected a Keras loss name"),
     (["--metrics=main_output"], "^--metrics: expected OUTPUT=METRIC pairs"),
     (["--model=my models:build"], "^--model: expected MODULE:FUNCTION"),
+    (["--datasets={}"], "^--datasets: expected one task at least"),
+    # Given, even as its default: --dataset would be ignored.
+    (['--datasets={"main_output,aux_output": "synthetic_headlines"}', "--dataset=synthetic_headlines"],
+     "^--dataset: give --dataset or --datasets"),
     (["--sync_batchnorm"], "^--sync_batchnorm: only the built-in shapes3d_cnn"),
     (["--dropout_rate=1"], r"^--dropout_rate: expected a rate in \[0, 1\)"),
     (["--feature_map=image=pixels"], "^--feature_map: maps features of a tfds: dataset"),

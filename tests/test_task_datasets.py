@@ -408,6 +408,15 @@ def test_mto_evaluate_eval_data_naming_an_unknown_task_is_one_line_and_exit_2(tm
         "mto-evaluate: error: --eval_data: unknown task 'nope'"), process.stderr
 
 
+@TWO_FILE_RUN_GROUP
+def test_mto_evaluate_eval_split_of_npz_tasks_is_one_line_and_exit_2(tmp_path):
+    _, model_dir = two_file_run()
+    process = _evaluate(*evaluate_flags(model_dir), "--eval_split=test")
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert process.stderr.strip().splitlines()[-1].startswith(
+        f"mto-evaluate: error: --eval_split: task '{MAIN}': --dataset=npz:"), process.stderr
+
+
 # --- 6. Resume ----------------------------------------------------------------------------------------------------
 
 
@@ -438,7 +447,16 @@ def test_a_joint_run_resumed_from_a_checkpoint_ends_bit_for_bit_as_an_uninterrup
      rf"^--datasets: output '{MAIN}' is in two tasks, '{MAIN}' and '{MAIN},{AUX}'"),
     (lambda: dict(batch_size={MAIN: 8}), rf"^--batch_size: no batch size for task '{AUX}'"),
     (lambda: dict(loop="fit"), r"^--datasets: model.fit takes one dataset"),
-], ids=["output in two tasks", "batch size missing a task", "loop fit"])
+    (lambda: dict(batch_size={MAIN: 8, AUX: 0}), rf"^--batch_size: task '{AUX}': expected an integer > 0, got 0"),
+    (lambda: dict(batch_size={MAIN: 8, AUX: True}), rf"^--batch_size: task '{AUX}': expected an integer > 0"),
+    (lambda: dict(feature_map={MAIN: {AUX: "label"}}),
+     rf"^--feature_map: task '{MAIN}': '{AUX}' is another task's output"),
+    (lambda: dict(feature_map={"main_input": "tokens"}), r"^--feature_map: serves a tfds:NAME source; no task"),
+    (lambda: dict(validation_split="test"), r"^--validation_split: serves a tfds:NAME or synthetic_headlines"),
+    (lambda: dict(task_mixing="uniform", xla_update=True), r"^--xla_update: not with --task_mixing=uniform"),
+], ids=["output in two tasks", "batch size missing a task", "loop fit", "batch size 0", "batch size true",
+        "feature map of another task's output", "shared feature map no tfds reads", "split no source has",
+        "xla update with turns"])
 def test_bad_tasks_are_refused_by_train_config(tmp_path, overrides, message):
     settings = dict(datasets=one_file_tasks(), batch_size=SHARED_BATCH)
     settings.update(overrides())
@@ -458,17 +476,46 @@ def without(name, *keys) -> str:
     return once(("task datasets: without", name, keys), write)
 
 
-@pytest.mark.parametrize("datasets, message", [
+@pytest.mark.parametrize("datasets, message, more", [
     (lambda: {MAIN: npz("main"), AUX: npz("aux"), "nope": npz("aux")},
-     r"^--datasets: task 'nope': unknown output 'nope'; model 'headline' has outputs"),
-    (lambda: {MAIN: npz("main")}, rf"^--datasets: output '{AUX}' is in no task"),
+     r"^--datasets: task 'nope': unknown output 'nope'; model 'headline' has outputs", None),
+    (lambda: {MAIN: npz("main")}, rf"^--datasets: output '{AUX}' is in no task", None),
     (lambda: {MAIN: npz("main"), AUX: without("aux", "aux_input")},
-     rf"^--datasets: task '{AUX}': npz file '.*aux\.npz', key 'aux_input': missing"),
+     rf"^--datasets: task '{AUX}': npz file '.*aux\.npz', key 'aux_input': missing", None),
     (lambda: {MAIN: npz("main"), AUX: without("aux", AUX, f"sample_weight/{AUX}")},
-     rf"^--datasets: task '{AUX}': npz file '.*aux\.npz', key '{AUX}': missing"),
-], ids=["unknown output", "output in no task", "source missing an input", "source missing its label"])
-def test_bad_tasks_and_sources_are_refused_by_train_before_anything_is_written(tmp_path, datasets, message):
-    run_config = config(tmp_path / "run", datasets=datasets(), batch_size=SHARED_BATCH)
+     rf"^--datasets: task '{AUX}': npz file '.*aux\.npz', key '{AUX}': missing", None),
+    (lambda: {MAIN: npz("main"), AUX: npz("aux")},
+     r"^--save_best: 'val_aux_output_loss' is not a value the evaluation reports",
+     dict(validation_data={MAIN: npz("main_validation")}, save_best="val_aux_output_loss")),
+    (lambda: {MAIN: npz("main"), AUX: npz("aux")},
+     rf"^--datasets: task '{AUX}': every output's loss is null \(--losses\): a turn of it would train nothing",
+     dict(task_mixing="uniform", losses={MAIN: "binary_crossentropy", AUX: None}, loss_weights={MAIN: 1.0})),
+], ids=["unknown output", "output in no task", "source missing an input", "source missing its label",
+        "save best of a task without validation", "a turn of a task with no loss"])
+def test_bad_tasks_and_sources_are_refused_by_train_before_anything_is_written(tmp_path, datasets, message, more):
+    run_config = config(tmp_path / "run", datasets=datasets(), batch_size=SHARED_BATCH, **(more or {}))
     with pytest.raises(ConfigError, match=message):
+        train(run_config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_adding_losses_in_its_call_is_refused_with_datasets(tmp_path):
+    # Keras keeps a call's add_loss / activity-regularizer losses only until the next call (measured: after two
+    # calls, only the second's); with a forward per task, all but the last task's would be dropped.
+    def build():
+        main_input = keras.Input((SMALL_MODEL["sequence_length"],), dtype="int32", name="main_input")
+        aux_input = keras.Input((5,), name="aux_input")
+        hidden = keras.layers.Dense(4, activity_regularizer="l2")(aux_input)
+        words = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(SMALL_MODEL["vocab_size"], 4)(main_input))
+        both = keras.layers.Concatenate()([hidden, words])
+        return keras.Model({"main_input": main_input, "aux_input": aux_input},
+                           {MAIN: keras.layers.Dense(1, activation="sigmoid")(both),
+                            AUX: keras.layers.Dense(1, activation="sigmoid")(hidden)})
+
+    run_config = TrainConfig(model=build, datasets={MAIN: npz("main"), AUX: npz("aux")}, batch_size=SHARED_BATCH,
+                             losses={MAIN: "binary_crossentropy", AUX: "binary_crossentropy"},
+                             model_dir=str(tmp_path / "run"), train_steps=2)
+    with pytest.raises(ConfigError, match=r"^--datasets: model '.*' adds losses in its call \(add_loss, an "
+                                          r"activity_regularizer\)"):
         train(run_config)
     assert not (tmp_path / "run").exists()

@@ -503,3 +503,15 @@ def test_an_annealed_schedule_of_less_than_two_epochs_is_refused_before_anything
                                           r"least; its total_steps is 10"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_annealed_schedule_is_checkpointed_so_a_resume_with_another_train_steps_draws_the_same_tasks(tmp_path):
+    # --train_steps may change on resume and is annealed's default total: the restored schedule is the first's.
+    first = TaskSampler(parse("annealed"), task_examples={"a": 30, "b": 10}, seed=0, steps_per_epoch=5,
+                        total_steps=20)
+    saved = tf.train.Checkpoint(sampler=first).write(str(tmp_path / "annealed"))
+    resumed = TaskSampler(parse("annealed"), task_examples={"a": 30, "b": 10}, seed=0, steps_per_epoch=5,
+                          total_steps=60)
+    tf.train.Checkpoint(sampler=resumed).read(saved).assert_consumed()
+    for step in (0, 7, 12, 19):
+        np.testing.assert_array_equal(resumed.probabilities(step).numpy(), first.probabilities(step).numpy())

@@ -76,7 +76,6 @@ def make_train_step(
     accumulation: optimization.GradientAccumulation | None = None,
     jit_compile: bool = False,
     compile_update: bool = False,
-    traced: bool = True,
 ) -> Callable[[object], dict[str, tf.Tensor]]:
     """Returns `train_step(batch)`: one step on one global batch, split across replicas; its measurements.
 
@@ -85,8 +84,6 @@ def make_train_step(
     takes_all_reduced_gradients=True)` and built for the gradient function's
     variables. `accumulation`: --grad_accum_steps; `jit_compile`: XLA
     compiles the step; `compile_update`: XLA compiles the update alone.
-    `traced` False: the plain function, for a caller that traces it in its
-    own control flow (a sampled turn's branch).
     """
 
     def apply(gradients):
@@ -119,7 +116,7 @@ def make_train_step(
 
     # XLA compiles one step (as `compile(jit_compile=True)` does in Keras);
     # reading the iterator stays outside, where XLA cannot go.
-    return tf.function(one_step_on_data, jit_compile=jit_compile) if traced else one_step_on_data
+    return tf.function(one_step_on_data, jit_compile=jit_compile)
 
 
 def make_evaluate(

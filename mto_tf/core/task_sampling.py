@@ -38,13 +38,17 @@ class TaskSampler(tf.Module):
         self.mixing = mixing
         self._log_examples = tf.constant(np.log(list(task_examples.values())), tf.float32)
         self._seed = seed
-        self._steps_per_epoch = mixing.parameters.get("steps_per_epoch") or steps_per_epoch
-        self._total_steps = mixing.parameters.get("total_steps") or total_steps
-        if mixing.name == "annealed" and self._total_steps < 2 * self._steps_per_epoch:
+        steps_per_epoch = mixing.parameters.get("steps_per_epoch") or steps_per_epoch
+        total_steps = mixing.parameters.get("total_steps") or total_steps
+        if mixing.name == "annealed" and total_steps < 2 * steps_per_epoch:
             # One epoch or less: 1 / (E - 1) is huge or negative (Model Garden's formula has no guard).
-            raise ConfigError("task_mixing", f"annealed anneals over epochs of {self._steps_per_epoch} steps and "
-                                             f"needs two at least; its total_steps is {self._total_steps}: give a "
-                                             f"smaller steps_per_epoch or a larger total_steps (or --train_steps)")
+            raise ConfigError("task_mixing", f"annealed anneals over epochs of {steps_per_epoch} steps and needs two "
+                                             f"at least; its total_steps is {total_steps}: give a smaller "
+                                             f"steps_per_epoch or a larger total_steps (or --train_steps)")
+        # annealed's (steps per epoch, total steps), checkpointed: a run resumed with another --train_steps
+        # (its default total) anneals, and draws, as it began.
+        self.schedule = tf.Variable([steps_per_epoch, total_steps], dtype=tf.float32, trainable=False,
+                                    name="schedule")
         self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name="draws")  # Steps drawn so far.
         # Each task's draws: the batches of its data read so far.
         self.task_draws = tf.Variable(tf.zeros([len(self.task_names)], tf.int64), trainable=False, name="task_draws")
@@ -56,8 +60,9 @@ class TaskSampler(tf.Module):
         if self.mixing.name == "proportional":
             alpha = tf.constant(self.mixing.parameters["alpha"], tf.float32)
         else:  # annealed: AnnealingTaskSampler's alpha, 1 at (0-based) epoch 1, falling 0.8 / (E - 1) per epoch.
-            epoch = tf.floor(tf.cast(step, tf.float32) / self._steps_per_epoch)
-            total_epochs = self._total_steps / self._steps_per_epoch
+            steps_per_epoch, total_steps = tf.unstack(self.schedule)
+            epoch = tf.floor(tf.cast(step, tf.float32) / steps_per_epoch)
+            total_epochs = total_steps / steps_per_epoch
             # Past its total_steps (a longer run than the schedule's) it would turn negative and favour the
             # smallest task: it stops at 0 (uniform) instead.
             alpha = tf.maximum(1.0 - 0.8 * (epoch - 1.0) / (total_epochs - 1.0 + 1e-10), 0.0)
@@ -80,20 +85,23 @@ def sampled_turns(task_steps: Mapping[str, Callable[[object], dict[str, tf.Tenso
     """Returns `train_step(iterators)`: one step of the drawn task on the next batch of its own iterator.
 
     `task_steps`: each task's train step (`core/step.py`'s, on that task's
-    losses alone), as a plain function: traced in a branch of the switch
-    (a `tf.function` called there under MirroredStrategy left its inputs
-    unfed: "You must feed a value for placeholder tensor", measured). Every measurement of `measurement_names` is returned, 0
-    for the other tasks' losses; `steps/<task>` is 1 for the drawn task, so
-    that summed over a window they count each task's steps.
+    losses alone). Each is traced in a branch of the switch as a plain
+    function (its `python_function`): a `tf.function` called there under
+    MirroredStrategy left its inputs unfed ("You must feed a value for
+    placeholder tensor", measured). Every measurement of
+    `measurement_names` is returned, 0 for the other tasks' losses;
+    `steps/<task>` is 1 for the drawn task, so that summed over a window
+    they count each task's steps.
     """
     names = list(task_steps)
 
     def train_step(iterators):
         def turn(task):
             def run_task():
-                measured = task_steps[task](next(iterators[task]))  # Only the drawn task's data advances.
-                return {name: measured[name] if name in measured else
-                        tf.constant(float(name == f"steps/{task}")) for name in measurement_names}
+                step = getattr(task_steps[task], "python_function", task_steps[task])
+                measured = step(next(iterators[task]))  # Only the drawn task's data advances.
+                return {name: measured[name] if name in measured else tf.constant(float(name == f"steps/{task}"))
+                        for name in measurement_names}
             return run_task
 
         # Every replica and worker takes the same branch: the draw is made once, outside the replicas.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -25,6 +26,10 @@ class Examples:
 
     def count(self) -> int:
         """How many examples there are (read once if the source does not say)."""
+        return self._count
+
+    @functools.cached_property
+    def _count(self) -> int:
         if self.num_examples is not None:
             return self.num_examples
         cardinality = int(self.records.cardinality())

@@ -59,8 +59,7 @@ def load_tasks(config: TrainConfig, signature: ModelSignature) -> tuple[Task, ..
         try:
             examples = sources.load_examples(task_config, task_signature)
         except ConfigError as error:  # Named as --dataset would be: say which task's source it is.
-            raise ConfigError("datasets" if error.flag == "dataset" else error.flag,
-                              f"task {name!r}: {error.message}") from None
+            raise error.about_task(name) from None
         tasks.append(Task(name=name, config=task_config, signature=task_signature, examples=examples))
     in_a_task = {output for task in tasks for output in task.outputs}
     missing = [output for output in signature.output_names if output not in in_a_task]

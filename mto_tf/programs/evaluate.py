@@ -63,6 +63,11 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
     `{task: npz:PATH}`, or a split of each task's dataset), `loss` their
     weighted total, `examples` each task's count.
     """
+    if isinstance(eval_data, dict):  # One per task: of tasks --datasets names.
+        unknown = sorted(set(eval_data) - set(config.datasets))
+        if unknown or not eval_data:
+            found = f"unknown task {unknown[0]!r}" if unknown else "no task"
+            raise ConfigError("eval_data", f"{found}; --datasets has tasks {list(config.datasets)}")
     setup = build_model_setup(config, strategy)
     if weights and weights.endswith(".weights.h5"):
         models.load_weights(setup.model, weights, flag="weights")
@@ -70,8 +75,6 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
         tf.train.Checkpoint(model=setup.model).read(weights).expect_partial()
     identifiers = resolve_metric_identifiers(config, setup.signature)
     evaluation = evaluation_of(setup, data=eval_data, split=eval_split, metric_identifiers=identifiers)
-    if evaluation is None:  # --eval_data per task that names no task.
-        raise ConfigError("eval_data", f"no examples to evaluate: name a task of --datasets {list(config.datasets)}")
     return {**evaluation(), "examples": evaluation.num_examples}
 
 
@@ -81,9 +84,9 @@ def _eval_data(text: str | None) -> str | dict[str, str] | None:
         return None
     data = mto_flags.parse_json_object("eval_data", text, '{"TASK": "npz:PATH", ...}') if text.lstrip().startswith(
         "{") else text
-    for path in data.values() if isinstance(data, dict) else [data]:
+    for task, path in data.items() if isinstance(data, dict) else [(None, data)]:
         if not (isinstance(path, str) and path.startswith("npz:")):
-            raise ConfigError("eval_data", f"expected npz:PATH, got {path!r}")
+            raise ConfigError("eval_data", (f"task {task!r}: " if task else "") + f"expected npz:PATH, got {path!r}")
     return data
 
 
@@ -107,10 +110,6 @@ def evaluate_main() -> None:
     elif given["weights"].present:
         raise ConfigError("weights", "chooses a run's weights: give --model_dir too")
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
-    if isinstance(eval_data, dict):
-        unknown = sorted(set(eval_data) - set(config.datasets))
-        if unknown:
-            raise ConfigError("eval_data", f"unknown task {unknown[0]!r}; --datasets has tasks {list(config.datasets)}")
     values = evaluate(config, strategy=strategy, eval_data=eval_data, eval_split=given.eval_split,
                       weights=weights)
     width = max(len(name) for name in values)

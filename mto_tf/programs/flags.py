@@ -128,6 +128,8 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
         value = flag_values[name].value
         parse = _TEXT_PARSERS.get(setting.kind)
         values[name] = parse(name, value) if parse and value is not None else value
+    if values["datasets"] and flag_values["dataset"].present:  # Given, even as its default value.
+        raise ConfigError("dataset", "give --dataset or --datasets (one source per task), not both")
     return TrainConfig(**values)
 
 
@@ -250,6 +252,8 @@ def _parse_datasets(flag: str, text: str) -> dict[str, str]:
     if not text.strip():
         return {}
     mapping = parse_json_object(flag, text, '{"TASK": "SOURCE", ...}')
+    if not mapping:
+        raise ConfigError(flag, "expected one task at least, {\"TASK\": \"SOURCE\", ...}")
     for task, source in mapping.items():
         if not isinstance(source, str):
             raise ConfigError(flag, f"task {task!r}: expected a source as --dataset takes it, got {source!r}")

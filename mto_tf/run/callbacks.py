@@ -57,7 +57,7 @@ class KerasCallbacks:
         self._model = model
         self._calls_callbacks = bool(run.callbacks)  # Else the logs are not worth reading.
         self._training_metrics = run.metrics.training
-        self._counted_by = run.counted_by
+        self._run = run
         self._steps_per_epoch = run.epoch_steps
         self._list = keras.callbacks.CallbackList(
             list(run.callbacks), model=model, verbose=0, steps=self._steps_per_epoch,
@@ -77,7 +77,7 @@ class KerasCallbacks:
         """Before the tf.function call that trains the steps after `step`; an epoch begins on its boundary."""
         if self._epoch is None or step % self._steps_per_epoch == 0:
             self._epoch = step // self._steps_per_epoch
-            self._sums = _EpochSums(self._training_metrics, self._counted_by) if self._calls_callbacks else None
+            self._sums = _EpochSums(self._training_metrics, self._run) if self._calls_callbacks else None
             self._list.on_epoch_begin(self._epoch)
         self._list.on_train_batch_begin(self._batch(step))
 
@@ -135,10 +135,11 @@ class _EpochSums:
     `stateless_result` reads the epoch's result from the sum.
     """
 
-    def __init__(self, training_metrics: Mapping[str, tuple[str, keras.metrics.Metric]],
-                 counted_by: Mapping[str, str]):
+    def __init__(self, training_metrics: Mapping[str, tuple[str, keras.metrics.Metric]], run: Run):
         self._metrics = {name: metric for name, (_, metric) in training_metrics.items()}
-        self._measurements = driver.StepSums(counted_by)
+        self._outputs = {name: output for name, (output, _) in training_metrics.items()}
+        self._run = run  # Sampled turns: the epoch's means are over each task's steps, its metrics its own.
+        self._measurements = driver.StepSums(run.counted_by)
         self._kept = {name: [np.zeros(variable.shape, variable.dtype) for variable in metric.variables]
                       for name, metric in self._metrics.items()}
 
@@ -150,7 +151,10 @@ class _EpochSums:
 
     def logs(self) -> dict[str, float | list]:
         logs = self._measurements.means()
+        untrained = self._run.outputs_not_trained(self._measurements.totals)
         for name, metric in self._metrics.items():
+            if self._outputs[name] in untrained:
+                continue
             logs[name] = metrics_lib.log_value(metric.stateless_result(self._with_current(name)))
         return logs
 

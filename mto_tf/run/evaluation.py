@@ -59,6 +59,7 @@ class Evaluation:
         self._batches = None  # Made at the first evaluation: a run through model.fit never needs them.
         # As fit names them; a task's evaluation reports each of its terms' (its total is not the run's).
         self._names = ["loss", *(f"{name}_loss" for name in objective.terms)] if task else setup.losses.names
+        self.loss_names = [prefix + name for name in self._names]  # What it reports, prefix included.
 
     def __call__(self) -> dict[str, float | list]:
         """The losses and metrics, each an exact mean over the evaluated examples; the metrics then start again.
@@ -85,6 +86,8 @@ class TaskEvaluations:
         self.metrics = {name: metric for evaluation in evaluations.values() for name, metric in
                         evaluation.metrics.items()}
         self.num_examples = {task: evaluation.num_examples for task, evaluation in evaluations.items()}
+        self.loss_names = [prefix + "loss", *sorted({name for evaluation in evaluations.values()
+                                                     for name in evaluation.loss_names} & self._reported)]
 
     def __call__(self) -> dict[str, float | list]:
         values = {}
@@ -122,8 +125,13 @@ def evaluation_of(setup: ModelSetup, *, data, split: str | None, metric_identifi
         task_data = data.get(task) if isinstance(data, dict) else data
         if task_data is None and split is None:  # A task --eval_data leaves out.
             return None
-        return sources.load_evaluation_examples(config, signature, data=task_data, split=split,
-                                                split_must_exist=True, data_flag="eval_data", split_flag="eval_split")
+        examples = sources.load_evaluation_examples(config, signature, data=task_data, split=split,
+                                                    split_must_exist=True, data_flag="eval_data",
+                                                    split_flag="eval_split")
+        if examples is None:  # A split of a source without splits (npz, a Python dataset).
+            raise ConfigError("eval_split", f"--dataset={config.describe()['dataset']} has no splits; give "
+                                            f"--eval_data=npz:PATH")
+        return examples
 
     return _evaluation_of(setup, examples_of, metric_identifiers=metric_identifiers, objective=setup.objective)
 
@@ -141,7 +149,7 @@ def _evaluation_of(setup: ModelSetup, examples_of, *, metric_identifiers: dict[s
         try:
             examples = examples_of(task.name, task.config, task.signature)
         except ConfigError as error:
-            raise ConfigError(error.flag, f"task {task.name!r}: {error.message}") from None
+            raise error.about_task(task.name) from None
         if examples is not None:
             evaluations[task.name] = Evaluation(setup, examples, task=task, **common)
     return (TaskEvaluations(evaluations, objective=objective, reported=setup.losses.names, prefix=prefix)

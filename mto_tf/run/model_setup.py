@@ -70,11 +70,8 @@ class ModelSetup:
     # The outputs whose training batches carry sample weights (their own, class weights', missing labels').
     weighted_outputs: tuple[str, ...]
     tasks: tuple[Task, ...] = ()  # With --datasets: each task, its examples and settings.
-
-    @property
-    def epochs_task(self) -> Task | None:
-        """With --datasets, the task whose passes --epochs counts (`examples` are its)."""
-        return tasks_lib.epochs_task(self.config, self.tasks) if self.tasks else None
+    # With --datasets, the task whose passes --epochs counts (`examples` are its): --epochs_of, else the largest.
+    epochs_task: Task | None = None
 
     @property
     def pass_batch_size(self) -> int:
@@ -101,8 +98,7 @@ class ModelSetup:
             return batching.distributed_batches(self.strategy, self.examples, signature=self.signature,
                                                 batching=batching.Batching.for_training(self.config),
                                                 skip_batches=skip_batches)
-        epochs_task = self.epochs_task
-        batchings = {task.name: tasks_lib.training_batching(task, by_epoch=task is epochs_task and
+        batchings = {task.name: tasks_lib.training_batching(task, by_epoch=task is self.epochs_task and
                                                             bool(self.config.epochs)) for task in self.tasks}
         return tasks_lib.joint_batches(self.strategy, self.tasks, batchings=batchings, skip_batches=skip_batches)
 
@@ -133,8 +129,13 @@ class ModelSetup:
 
 def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> ModelSetup:
     """Builds the model (in the strategy's scope, --init_weights loaded), loads the data, resolves the losses."""
-    for task in config.datasets or [None]:  # Each task's batches split evenly too.
-        check_batch_split(config.task_config(task) if task else config, strategy)
+    if not config.datasets:
+        check_batch_split(config, strategy)
+    for task in config.datasets:  # Each task's batches split evenly too.
+        try:
+            check_batch_split(config.task_config(task), strategy)
+        except ConfigError as error:
+            raise error.about_task(task) from None
     optimization.set_precision(config)  # Layers take their dtypes when they are built.
     # Variables created in the scope are mirrored on every replica.
     with strategy.scope():
@@ -145,6 +146,8 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
     _check_class_weight_outputs(config, signature)
     # Each source's data is checked against the model (with --datasets: its inputs and the task's outputs).
     tasks = tasks_lib.load_tasks(config, signature) if config.datasets else ()
+    if tasks:
+        _check_no_losses_added_in_call(model, signature)
     sources_and_configs = ([(task.examples, task.signature, task.config) for task in tasks] if tasks
                            else [(sources.load_examples(config, signature), signature, config)])
     labels_spec, weighted = {}, set(config.missing_labels)
@@ -160,13 +163,14 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
     labels_spec = {name: labels_spec[name] for name in signature.output_names}
     _check_missing_labels(config, signature, labels_spec)
     weighted_outputs = tuple(sorted(weighted))
-    examples = tasks_lib.epochs_task(config, tasks).examples if tasks else sources_and_configs[0][0]
+    epochs_task = tasks_lib.epochs_task(config, tasks) if tasks else None
+    examples = epochs_task.examples if tasks else sources_and_configs[0][0]
     losses = _resolve_losses(config, signature, labels_spec, weighted_outputs)
     with strategy.scope():
         loss_weights = LossWeights(losses.weights)
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
                       labels_spec=labels_spec, losses=losses, loss_weights=loss_weights,
-                      weighted_outputs=weighted_outputs, tasks=tasks)
+                      weighted_outputs=weighted_outputs, tasks=tasks, epochs_task=epochs_task)
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
@@ -318,6 +322,19 @@ def _try_extra_term(term: losses_lib.ExtraLoss, signature: ModelSignature, label
     if tuple(values.shape) != (2,) or not (values.dtype.is_floating or values.dtype.is_integer):
         raise ConfigError("extra_losses", f"{described}: expected one number per example (shape (2,) for a batch "
                                           f"of 2), got {values.dtype.name} of shape {tuple(values.shape)}")
+
+
+def _check_no_losses_added_in_call(model: keras.Model, signature: ModelSignature) -> None:
+    """With --datasets the model runs once per task in a step; a loss a layer adds in its call (`add_loss`, an
+    activity regularizer) is kept by Keras only until the next call, so it would count for one task's forward
+    alone. Such a model is refused (one call on zeros tells; weight regularizers are not call losses)."""
+    before = len(model.losses)
+    model({name: tf.zeros([1, *(1 if size is None else size for size in spec.shape[1:])], spec.dtype)
+           for name, spec in signature.inputs.items()}, training=False)
+    if len(model.losses) > before:
+        raise ConfigError("datasets", f"model {signature.model_name!r} adds losses in its call (add_loss, an "
+                                      f"activity_regularizer): with one dataset per task the model runs once per "
+                                      f"task and Keras keeps only the last run's; train it on one --dataset")
 
 
 def _check_missing_labels(config: TrainConfig, signature: ModelSignature,

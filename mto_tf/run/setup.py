@@ -27,7 +27,7 @@ from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
 from mto_tf.run.evaluation import Evaluation, TaskEvaluations, validation_of
-from mto_tf.run.model_setup import Losses, ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
+from mto_tf.run.model_setup import ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +163,7 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     validation = evaluation.examples if isinstance(evaluation, Evaluation) else None
     metrics = Metrics(identifiers=metric_identifiers, training=training_metrics,
                       validation=evaluation.metrics if evaluation else {})
-    best_value = _make_best_value(config, strategy, validated=evaluation is not None, metrics=metrics,
-                                  losses=setup.losses)
+    best_value = _make_best_value(config, strategy, evaluation=evaluation, metrics=metrics)
 
     # Everything is checked: only now may the model directory be written
     # (by the chief alone, holding its lock; the other workers read its checkpoints).
@@ -198,6 +197,10 @@ def _make_sampler(config: TrainConfig, setup: ModelSetup) -> TaskSampler | None:
     by its number of examples; `annealed`'s epoch is a pass over the largest task."""
     if not (setup.tasks and config.mixing.sampled):
         return None
+    for task in setup.tasks:
+        if not any(name in setup.losses.terms for name in task.outputs):
+            raise ConfigError("datasets", f"task {task.name!r}: every output's loss is null (--losses): a turn of it "
+                                          f"would train nothing")
     largest = setup.epochs_task  # Without --epochs (sampled turns train by --train_steps): the largest.
     return TaskSampler(config.mixing, task_examples={task.name: task.examples.count() for task in setup.tasks},
                        seed=config.seed, total_steps=config.train_steps,
@@ -240,12 +243,12 @@ def _load_callbacks(config: TrainConfig, given: Sequence[keras.callbacks.Callbac
 _SETS_THE_LEARNING_RATE = (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler)
 
 
-def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, validated: bool,
-                     metrics: Metrics, losses: Losses) -> best.BestValue | None:
+def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *,
+                     evaluation: Evaluation | TaskEvaluations | None, metrics: Metrics) -> best.BestValue | None:
     """`--save_best`'s tracker, checked against what the evaluation reports."""
     if config.save_best is None:
         return None
-    if not validated:
+    if evaluation is None:
         raise ConfigError("save_best", "needs validation data: --validation_data=npz:PATH, or a dataset with a "
                                        "validation split (--validation_split)")
     watched = metrics.validation.get(config.save_best)
@@ -253,7 +256,7 @@ def _make_best_value(config: TrainConfig, strategy: tf.distribute.Strategy, *, v
         raise ConfigError("save_best", f"{config.save_best} has a value per class; name a single value (a loss, or a "
                                        f"metric with average='macro' or 'micro')")
     higher = best.higher_is_better(
-        config.save_best, val_loss_names=[f"val_{name}" for name in losses.names],
+        config.save_best, val_loss_names=evaluation.loss_names,
         val_metrics={name: metric for name, (_, metric) in metrics.validation.items()})
     return best.BestValue(config.save_best, higher_is_better=higher, patience=config.early_stopping_patience,
                           model_dir=config.model_dir, is_chief=is_chief(strategy))

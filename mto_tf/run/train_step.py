@@ -24,13 +24,12 @@ def make_train_step(run: Run) -> Callable[[object], dict[str, tf.Tensor]]:
     """
     if not run.sampler:
         return _train_step(run, run.objective, global_batch_size=run.setup.global_batch_sizes)
-    task_steps = {task.name: _train_step(run, run.objective.of_task(task.name), global_batch_size=task.batch_size,
-                                         traced=False) for task in run.setup.tasks}
+    task_steps = {task.name: _train_step(run, run.objective.of_task(task.name), global_batch_size=task.batch_size)
+                  for task in run.setup.tasks}
     return task_sampling.sampled_turns(task_steps, run.sampler, run.measurement_names)
 
 
-def _train_step(run: Run, objective: Objective, *, global_batch_size, traced: bool = True
-                ) -> Callable[[object], dict[str, tf.Tensor]]:
+def _train_step(run: Run, objective: Objective, *, global_batch_size) -> Callable[[object], dict[str, tf.Tensor]]:
     config, setup = run.config, run.setup
     what_is_trained = dict(
         objective=objective, optimizer=run.optimizer, output_metrics=run.metrics.training,
@@ -43,4 +42,4 @@ def _train_step(run: Run, objective: Objective, *, global_batch_size, traced: bo
         gradient_function = step.fixed_weights(**what_is_trained)
     return step.make_train_step(gradient_function=gradient_function, optimizer=run.optimizer,
                                 strategy=setup.strategy, accumulation=run.accumulation,
-                                jit_compile=config.jit_compile, compile_update=config.xla_update, traced=traced)
+                                jit_compile=config.jit_compile, compile_update=config.xla_update)
