@@ -336,7 +336,9 @@ def test_two_files_with_their_own_batch_sizes_under_two_workers_equal_the_tape_l
 # the shared weights, each output's on its own task's batch. Both tasks read the same file in the same order:
 # the same losses and gradients as the single-dataset run's, so the same weights to rounding (WEIGHT_ATOL; the
 # factors, like the losses, LOSS_RTOL).
-@pytest.mark.parametrize("method", ["dwa", pytest.param("upgrad", marks=pytest.mark.slow)])
+# Both in CI only: the inner loop has the methods' own tests and a joint run of fixed weights.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dwa", "upgrad"])
 def test_an_adaptive_method_with_two_tasks_reading_one_file_trains_as_the_single_dataset_run(tmp_path, method):
     settings = dict(batch_size=SHARED_BATCH, shuffle_buffer=24, seed=7, train_steps=SHARED_STEPS,
                     loss_weighting=method)

@@ -24,8 +24,8 @@ What this file proves:
 - What a sampled mixing cannot do is refused from Python (the command line's
   one-line errors are rows of tests/test_cli.py's BAD_INPUTS).
 
-`uniform` is checked in the inner loop; `proportional` and `annealed` runs,
-and the mirrored run, are slow.
+`uniform`'s one-task step is checked in the inner loop; its resume, the
+`proportional` and `annealed` runs and the mirrored run are slow.
 """
 
 import json
@@ -335,6 +335,7 @@ def check_same_draws_and_exact_resume(mixing):
             name: value for name, value in split.items() if name != "examples_per_sec"}
 
 
+@pytest.mark.slow  # The inner loop resumes a joint run (test_task_datasets.py); CI runs this one too.
 def test_uniform_turns_are_the_same_in_every_run_and_a_resumed_run_ends_bit_for_bit_where_a_whole_one_ends():
     tasks = drawn_tasks("uniform")
     # Preconditions (SEED chosen for them): both tasks in each window and before the resume; another seed
