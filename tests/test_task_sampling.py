@@ -20,7 +20,8 @@ What this file proves:
   task's next batch (file order, endless, full batches). The reference is
   written here with tf.GradientTape and replays the draws of an eager
   `TaskSampler` built as the run builds it.
-- Two replicas end where one device ends.
+- Two replicas, and two workers each drawing in its own process, end where
+  one device ends.
 - What a sampled mixing cannot do is refused from Python (the command line's
   one-line errors are rows of tests/test_cli.py's BAD_INPUTS).
 
@@ -30,13 +31,14 @@ What this file proves:
 
 import json
 import math
+import re
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import HEADLINE, max_weight_difference, once, small_config, write_npz
+from helpers import HEADLINE, SMALL_MODEL, Launch, max_weight_difference, once, small_config, write_npz
 from mto_tf import train
 from mto_tf.core.models import build_headline
 from mto_tf.core.task_sampling import TaskSampler
@@ -516,3 +518,27 @@ def test_an_annealed_schedule_is_checkpointed_so_a_resume_with_another_train_ste
     tf.train.Checkpoint(sampler=resumed).read(saved).assert_consumed()
     for step in (0, 7, 12, 19):
         np.testing.assert_array_equal(resumed.probabilities(step).numpy(), first.probabilities(step).numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("multi_worker")  # One launch on 127.0.0.1 at a time, with test_multi_worker.py's.
+def test_uniform_turns_on_two_workers_draw_the_same_tasks_and_end_where_one_device_ends(tmp_path):
+    # Each worker draws in its own process: the same (seed, step), so the same task, or their collectives would
+    # not pair (a hang, or the launcher's timeout).
+    directory, _ = shared_data()
+    datasets = {task: f"npz:{directory / (task + '.npz')}" for task in TASK_EXAMPLES}
+    flags = [*(f"--{name}={value}" for name, value in SMALL_MODEL.items()), f"--datasets={json.dumps(datasets)}",
+             f"--batch_size={json.dumps(BATCH_SIZES)}", "--task_mixing=uniform", f"--seed={SEED}",
+             f"--init_weights={directory / 'init.weights.h5'}", "--optimizer=sgd", f"--learning_rate={LEARNING_RATE}",
+             f"--train_steps={STEPS}", f"--steps_per_loop={STEPS_PER_LOOP}", f"--log_every={LOG_EVERY}",
+             "--progress=quiet", f"--model_dir={tmp_path / 'run'}"]
+    launch = Launch(*flags, base_flags=["--strategy=multi_worker"])
+    assert launch.wait() == 0, launch.output[-4000:]
+    found = re.findall(r"\[worker (\d)\] .*Final weights fingerprint: (\w+)", launch.output)
+    assert sorted(worker for worker, _ in found) == ["0", "1"] and found[0][1] == found[1][1]
+    model = build_headline(small_config(tmp_path))
+    model.load_weights(tmp_path / "run" / "model.weights.h5")
+    history, weights, counts = sampled_run("uniform", shuffle_buffer=0)
+    # Each global batch split over two workers and its gradient summed across them: rounding only (WEIGHT_ATOL).
+    assert max_weight_difference(model.get_weights(), weights) <= WEIGHT_ATOL
+    assert sampler_counts(tmp_path / "run") == counts
