@@ -200,12 +200,7 @@ def _parse_class_weights(flag: str, text: str) -> dict[str, dict[int, float]]:
     """`{"OUTPUT": {"CLASS": WEIGHT}}` with class ids as JSON strings (JSON keys are strings)."""
     if not text.strip():
         return {}
-    try:
-        mapping = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(flag, f"not valid JSON ({error})") from None
-    if not isinstance(mapping, dict):
-        raise ConfigError(flag, f"expected a JSON object {{\"OUTPUT\": {{\"CLASS\": WEIGHT}}}}, got {text!r}")
+    mapping = parse_json_object(flag, text, '{"OUTPUT": {"CLASS": WEIGHT}}')
     class_weights = {}
     for output, weights in mapping.items():
         if not isinstance(weights, dict):
