@@ -16,8 +16,8 @@ from mto_tf.data import features
 from mto_tf.errors import ConfigError
 
 
-def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> tf.data.Dataset:
-    """Reads `path` and checks it against the model's `signature`; returns a dataset of feature dicts, one per example (in memory).
+def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> dict[str, np.ndarray]:
+    """Reads `path` and checks it against the model's `signature`; returns its arrays, by key (in memory).
 
     `flag` (`dataset` or `validation_data`) is what an error names.
     """
@@ -51,7 +51,7 @@ def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> tf.d
             arrays[weight_key] = arrays[weight_key].reshape(-1).astype(np.float32)
             if (arrays[weight_key] < 0).any() or not np.isfinite(arrays[weight_key]).all():
                 fail(weight_key, "expected finite sample weights >= 0")
-    return tf.data.Dataset.from_tensor_slices(arrays)
+    return arrays
 
 
 def _read(path: str, flag: str) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from mto_tf.config import TrainConfig
 from mto_tf.core.signature import ModelSignature
-from mto_tf.data import features, npz, synthetic_headlines, tfds_dataset
+from mto_tf.data import features, indexed, npz, synthetic_headlines, tfds_dataset
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError
 
@@ -66,7 +66,10 @@ def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, 
 
 
 def _npz_examples(path: str, signature: ModelSignature, *, flag: str) -> Examples:
-    records = npz.load(path, signature, flag=flag)
+    arrays = npz.load(path, signature, flag=flag)
+    if indexed.can_gather(arrays):  # Each worker gathers the rows of its replicas only.
+        return indexed.examples_by_index(arrays)
+    records = tf.data.Dataset.from_tensor_slices(arrays)
     return Examples(records=records, parse_batch=lambda batch: batch,  # Already feature dicts.
                     num_examples=int(records.cardinality()))
 
