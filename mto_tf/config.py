@@ -48,7 +48,8 @@ CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
 LOSS_REDUCTIONS = ("each_loss", "mean_over_labelled")
 PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/run/progress.py.
-DATASET_FORMS = "'synthetic_headlines', 'npz:PATH' or 'tfds:NAME[/CONFIG][:VERSION]'"
+DATASET_FORMS = "'synthetic_headlines', 'npz:PATH', 'npy:DIR' or 'tfds:NAME[/CONFIG][:VERSION]'"
+ARRAY_SOURCES = ("npz:", "npy:")  # Arrays by key: an npz file, or a directory of one npy file per key.
 
 # The parts of a run that read settings. A program that runs only some of
 # them (mto-explain: model, data, loss, distribution) refuses the others' flags.
@@ -149,8 +150,9 @@ class TrainConfig:
                        only_for=("headline", "shapes3d_cnn"))
 
     # Data: a source name (or, from Python, a tf.data.Dataset).
-    dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', or "
-                        "'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset prepared in --data_dir).", reads=("data",))
+    dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', 'npy:DIR' (one "
+                        "memory-mapped .npy file per key), or 'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset "
+                        "prepared in --data_dir).", reads=("data",))
     # Task (an output, or several joined by ",") -> its source, as `dataset` takes it (from Python also a dataset).
     datasets: Mapping[str, Any] = parsed(
         "datasets", {}, "Instead of --dataset, one dataset per task: a JSON object {TASK: SOURCE, ...}, a task being "
@@ -177,8 +179,8 @@ class TrainConfig:
     # Validation: `npz:PATH` (from Python also a tf.data.Dataset like `dataset`),
     # or a split of the training dataset (synthetic_headlines, tfds:); None:
     # its `validation` split if it has one; "" for no validation.
-    validation_data: Any = parsed("text_per_task", None, "npz:PATH of validation examples (keys as for "
-                                  "--dataset=npz:); with --datasets, JSON {TASK: npz:PATH}. Unset: the dataset's "
+    validation_data: Any = parsed("text_per_task", None, "npz:PATH or npy:DIR of validation examples (keys as "
+                                  "for --dataset=npz:); with --datasets, JSON {TASK: npz:PATH}. Unset: the dataset's "
                                   "validation split, if it has one.", reads=("evaluation",))
     validation_split: str | None = text(
         None, "synthetic_headlines, tfds: the split to validate on. Unset: 'validation' if the dataset has it; "
@@ -605,8 +607,8 @@ class TrainConfig:
                 raise ConfigError("dataset", f"expected {DATASET_FORMS}, or a tf.data.Dataset, "
                                              f"got {type(self.dataset).__name__}")
             return
-        if self.dataset.startswith("npz:"):
-            _check_npz_file("dataset", self.dataset)
+        if self.dataset.startswith(ARRAY_SOURCES):
+            _check_array_source("dataset", self.dataset)
         elif self.dataset.startswith("tfds:"):
             if not self.dataset[5:]:
                 raise ConfigError("dataset", "expected tfds:NAME[/CONFIG][:VERSION], got no NAME")
@@ -617,7 +619,7 @@ class TrainConfig:
                                              f"names its arrays by the model's inputs and outputs")
         if self.train_split != "train" and not self.dataset.startswith("tfds:"):
             raise ConfigError("train_split", f"chooses a split of a tfds: dataset, not of --dataset={self.dataset}")
-        if self.validation_split and self.dataset.startswith("npz:"):
+        if self.validation_split and self.dataset.startswith(ARRAY_SOURCES):
             raise ConfigError("validation_split", f"chooses a split of a TFDS dataset; --dataset={self.dataset} "
                                                   f"has none: give --validation_data=npz:PATH")
 
@@ -650,9 +652,9 @@ class TrainConfig:
         if self.validation_split is not None:
             raise ConfigError("validation_data", "give --validation_data or --validation_split, not both")
         if isinstance(self.validation_data, str):
-            if not self.validation_data.startswith("npz:"):
-                raise ConfigError("validation_data", f"expected npz:PATH, got {self.validation_data!r}")
-            _check_npz_file("validation_data", self.validation_data)
+            if not self.validation_data.startswith(ARRAY_SOURCES):
+                raise ConfigError("validation_data", f"expected npz:PATH or npy:DIR, got {self.validation_data!r}")
+            _check_array_source("validation_data", self.validation_data)
         elif not hasattr(self.validation_data, "element_spec"):
             raise ConfigError("validation_data", f"expected npz:PATH or a tf.data.Dataset, "
                                                  f"got {type(self.validation_data).__name__}")
@@ -728,10 +730,11 @@ def _is_scheduled(weight) -> bool:
     return _is_keras_config(weight) or callable(weight) and hasattr(weight, "get_config")
 
 
-def _check_npz_file(field: str, source: str):
-    """`source` is `npz:PATH`; PATH must be a file."""
-    if not os.path.isfile(source.removeprefix("npz:")):
-        raise ConfigError(field, f"npz file not found: {source.removeprefix('npz:')!r}")
+def _check_array_source(field: str, source: str):
+    """`npz:PATH` names a file, `npy:DIR` a directory."""
+    kind, _, path = source.partition(":")
+    if not (os.path.isfile(path) if kind == "npz" else os.path.isdir(path)):
+        raise ConfigError(field, f"{kind} {'file' if kind == 'npz' else 'directory'} not found: {path!r}")
 
 
 def _check_class_weights(class_weights: Mapping[str, Mapping[int, float]]):

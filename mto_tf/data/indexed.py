@@ -30,10 +30,14 @@ def examples_by_index(arrays: Mapping[str, np.ndarray]) -> Examples:
     """`arrays` (one row per example, each indexable by an array of row numbers) as examples read by index."""
     keys = list(arrays)
     num_examples = len(arrays[keys[0]])
-    dtypes = [tf.as_dtype(arrays[key].dtype) for key in keys]
+    # Floats as float32, what Keras computes in (a mapped file's rows are cast as they are read).
+    dtypes = [tf.float32 if np.dtype(arrays[key].dtype).kind == "f" else tf.as_dtype(arrays[key].dtype)
+              for key in keys]
 
     def gather(rows: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(arrays[key][rows]) for key in keys]  # Fancy indexing: only these rows are read.
+        # Fancy indexing: only these rows are read.
+        return [np.asarray(arrays[key][rows]).astype(dtype.as_numpy_dtype, copy=False)
+                for key, dtype in zip(keys, dtypes)]
 
     def parse_batch(rows: tf.Tensor) -> dict[str, tf.Tensor]:
         values = tf.numpy_function(gather, [rows], dtypes, stateful=False)

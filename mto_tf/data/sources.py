@@ -28,8 +28,8 @@ def load_examples(config: TrainConfig, signature: ModelSignature) -> Examples:
         features.check(synthetic_headlines.feature_specs(config), signature, flag="dataset",
                        where=lambda key: f"synthetic_headlines feature {key!r}")
         return examples
-    if config.dataset.startswith("npz:"):
-        return _npz_examples(config.dataset.removeprefix("npz:"), signature, flag="dataset")
+    if config.dataset.startswith(("npz:", "npy:")):
+        return _array_examples(config.dataset, signature, flag="dataset")
     # TrainConfig admits only these forms; this one is "tfds:NAME".
     return _tfds_examples(config, signature, split=config.train_split, split_flag="train_split")
 
@@ -52,8 +52,8 @@ def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, 
     if data is not None:
         if not isinstance(data, str):
             return _python_examples(data, signature, flag=data_flag)
-        return _npz_examples(data.removeprefix("npz:"), signature, flag=data_flag)
-    if split is None or not isinstance(config.dataset, str) or config.dataset.startswith("npz:"):
+        return _array_examples(data, signature, flag=data_flag)
+    if split is None or not isinstance(config.dataset, str) or config.dataset.startswith(("npz:", "npy:")):
         return None
     if config.dataset == "synthetic_headlines":
         if split not in ("train", "validation"):
@@ -65,8 +65,11 @@ def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, 
     return _tfds_examples(config, signature, split=split, split_flag=split_flag)
 
 
-def _npz_examples(path: str, signature: ModelSignature, *, flag: str) -> Examples:
-    arrays = npz.load(path, signature, flag=flag)
+def _array_examples(source: str, signature: ModelSignature, *, flag: str) -> Examples:
+    """`npz:PATH` or `npy:DIR`."""
+    if source.startswith("npy:"):  # Memory-mapped numbers: read by index always.
+        return indexed.examples_by_index(npz.load_directory(source.removeprefix("npy:"), signature, flag=flag))
+    arrays = npz.load(source.removeprefix("npz:"), signature, flag=flag)
     if indexed.can_gather(arrays):  # Each worker gathers the rows of its replicas only.
         return indexed.examples_by_index(arrays)
     records = tf.data.Dataset.from_tensor_slices(arrays)

@@ -85,8 +85,9 @@ def _eval_data(text: str | None) -> str | dict[str, str] | None:
     data = mto_flags.parse_json_object("eval_data", text, '{"TASK": "npz:PATH", ...}') if text.lstrip().startswith(
         "{") else text
     for task, path in data.items() if isinstance(data, dict) else [(None, data)]:
-        if not (isinstance(path, str) and path.startswith("npz:")):
-            raise ConfigError("eval_data", (f"task {task!r}: " if task else "") + f"expected npz:PATH, got {path!r}")
+        if not (isinstance(path, str) and path.startswith(("npz:", "npy:"))):
+            raise ConfigError("eval_data", (f"task {task!r}: " if task else "") +
+                              f"expected npz:PATH or npy:DIR, got {path!r}")
     return data
 
 
