@@ -1,6 +1,7 @@
 """Examples read by index: each input pipeline gathers only the rows of its own replicas' slices.
 
-A source whose rows can be read by number (an npz file's arrays) is given to
+A source whose rows can be read by number (an npz file's or an npy
+directory's arrays of numbers) is given to
 the batching as its row numbers: `tf.data.Dataset.range(n)` is shuffled,
 repeated, batched and split across replicas exactly as the records would be
 (shuffling `range(n)` with a buffer and seed gives the same permutation as

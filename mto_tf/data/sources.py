@@ -68,7 +68,11 @@ def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, 
 def _array_examples(source: str, signature: ModelSignature, *, flag: str) -> Examples:
     """`npz:PATH` or `npy:DIR`."""
     if source.startswith("npy:"):  # Memory-mapped numbers: read by index always.
-        return indexed.examples_by_index(npz.load_directory(source.removeprefix("npy:"), signature, flag=flag))
+        arrays = npz.load_directory(source.removeprefix("npy:"), signature, flag=flag)
+        if not indexed.can_gather(arrays):
+            raise ConfigError(flag, f"{source}: an npy directory holds numbers, read by index; keep text in an npz "
+                                    f"file")
+        return indexed.examples_by_index(arrays)
     arrays = npz.load(source.removeprefix("npz:"), signature, flag=flag)
     if indexed.can_gather(arrays):  # Each worker gathers the rows of its replicas only.
         return indexed.examples_by_index(arrays)
