@@ -61,6 +61,10 @@ KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weigh
 # The settings that may differ per task with --datasets: each then a JSON object {TASK: value} (feature_map:
 # {TASK: {NAME: FEATURE}}); a task it leaves out takes the default (batch_size: every task needs one).
 PER_TASK = ("batch_size", "shuffle_buffer", "feature_map", "validation_data")
+# Settings only some sources read -> the sources that read them. With --datasets a shared value serves the
+# tasks whose source reads it (and is refused when none does); the others take the default.
+SOURCE_SETTINGS = {"feature_map": ("tfds:",), "train_split": ("tfds:",),
+                   "validation_split": ("tfds:", "synthetic_headlines")}
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -464,21 +468,16 @@ class TrainConfig:
         per-task setting, the class weights and missing labels of its outputs; checked as a run's are."""
         outputs = task_mixing_lib.task_outputs(task)
         source = self.datasets[task]
-        # The split settings serve the sources that have splits (--train_split: tfds; --validation_split: tfds and
-        # synthetic_headlines); an npz file or a Python dataset leaves them at their defaults.
-        is_tfds = isinstance(source, str) and source.startswith("tfds:")
-        has_splits = is_tfds or source == "synthetic_headlines"
-        per_task = {name: self.for_task(name, task) for name in PER_TASK}
-        if not (is_tfds or self.is_per_task("feature_map")):
-            per_task["feature_map"] = {}  # A shared map serves the tfds sources (a task's own is checked as given).
+        values = {name: self.for_task(name, task) for name in PER_TASK}
+        for name in SOURCE_SETTINGS:  # A shared value its source does not read: the default (a task's own is checked).
+            if not self.is_per_task(name) and not _reads(source, name):
+                values[name] = default_of(name)
         try:
             return dataclasses.replace(
                 self, datasets={}, task_mixing=default_of("task_mixing"), epochs_of=None, dataset=source,
                 class_weights={name: value for name, value in self.class_weights.items() if name in outputs},
                 missing_labels={name: value for name, value in self.missing_labels.items() if name in outputs},
-                train_split=self.train_split if is_tfds else default_of("train_split"),
-                validation_split=self.validation_split if has_splits else default_of("validation_split"),
-                **per_task)
+                **values)
         except ConfigError as error:
             raise error.about_task(task) from None
 
@@ -511,11 +510,10 @@ class TrainConfig:
                 if foreign:
                     raise ConfigError("feature_map", f"task {task!r}: {foreign[0]!r} is another task's output; map "
                                                      f"it in that task's entry")
-        # Shared settings of sources with features or splits: read by the tasks whose source has them (at least one).
-        for name, readers in (("feature_map", ("tfds:",)), ("train_split", ("tfds:",)),
-                              ("validation_split", ("tfds:", "synthetic_headlines"))):
+        # A shared setting only some sources read: at least one task's source reads it.
+        for name, readers in SOURCE_SETTINGS.items():
             if getattr(self, name) not in (None, default_of(name)) and not self.is_per_task(name) and not any(
-                    isinstance(source, str) and source.startswith(readers) for source in self.datasets.values()):
+                    _reads(source, name) for source in self.datasets.values()):
                 raise ConfigError(name, f"serves a {' or '.join(readers).replace(':', ':NAME')} source; no task of "
                                         f"--datasets has one")
         if self.is_per_task("batch_size"):
@@ -728,6 +726,11 @@ def _is_scheduled(weight) -> bool:
     """A loss weight that is a Keras schedule: its config, or a LearningRateSchedule given from Python
     (duck-typed: this module imports no Keras)."""
     return _is_keras_config(weight) or callable(weight) and hasattr(weight, "get_config")
+
+
+def _reads(source, name: str) -> bool:
+    """Whether a source (a name, or from Python a dataset) reads setting `name` of SOURCE_SETTINGS."""
+    return isinstance(source, str) and source.startswith(SOURCE_SETTINGS[name])
 
 
 def _check_array_source(field: str, source: str):
