@@ -21,7 +21,9 @@ One run on one device, from Python, with no absl:
 
 From Python, `model` may also be a builder (a function returning a
 `keras.Model`) and `dataset` a `tf.data.Dataset` of unbatched
-`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts.
+`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts, or such a
+tuple of dicts of arrays with one row per example (as `model.fit` takes
+`x`, `y` and `sample_weight`; read by index).
 
 A config holds settings and checks what the settings alone decide. Checks
 that need the built model (output names, shapes) run where it is built,
@@ -50,6 +52,8 @@ LOSS_REDUCTIONS = ("each_loss", "mean_over_labelled")
 PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/run/progress.py.
 DATASET_FORMS = "'synthetic_headlines', 'npz:PATH', 'npy:DIR' or 'tfds:NAME[/CONFIG][:VERSION]'"
 ARRAY_SOURCES = ("npz:", "npy:")  # Arrays by key: an npz file, or a directory of one npy file per key.
+PYTHON_DATA = ("a tf.data.Dataset of unbatched (inputs, labels[, sample_weights]) dicts, or a tuple (inputs, "
+               "labels[, sample_weights]) of dicts of arrays, one row per example")
 
 # The parts of a run that read settings. A program that runs only some of
 # them (mto-explain: model, data, loss, distribution) refuses the others' flags.
@@ -153,7 +157,7 @@ class TrainConfig:
     l2: float = number(0.0, "Built-in models: L2 factor on every kernel; 0 for none.", reads=("model",),
                        only_for=("headline", "shapes3d_cnn"))
 
-    # Data: a source name (or, from Python, a tf.data.Dataset).
+    # Data: a source name (or, from Python, a tf.data.Dataset or a tuple of dicts of arrays: PYTHON_DATA).
     dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', 'npy:DIR' (one "
                         "memory-mapped .npy file per key), or 'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset "
                         "prepared in --data_dir).", reads=("data",))
@@ -601,8 +605,8 @@ class TrainConfig:
 
     def _check_dataset(self):
         if not isinstance(self.dataset, str):
-            if not hasattr(self.dataset, "element_spec"):  # Duck-typed: this module imports no TensorFlow.
-                raise ConfigError("dataset", f"expected {DATASET_FORMS}, or a tf.data.Dataset, "
+            if not is_python_data(self.dataset):
+                raise ConfigError("dataset", f"expected {DATASET_FORMS}, or from Python {PYTHON_DATA}; "
                                              f"got {type(self.dataset).__name__}")
             return
         if self.dataset.startswith(ARRAY_SOURCES):
@@ -653,8 +657,8 @@ class TrainConfig:
             if not self.validation_data.startswith(ARRAY_SOURCES):
                 raise ConfigError("validation_data", f"expected npz:PATH or npy:DIR, got {self.validation_data!r}")
             _check_array_source("validation_data", self.validation_data)
-        elif not hasattr(self.validation_data, "element_spec"):
-            raise ConfigError("validation_data", f"expected npz:PATH or a tf.data.Dataset, "
+        elif not is_python_data(self.validation_data):
+            raise ConfigError("validation_data", f"expected npz:PATH, npy:DIR, or from Python {PYTHON_DATA}; "
                                                  f"got {type(self.validation_data).__name__}")
 
     @property
@@ -703,6 +707,14 @@ def settings_read_by(*parts: str) -> list[str]:
 def resumable_settings() -> list[str]:
     """The settings a resumed run may change: they say how far and how to drive, not what is trained."""
     return [name for name, setting in SETTINGS.items() if setting.resumable]
+
+
+def is_python_data(value: object) -> bool:
+    """Whether `value` has the form of PYTHON_DATA (duck-typed: this module imports no TensorFlow)."""
+    if hasattr(value, "element_spec"):
+        return True
+    return (isinstance(value, tuple | list) and len(value) in (2, 3)
+            and all(isinstance(part, Mapping) for part in value))
 
 
 def is_module_function(text: object) -> bool:

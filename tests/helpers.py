@@ -96,6 +96,41 @@ def write_npz(path, *, num_examples=72, with_sample_weights=False, seed=0):
     return arrays
 
 
+def prepare_tfds_headlines(arrays: dict, data_dir, *, file_format: str) -> None:
+    """`write_npz`'s arrays as TFDS dataset `headlines` in `data_dir`, stored as `file_format` (`array_record` or
+    `tfrecord`): the model's features by their names but for `main_input` (`text/tokens`, so that it needs
+    `--feature_map=HEADLINES_FEATURE_MAP`), and a text feature the model does not read."""
+    import tensorflow_datasets as tfds
+
+    class Headlines(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # Read as another program would.
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "text": tfds.features.FeaturesDict({"tokens": tfds.features.Tensor(
+                    shape=arrays["main_input"].shape[1:], dtype=arrays["main_input"].dtype)}),
+                "aux_input": tfds.features.Tensor(shape=arrays["aux_input"].shape[1:], dtype=np.float32),
+                "main_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
+                "aux_output": tfds.features.Tensor(shape=(1,), dtype=np.float32),
+                "notes": tfds.features.Text(),  # Not read: never decoded.
+            }), disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for row in range(len(arrays["main_input"])):
+                yield row, {"text": {"tokens": arrays["main_input"][row]}, "aux_input": arrays["aux_input"][row],
+                            "main_output": np.reshape(arrays["main_output"][row], [1]),
+                            "aux_output": np.reshape(arrays["aux_output"][row], [1]), "notes": f"headline {row}"}
+
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS announces what it prepares.
+        Headlines(data_dir=str(data_dir), file_format=file_format).download_and_prepare()
+
+
+HEADLINES_FEATURE_MAP = "main_input=text/tokens"
+
+
 def shared_npz_and_init_weights(key, init_config: TrainConfig, **npz_options) -> tuple[Path, dict]:
     """`write_npz` data and `init_config`'s headline initial weights, made once per test process for `key`.
 

@@ -11,8 +11,11 @@ by passes with a partial last batch, once) and with a shuffle buffer:
 - each pipeline gathers at most ceil(B / N) rows per step: 1/N of what reading
   every record of the global batch reads.
 
-An `npy:DIR` is memory-mapped, trains bit for bit as the same arrays in an npz
-file, and a bad one is refused naming the flag and the file.
+The same holds for a TFDS dataset prepared as ArrayRecord (read through
+`as_data_source`, against the same dataset prepared as TFRecord and read by
+`as_dataset`) and for arrays given from Python. An `npy:DIR` is
+memory-mapped, trains bit for bit as the same arrays in an npz file, and a bad
+one is refused naming the flag and the file.
 """
 
 import math
@@ -21,10 +24,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import small_config, write_npz
+from helpers import HEADLINES_FEATURE_MAP, prepare_tfds_headlines, small_config, write_npz
 from mto_tf.core.models import build_headline
 from mto_tf.core.signature import ModelSignature
-from mto_tf.data import batching, indexed, npz
+from mto_tf.data import batching, indexed, npz, sources
 from mto_tf.data.examples import Examples
 
 NUM_EXAMPLES, BATCH_SIZE = 45, 12  # 4 batches a pass, the last of 9 rows: split 5 + 4, or 3 + 3 + 3.
@@ -70,7 +73,7 @@ def test_global_batches_read_by_index_are_the_records_global_batches(data, mode)
                           num_examples=NUM_EXAMPLES)
     expected = flat_batches(batching.global_batches(by_records, signature=signature, batching=batching_of(mode)),
                             STEPS[mode])
-    found = flat_batches(batching.global_batches(indexed.examples_by_index(arrays), signature=signature,
+    found = flat_batches(batching.global_batches(indexed.arrays_by_index(arrays), signature=signature,
                                                  batching=batching_of(mode)), STEPS[mode])
     assert len(found) == len(expected) == STEPS[mode]
     for step, (found_leaves, expected_leaves) in enumerate(zip(found, expected, strict=True)):
@@ -83,12 +86,12 @@ def test_global_batches_read_by_index_are_the_records_global_batches(data, mode)
 def test_each_pipeline_gathers_its_replicas_rows_only_and_together_they_are_the_global_batches(data, mode,
                                                                                            pipelines):
     arrays, signature = data
-    expected = flat_batches(batching.global_batches(indexed.examples_by_index(arrays), signature=signature,
+    expected = flat_batches(batching.global_batches(indexed.arrays_by_index(arrays), signature=signature,
                                                     batching=batching_of(mode)), STEPS[mode])
     gathered = {pipeline: [] for pipeline in range(pipelines)}
     slices = []
     for pipeline in range(pipelines):
-        counting = indexed.examples_by_index({key: CountingArray(array, gathered[pipeline])
+        counting = indexed.arrays_by_index({key: CountingArray(array, gathered[pipeline])
                                               for key, array in arrays.items()})
         context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline,
                                              num_replicas_in_sync=pipelines)
@@ -115,8 +118,9 @@ def write_npy_directory(directory, arrays):
         np.save(path, array.astype(np.float64) if array.dtype.kind == "f" else array)
 
 
-@pytest.mark.slow  # Two short runs; the inner loop checks the batches read by index in one process.
-def test_an_npy_directory_is_mapped_not_read_and_trains_bit_for_bit_as_the_npz_file(tmp_path):
+@pytest.mark.slow  # Four short runs; the inner loop checks the batches read by index in one process.
+def test_an_npy_directory_arrays_from_python_and_an_array_record_dataset_train_bit_for_bit_as_the_npz_file(
+        tmp_path):
     from mto_tf import train
 
     arrays = write_npz(tmp_path / "d.npz", num_examples=NUM_EXAMPLES, with_sample_weights=True)
@@ -128,14 +132,31 @@ def test_an_npy_directory_is_mapped_not_read_and_trains_bit_for_bit_as_the_npz_f
     assert sorted(mapped) == sorted(arrays)
     # Inputs and labels stay mapped (rows are read when gathered); the sample weights were read to check them.
     assert all(isinstance(mapped[key], np.memmap) for key in ("main_input", "aux_input", "main_output"))
+    unweighted = {key: array for key, array in arrays.items() if "/" not in key}
+    prepare_tfds_headlines(unweighted, tmp_path / "tfds", file_format="array_record")
 
-    from_npz = train(config)
-    from_npy = train(small_config(tmp_path, dataset=f"npy:{tmp_path / 'd'}", batch_size=BATCH_SIZE,
-                                  shuffle_buffer=20, train_steps=5, model_dir=str(tmp_path / "npy_run")))
+    def run(name, dataset, **settings):
+        return train(small_config(tmp_path, dataset=dataset, batch_size=BATCH_SIZE, shuffle_buffer=20, train_steps=5,
+                                  model_dir=str(tmp_path / name), **settings))
+
+    names = lambda part: {key: arrays[key] for key in part}  # noqa: E731
+    runs = {
+        "npy": run("npy", f"npy:{tmp_path / 'd'}"),
+        "python arrays": run("python", (names(signature.input_names), names(signature.output_names),
+                                        {name: arrays[f"sample_weight/{name}"] for name in signature.output_names})),
+        "array_record": run("array_record", "tfds:headlines", data_dir=str(tmp_path / "tfds"),
+                            feature_map=dict([HEADLINES_FEATURE_MAP.split("=")]), validation_split=""),
+    }
     # float64 rows cast to float32 as they are gathered are the npz file's float32 values: the same run.
-    for from_dir, from_file in zip(from_npy.model.get_weights(), from_npz.model.get_weights(), strict=True):
-        np.testing.assert_array_equal(from_dir, from_file)
-    assert [record["loss"] for record in from_npy.history] == [record["loss"] for record in from_npz.history]
+    from_npz = run("npz", f"npz:{tmp_path / 'd.npz'}")
+    # TFDS holds no sample weights here: its reference is the npz file without them.
+    np.savez(tmp_path / "unweighted.npz", **unweighted)
+    references = {"npy": from_npz, "python arrays": from_npz,
+                  "array_record": run("unweighted", f"npz:{tmp_path / 'unweighted.npz'}")}
+    for name, result in runs.items():
+        for found, expected in zip(result.model.get_weights(), references[name].model.get_weights(), strict=True):
+            np.testing.assert_array_equal(found, expected, err_msg=name)
+        assert [record["loss"] for record in result.history] == [record["loss"] for record in references[name].history]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -155,3 +176,94 @@ def test_a_bad_npy_directory_is_refused_naming_the_flag_and_the_file(tmp_path, c
     with pytest.raises(ConfigError, match=message):
         train(small_config(tmp_path, dataset=f"npy:{tmp_path / 'd'}", batch_size=BATCH_SIZE))
     assert not (tmp_path / "run").exists()
+
+
+# --- Arrays given from Python, and a TFDS dataset stored as ArrayRecord ----------------------------------------
+
+
+def test_arrays_given_from_python_are_read_by_index_as_the_npz_file(data, tmp_path):
+    arrays, signature = data
+    inputs = {key: arrays[key] for key in signature.input_names}
+    labels = {key: arrays[key] for key in signature.output_names}
+    weights = {key.removeprefix("sample_weight/"): array for key, array in arrays.items() if "/" in key}
+    examples = sources.load_examples(small_config(tmp_path, dataset=(inputs, labels, weights)), signature)
+    assert examples.records.element_spec == tf.TensorSpec([], tf.int64)  # Row numbers: read by index.
+    expected = flat_batches(batching.global_batches(indexed.arrays_by_index(arrays), signature=signature,
+                                                    batching=batching_of("by_epoch")), STEPS["by_epoch"])
+    found = flat_batches(batching.global_batches(examples, signature=signature, batching=batching_of("by_epoch")),
+                         STEPS["by_epoch"])
+    for step, (found_leaves, expected_leaves) in enumerate(zip(found, expected, strict=True)):
+        for found_leaf, expected_leaf in zip(found_leaves, expected_leaves, strict=True):
+            np.testing.assert_array_equal(found_leaf, expected_leaf, err_msg=f"step {step}")
+
+
+def test_bad_arrays_from_python_are_refused_naming_the_flag_and_the_array(data, tmp_path):
+    from mto_tf.errors import ConfigError
+
+    arrays, signature = data
+    inputs = {"main_input": arrays["main_input"], "aux_input": arrays["aux_input"][:-1]}
+    labels = {key: arrays[key] for key in signature.output_names}
+    with pytest.raises(ConfigError, match=r"^--dataset: array '.*': has 44 rows but '.*' has 45"):
+        sources.load_examples(small_config(tmp_path, dataset=(inputs, labels)), signature)
+    with pytest.raises(ConfigError, match=r"^--validation_data: expected npz:PATH, npy:DIR, or from Python a "
+                                          r"tf.data.Dataset .*; got list"):
+        small_config(tmp_path, validation_data=[labels])  # Labels alone.
+
+
+@pytest.fixture(scope="module")
+def tfds_formats(tmp_path_factory, data):
+    """The same examples prepared as ArrayRecord and as TFRecord, each in its own data directory."""
+    arrays, signature = data
+    data_dirs = {}
+    for file_format in ("array_record", "tfrecord"):
+        data_dirs[file_format] = str(tmp_path_factory.mktemp(file_format))
+        prepare_tfds_headlines(arrays, data_dirs[file_format], file_format=file_format)
+    return data_dirs, signature
+
+
+def tfds_examples(tfds_formats, file_format: str) -> Examples:
+    from mto_tf.data import tfds_dataset
+
+    data_dirs, signature = tfds_formats
+    return tfds_dataset.load("headlines", data_dir=data_dirs[file_format], split="train", split_flag="train_split",
+                             feature_map=dict([HEADLINES_FEATURE_MAP.split("=")]), signature=signature)
+
+
+@pytest.mark.parametrize("mode", list(STEPS))
+def test_an_array_record_dataset_read_by_index_gives_the_tfrecord_datasets_global_batches(tfds_formats, mode):
+    signature = tfds_formats[1]
+    by_index = tfds_examples(tfds_formats, "array_record")
+    assert by_index.records.element_spec == tf.TensorSpec([], tf.int64)  # Example numbers: read by index.
+    expected = flat_batches(batching.global_batches(tfds_examples(tfds_formats, "tfrecord"), signature=signature,
+                                                    batching=batching_of(mode)), STEPS[mode])
+    found = flat_batches(batching.global_batches(by_index, signature=signature, batching=batching_of(mode)),
+                         STEPS[mode])
+    assert len(found) == len(expected) == STEPS[mode]
+    for step, (found_leaves, expected_leaves) in enumerate(zip(found, expected, strict=True)):
+        for found_leaf, expected_leaf in zip(found_leaves, expected_leaves, strict=True):
+            np.testing.assert_array_equal(found_leaf, expected_leaf, err_msg=f"step {step}")
+
+
+def test_each_pipeline_reads_only_its_replicas_examples_of_an_array_record_dataset(tfds_formats, monkeypatch):
+    from tensorflow_datasets.core.data_sources import array_record
+
+    signature, pipelines = tfds_formats[1], 2
+    expected = flat_batches(batching.global_batches(tfds_examples(tfds_formats, "tfrecord"), signature=signature,
+                                                    batching=batching_of("by_epoch")), STEPS["by_epoch"])
+    read = []  # How many examples each read fetched.
+    fetch = array_record.ArrayRecordDataSource.__getitems__
+    monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
+                        lambda source, keys: read.append(len(keys)) or fetch(source, keys))
+    slices = []
+    for pipeline in range(pipelines):
+        context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline,
+                                             num_replicas_in_sync=pipelines)
+        slices.append(flat_batches(batching.replica_slices(context, tfds_examples(tfds_formats, "array_record"),
+                                                           signature=signature, batching=batching_of("by_epoch")),
+                                   STEPS["by_epoch"]))
+    for step in range(STEPS["by_epoch"]):
+        for leaf, expected_leaf in enumerate(expected[step]):
+            side_by_side = np.concatenate([slices[pipeline][step][leaf] for pipeline in range(pipelines)])
+            np.testing.assert_array_equal(side_by_side, expected_leaf, err_msg=f"step {step}")
+    # One read per slice (prefetching may have read a few more), each of at most half a global batch.
+    assert read and max(read) <= math.ceil(BATCH_SIZE / pipelines), read

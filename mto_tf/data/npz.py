@@ -27,10 +27,8 @@ def load(path: str, signature: ModelSignature, *, flag: str = "dataset") -> dict
 
     `flag` (`dataset` or `validation_data`) is what an error names.
     """
-    # Float arrays as float32, what Keras computes in (NumPy would give float64).
-    arrays = {key: array.astype(np.float32) if array.dtype.kind == "f" else array
-              for key, array in _read(path, flag).items()}
-    return _checked(arrays, signature, flag=flag, where=lambda key: f"npz file {path!r}, key {key!r}")
+    return checked_arrays(floats_as_float32(_read(path, flag)), signature, flag=flag,
+                          where=lambda key: f"npz file {path!r}, key {key!r}")
 
 
 def load_directory(directory: str, signature: ModelSignature, *, flag: str = "dataset") -> dict[str, np.ndarray]:
@@ -49,11 +47,16 @@ def load_directory(directory: str, signature: ModelSignature, *, flag: str = "da
                     arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as error:
                     raise ConfigError(flag, f"cannot read npy file {path!r}: {error}") from None
-    return _checked(arrays, signature, flag=flag,
+    return checked_arrays(arrays, signature, flag=flag,
                     where=lambda key: f"npy directory {directory!r}, file {key + '.npy'!r}")
 
 
-def _checked(arrays: dict[str, np.ndarray], signature: ModelSignature, *, flag: str,
+def floats_as_float32(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float arrays as float32, what Keras computes in (NumPy would give float64)."""
+    return {key: array.astype(np.float32) if array.dtype.kind == "f" else array for key, array in arrays.items()}
+
+
+def checked_arrays(arrays: dict[str, np.ndarray], signature: ModelSignature, *, flag: str,
              where: Callable[[str], str]) -> dict[str, np.ndarray]:
     """`arrays` checked against the model (rows, names, shapes, dtypes, sample weights); labels shaped as the
     predictions; another task's labels dropped."""

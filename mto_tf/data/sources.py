@@ -1,15 +1,17 @@
 """Where the examples come from: `--dataset` and `--validation_data`, each checked against the model's signature.
 
-Sources: the local `synthetic_headlines`, `npz:PATH`, `tfds:NAME` (with
-`--feature_map`), or from Python a `tf.data.Dataset` of unbatched
-`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts.
+Sources: the local `synthetic_headlines`, `npz:PATH`, `npy:DIR`, `tfds:NAME`
+(with `--feature_map`), or from Python a `tf.data.Dataset` of unbatched
+`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts, or such a
+tuple of dicts of arrays (one row per example, as `model.fit` takes them).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
-from mto_tf.config import TrainConfig
+from mto_tf.config import PYTHON_DATA, TrainConfig
 from mto_tf.core.signature import ModelSignature
 from mto_tf.data import features, indexed, npz, synthetic_headlines, tfds_dataset
 from mto_tf.data.examples import Examples
@@ -72,31 +74,34 @@ def _array_examples(source: str, signature: ModelSignature, *, flag: str) -> Exa
         if not indexed.can_gather(arrays):
             raise ConfigError(flag, f"{source}: an npy directory holds numbers, read by index; keep text in an npz "
                                     f"file")
-        return indexed.examples_by_index(arrays)
-    arrays = npz.load(source.removeprefix("npz:"), signature, flag=flag)
-    if indexed.can_gather(arrays):  # Each worker gathers the rows of its replicas only.
-        return indexed.examples_by_index(arrays)
+        return indexed.arrays_by_index(arrays)
+    return _examples_of_arrays(npz.load(source.removeprefix("npz:"), signature, flag=flag))
+
+
+def _examples_of_arrays(arrays: dict[str, np.ndarray]) -> Examples:
+    """Arrays by key, one row per example: numbers are read by index (each worker gathers the rows of its
+    replicas only), text as records."""
+    if indexed.can_gather(arrays):
+        return indexed.arrays_by_index(arrays)
     records = tf.data.Dataset.from_tensor_slices(arrays)
     return Examples(records=records, parse_batch=lambda batch: batch,  # Already feature dicts.
                     num_examples=int(records.cardinality()))
 
 
 def _tfds_examples(config: TrainConfig, signature: ModelSignature, *, split: str, split_flag: str) -> Examples:
-    records, feature_paths, num_examples, absent_labels = tfds_dataset.load(
-        config.dataset.removeprefix("tfds:"), data_dir=config.data_dir, split=split,
-        split_flag=split_flag, feature_map=config.feature_map, signature=signature)
-    return Examples(records=records, parse_batch=lambda batch: tfds_dataset.select(batch, feature_paths),
-                    num_examples=num_examples, absent_labels=absent_labels)
+    return tfds_dataset.load(config.dataset.removeprefix("tfds:"), data_dir=config.data_dir, split=split,
+                             split_flag=split_flag, feature_map=config.feature_map, signature=signature)
 
 
-def _python_examples(dataset: tf.data.Dataset, signature: ModelSignature, *, flag: str) -> Examples:
-    """A `tf.data.Dataset` of `(inputs, labels[, sample_weights])` dicts, one example each."""
-    spec = dataset.element_spec
-    if not (isinstance(spec, tuple) and len(spec) in (2, 3) and all(isinstance(part, dict) for part in spec)):
-        raise ConfigError(flag, f"expected a tf.data.Dataset of unbatched (inputs, labels) or "
-                                f"(inputs, labels, sample_weights) dicts, got elements {spec}")
-    keys = [name for part in spec[:2] for name in part]
-    keys += [features.SAMPLE_WEIGHT_PREFIX + name for name in (spec[2] if len(spec) == 3 else {})]
+def _python_examples(data, signature: ModelSignature, *, flag: str) -> Examples:
+    """A `tf.data.Dataset` of `(inputs, labels[, sample_weights])` dicts, one example each, or such a tuple of
+    dicts of arrays, one row per example."""
+    spec = data.element_spec if hasattr(data, "element_spec") else None
+    parts = spec if spec is not None else data
+    if not (isinstance(parts, tuple | list) and len(parts) in (2, 3) and all(isinstance(part, dict) for part in parts)):
+        raise ConfigError(flag, f"expected {PYTHON_DATA}, got elements {spec}")
+    keys = [name for part in parts[:2] for name in part]
+    keys += [features.SAMPLE_WEIGHT_PREFIX + name for name in (parts[2] if len(parts) == 3 else {})]
     if len(set(keys)) != len(keys):
         raise ConfigError(flag, f"an input and an output share a name in the dataset's dicts ({keys})")
 
@@ -105,7 +110,8 @@ def _python_examples(dataset: tf.data.Dataset, signature: ModelSignature, *, fla
         weights = sample_weights[0] if sample_weights else {}
         return {**inputs, **labels, **{features.SAMPLE_WEIGHT_PREFIX + name: value for name, value in weights.items()}}
 
+    if spec is None:  # Arrays: checked as an npz file's are (floats as float32).
+        arrays = npz.floats_as_float32({key: np.asarray(value) for key, value in flatten(parts).items()})
+        return _examples_of_arrays(npz.checked_arrays(arrays, signature, flag=flag, where=lambda key: f"array {key!r}"))
     features.check(flatten(spec), signature, flag=flag, where=lambda key: f"dataset element {key!r}")
-    return Examples(records=dataset, parse_batch=lambda batch: flatten(batch))
-
-
+    return Examples(records=data, parse_batch=lambda batch: flatten(batch))

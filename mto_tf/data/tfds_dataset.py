@@ -10,10 +10,16 @@ output (labels) and `sample_weight/<output>`; by default a feature named like
 the input or output. Nested features are `parent/child`. Only those features
 are decoded (`tfds.decode.PartialDecoding`); `ClassLabel` features arrive as
 integer class ids.
+
+A dataset prepared as ArrayRecord (`file_format="array_record"`) is read by
+index (`indexed.numbered`): each input pipeline reads, through TFDS's random-access
+`as_data_source`, only the examples of its replicas' slices, and decodes
+them as `as_dataset` decodes a TFRecord dataset's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,20 +27,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mto_tf.core.signature import ModelSignature
-from mto_tf.data import features
+from mto_tf.data import features, indexed
+from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError, describe_error
 
 
 def load(name: str, *, data_dir: str | None, split: str, split_flag: str, feature_map: Mapping[str, str],
-         signature: ModelSignature) -> tuple[tf.data.Dataset, dict[str, str], int | None, dict[str, float]]:
-    """Reads split `split` of TFDS dataset `name`, checked against the model's `signature`.
+         signature: ModelSignature) -> Examples:
+    """Split `split` of TFDS dataset `name`, checked against the model's `signature`, as `Examples`.
 
-    Returns:
-      The split's examples in file order, each a dict of the decoded features
-      the model needs; `{model name: feature path}` for each of them; the
-      split's number of examples, if its metadata says; and, for each output
-      whose labels are an optional feature, the value TFDS reads where an
-      example has none (`absent_label_value`).
+    In file order, each example the decoded features the model needs, keyed
+    by model name; the number of examples if the split's metadata says; and,
+    for each output whose labels are an optional feature, the value TFDS
+    reads where an example has none (`absent_label_value`).
     """
     builder = _builder(name, data_dir)
     info = builder.info
@@ -51,16 +56,49 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
     features.check({key: tf.TensorSpec(available[path].shape, available[path].tf_dtype)
                     for key, path in feature_paths.items()},
                    signature, flag="feature_map", where=lambda key: _describe(key, feature_paths[key]))
-    try:
-        records = builder.as_dataset(split=split, shuffle_files=False,
-                                     decoders=tfds.decode.PartialDecoding(_nested(feature_paths.values())))
-    except Exception as error:  # Not prepared, or files missing.
-        raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
-                                     f"({describe_error(error)})") from None
     num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
     absent = {output: absent_label_value(available[feature_paths[output]].get_tensor_info(), output=output)
               for output in signature.output_names if available[feature_paths[output]].get_tensor_info().optional}
-    return records, feature_paths, num_examples or None, absent
+    decoding = tfds.decode.PartialDecoding(_nested(feature_paths.values()))
+    if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        examples = _read_by_index(builder, name=name, split=split, decoding=decoding, feature_paths=feature_paths)
+        return dataclasses.replace(examples, absent_labels=absent)
+    try:
+        records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoding)
+    except Exception as error:  # Not prepared, or files missing.
+        raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir={data_dir} "
+                                     f"({describe_error(error)})") from None
+    return Examples(records=records, parse_batch=lambda batch: select(batch, feature_paths),
+                    num_examples=num_examples or None, absent_labels=absent)
+
+
+def _read_by_index(builder, *, name: str, split: str, decoding: tfds.decode.PartialDecoding,
+                   feature_paths: Mapping[str, str]) -> Examples:
+    """An ArrayRecord split read by index: a batch's serialized examples are fetched by number, then decoded
+    one by one as `as_dataset` decodes them (the features `decoding` names only)."""
+    try:
+        source = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    except Exception as error:  # Files missing.
+        raise ConfigError("dataset", f"TFDS cannot read split {split!r} of {name!r} from --data_dir="
+                                     f"{builder.data_dir} ({describe_error(error)})") from None
+    decoded_features = decoding.extract_features(builder.info.features)
+    decoded_spec = decoded_features.get_tensor_spec()
+    for key, path in feature_paths.items():
+        if not select(decoded_spec, {key: path})[key].shape.is_fully_defined():
+            raise ConfigError("dataset", f"{_describe(key, path)} of {name!r} varies in shape from example to "
+                                         f"example: an ArrayRecord dataset is read by index, which needs fixed "
+                                         f"shapes (pad it when preparing, or prepare it as TFRecord)")
+
+    def decode(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        return select(tf.map_fn(decoded_features.deserialize_example, serialized, fn_output_signature=decoded_spec),
+                      feature_paths)
+
+    def parse_batch(numbers: tf.Tensor) -> dict[str, tf.Tensor]:
+        serialized = tf.numpy_function(lambda rows: np.asarray(source.__getitems__(rows.tolist()), dtype=object),
+                                       [numbers], tf.string, stateful=False)
+        return decode(tf.ensure_shape(serialized, numbers.shape))
+
+    return indexed.numbered(len(source), parse_batch)
 
 
 def absent_label_value(tensor_info, *, output: str) -> float:
