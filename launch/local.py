@@ -19,6 +19,10 @@ The command after `--` runs once per worker, each with its own `TF_CONFIG`
   infinite) is not restarted: that will not fix itself.
 - SIGTERM or Ctrl-C to the launcher is passed on to the workers (mto-train
   then saves a checkpoint and stops); after `--grace` seconds they are killed.
+- `--input_service=local` in the command: the launcher starts one tf.data
+  service (`python -m mto_tf.input_service`) for all workers, passes each
+  `--input_service=127.0.0.1:PORT` instead, and stops it at the end; it
+  outlives restarts (each attempt reads under a job of its own).
 
 Exit status: 0 when every worker succeeded, else the first failed worker's
 status (1 for a timeout), with a line naming the worker.
@@ -99,6 +103,32 @@ class StopRequest(threading.Event):
         super().set()
 
 
+class InputService:
+    """`python -m mto_tf.input_service` on a free port of 127.0.0.1, for `--input_service=local`."""
+
+    FLAG = "--input_service=local"
+
+    def __init__(self):
+        [self.port] = free_ports(1)
+        self.process = subprocess.Popen([sys.executable, "-m", "mto_tf.input_service", f"--port={self.port}"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        text=True, start_new_session=True)
+        for line in self.process.stdout:  # It answers once this line is printed.
+            if line.startswith("input service: serving at"):
+                break
+        else:
+            raise SystemExit(f"launch/local.py: the input service did not start (status {self.process.wait()})")
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # Drain it.
+        print(f"launch: input service started at 127.0.0.1:{self.port}, pid {self.process.pid}", flush=True)
+
+    def worker_command(self, command: list[str]) -> list[str]:
+        return [f"--input_service=127.0.0.1:{self.port}" if arg == self.FLAG else arg for arg in command]
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
 def run_workers(command: list[str], *, workers: int, deadline: float, grace: float,
                 stop_requested: StopRequest) -> tuple[int, str]:
     """Runs one attempt; returns (exit status, what happened)."""
@@ -157,6 +187,16 @@ def main(argv: list[str]) -> int:
     stop_requested = StopRequest()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _: stop_requested.set(received))
+    service = InputService() if InputService.FLAG in command else None
+    try:
+        return _run_attempts(service.worker_command(command) if service else command, args, stop_requested)
+    finally:
+        if service:
+            service.stop()
+
+
+def _run_attempts(command: list[str], args: argparse.Namespace, stop_requested: StopRequest) -> int:
+    """Runs the workers, and again after a failure up to `--restarts` times; returns the exit status."""
     deadline = time.monotonic() + args.timeout
     for attempt in range(args.restarts + 1):
         print(f"launch: attempt {attempt + 1} of {args.restarts + 1}: {args.workers} worker(s) of: "

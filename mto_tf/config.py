@@ -178,6 +178,12 @@ class TrainConfig:
     epochs_of: str | None = text(None, "With --datasets and --epochs: the task whose passes --epochs counts (the "
                                        "others repeat). Unset: the task with the most examples.", reads=("driver",))
     data_dir: str | None = text(None, "TFDS data directory (default: TFDS's own).", reads=("data",), resumable=True)
+    input_service: str | None = text(
+        None, "For training sources read in order (TFRecord TFDS datasets, a tf.data.Dataset): a tf.data service "
+              "reads and parses each global batch once and hands each worker only its replicas' rows. 'local': "
+              "start one in this process (launch/local.py starts one for all its workers); HOST:PORT: one already "
+              "running (python -m mto_tf.input_service). Unset: each worker reads every record and keeps its rows.",
+        reads=("training",), resumable=True)
     train_split: str = text("train", "tfds: the split to train on.", reads=("data",))
     # Model input, output or `sample_weight/<output>` -> dataset feature.
     feature_map: Mapping[str, str] = parsed(
@@ -383,6 +389,7 @@ class TrainConfig:
             self._check_no_tasks()
             self._check_dataset()
         self._check_validation()
+        self._check_input_service()
         _check_class_weights(self.class_weights)
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise ConfigError("init_weights", f"file not found: {self.init_weights!r}")
@@ -625,6 +632,17 @@ class TrainConfig:
             raise ConfigError("validation_split", f"chooses a split of a TFDS dataset; --dataset={self.dataset} "
                                                   f"has none: give --validation_data=npz:PATH")
 
+    def _check_input_service(self):
+        if self.input_service is None or self.input_service == "local" and self.strategy != "multi_worker":
+            return
+        if self.input_service == "local":
+            raise ConfigError("input_service", "'local' starts a service in this process; every worker of "
+                                               "--strategy=multi_worker must read from one service: launch/local.py "
+                                               "starts it for them, elsewhere give HOST:PORT")
+        host, _, port = self.input_service.rpartition(":")
+        if not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError("input_service", f"expected 'local' or HOST:PORT, got {self.input_service!r}")
+
     def check_settings_are_read(self) -> None:
         """A setting only some built-in models or datasets read must keep its default with any other (it would be ignored).
 
@@ -791,6 +809,9 @@ def _check_what_fit_cannot_do(config: TrainConfig):
                                           "of several is the custom loop's: use --loop=custom")
     if config.xla_update:
         raise ConfigError("xla_update", "not with --loop=fit")
+    if config.input_service is not None:
+        raise ConfigError("input_service", "serves the custom loop's input pipelines; fit reads its dataset itself: "
+                                           "use --loop=custom")
     # model.fit reports and logs per epoch; mto_tf maps one epoch to one
     # logging window of --log_every steps, so the run, its checkpoints and
     # its evaluations must fall on window boundaries.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sys
 
 import keras
@@ -69,6 +70,20 @@ def _datasets(tmp_path, *tasks):
 
 
 BOTH_TASKS = ("main_output", "aux_output")
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _npy_without(tmp, key: str) -> str:
+    """An npy directory of `write_npz`'s arrays without `key`."""
+    for name, array in write_npz(tmp / "data.npz").items():
+        if name != key:
+            np.save(tmp / f"{name}.npy", array)
+    return f"--dataset=npy:{tmp}"
+
 
 BAD_INPUTS = {
     "unknown output": (lambda tmp: ["--loss_weights=main_output=1.0,aux=0.2"],
@@ -140,6 +155,13 @@ BAD_INPUTS = {
         lambda tmp: [_datasets(tmp, *BOTH_TASKS), "--task_mixing=uniform", "--epochs=2"],
         "--epochs: with --task_mixing=uniform, how many steps a pass over a task takes depends on the draws; give "
         "--train_steps"),
+    # Where each worker's share of the input comes from.
+    "an input service nobody runs": (
+        lambda tmp: [f"--input_service=127.0.0.1:{_free_port()}"],
+        "--input_service: no tf.data service answers at 127.0.0.1:"),
+    "an npy directory missing a key": (
+        lambda tmp: [_npy_without(tmp, "aux_input")],
+        "file 'aux_input.npy': missing; model 'headline' needs input 'aux_input'"),
 }
 # In a fresh process: the exit status the shell sees, and no traceback from anywhere
 # (found before TensorFlow is imported: the process ends within a second).

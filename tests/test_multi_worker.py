@@ -257,3 +257,20 @@ def test_adaptive_loss_weighting_under_two_workers_equals_one_process(tmp_path, 
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for workers, one in zip(logged, one_process.history, strict=True):
         assert workers["loss_weight/main_output"] == pytest.approx(one["loss_weight/main_output"], rel=1e-6)
+
+
+def test_two_workers_reading_through_the_input_service_match_one_process_on_the_same_batches(tmp_path):
+    """synthetic_headlines is read in order: the service reads each global batch once, each worker gets its rows."""
+    from mto_tf import train
+
+    settings = dict(train_steps=4, shuffle_buffer=40, validation_split="", optimizer="adam", learning_rate=0.01)
+    launch = Launch(f"--model_dir={tmp_path / 'run'}", "--synthetic_train_examples=128", "--input_service=local",
+                    *[f"--{name}={value}" for name, value in settings.items()])
+    assert launch.wait() == 0, launch.output[-4000:]
+    assert re.search(r"launch: input service started at 127\.0\.0\.1:\d+", launch.output)
+    assert re.search(r"\[worker 1\] .*Input: read in order, once, by the tf.data service at 127\.0\.0\.1:",
+                     launch.output), launch.output[-4000:]
+    one_process = train(small_config(tmp_path, model_dir=str(tmp_path / "one"), synthetic_train_examples=128,
+                                     **settings))
+    # The same global batches; the sum over two replicas rounds differently (as above).
+    assert max_weight_difference(_final_weights(tmp_path, tmp_path / "run"), one_process.model.get_weights()) <= 1e-6

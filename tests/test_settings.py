@@ -36,7 +36,9 @@ def test_the_resumable_settings_are_those_a_resumed_run_has_always_been_allowed_
     assert set(config_lib.resumable_settings()) == {
         "train_steps", "steps_per_loop", "log_every", "checkpoint_every", "init_weights", "model_dir", "data_dir",
         "loop", "jit_compile", "xla_update", "progress", "eval_every", "eval_steps", "early_stopping_patience",
-        "log_gradient_shares_every", "callbacks"}
+        "log_gradient_shares_every", "callbacks",
+        # Where each worker's rows come from, not which: a resumed run may read through a service or not.
+        "input_service"}
 
 
 def test_mto_explain_refuses_the_flags_of_the_parts_it_does_not_run():
@@ -47,7 +49,8 @@ def test_mto_explain_refuses_the_flags_of_the_parts_it_does_not_run():
         "optimizer", "learning_rate", "clipnorm", "global_clipnorm", "clipvalue", "grad_accum_steps", "xla_update",
         "jit_compile", "train_steps", "epochs", "steps_per_loop", "log_every", "checkpoint_every", "loop",
         "progress", "save_best", "early_stopping_patience", "metrics", "validation_data", "validation_split",
-        "eval_every", "eval_steps", "log_gradient_shares_every", "callbacks", "task_mixing", "epochs_of"}
+        "eval_every", "eval_steps", "log_gradient_shares_every", "callbacks", "task_mixing", "epochs_of",
+        "input_service"}
     for name in flags_not_read_by(explain.READS):
         assert not set(config_lib.SETTINGS[name].reads) & set(explain.READS), name
 

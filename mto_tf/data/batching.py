@@ -23,6 +23,18 @@ from mto_tf.data.examples import Examples
 
 
 @dataclasses.dataclass(frozen=True)
+class ServedBy:
+    """A tf.data service that reads and parses each global batch once and hands each input pipeline its share.
+
+    `job_name` is the same in every worker of one run attempt and new in the
+    next (a job keeps its position while the service lives).
+    """
+
+    address: str  # grpc://HOST:PORT
+    job_name: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Batching:
     """How examples become global batches.
 
@@ -39,6 +51,7 @@ class Batching:
     seed: int = 0
     class_weights: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
     missing_labels: Mapping[str, float] = dataclasses.field(default_factory=dict)  # Output -> its "no label" value.
+    served_by: ServedBy | None = None  # Training batches made once by a tf.data service (`--input_service`).
 
     @classmethod
     def for_training(cls, config: TrainConfig) -> Batching:
@@ -92,26 +105,22 @@ def distributed_batches(strategy: tf.distribute.Strategy, examples: Examples, *,
 def replica_slices(input_context: tf.distribute.InputContext, examples: Examples, *, signature: ModelSignature,
                    batching: Batching, skip_batches: int = 0) -> tf.data.Dataset:
     """One input pipeline's part of `distributed_batches`: its replicas' slices of each global batch, parsed."""
+    if batching.served_by is not None:
+        return _served_replica_slices(input_context, examples, signature=signature, batching=batching,
+                                      skip_batches=skip_batches)
     parse = _parser(examples, signature=signature, batching=batching)
-    full = batching.full_batches_only
     replicas = input_context.num_replicas_in_sync
     local_replicas = replicas // input_context.num_input_pipelines
     first_replica = input_context.input_pipeline_id * local_replicas
-    per_replica_rows = batching.batch_size // replicas  # Of a full batch (the strategy checks it divides).
+    slice_shape = _slice_shape(batching, replicas)
 
     def slices(*records):
         record_batch = records if len(records) > 1 else records[0]
         rows = tf.shape(tf.nest.flatten(record_batch)[0], out_type=tf.int64)[0]
-        slice_rows = (rows + replicas - 1) // replicas
 
         def replica_slice(replica):
-            start = tf.minimum(replica * slice_rows, rows)
-            end = tf.minimum(start + slice_rows, rows)
-            return tf.nest.map_structure(
-                # Full batches keep a static size: a step traced for an unknown
-                # batch size ran about 5 % slower.
-                lambda tensor: tf.ensure_shape(tensor[start:end], [per_replica_rows, *tensor.shape[1:]])
-                if full else tensor[start:end], record_batch)
+            start, end = _rows_of_replicas(replica, 1, rows=rows, replicas=replicas)
+            return tf.nest.map_structure(lambda tensor: slice_shape(tensor[start:end]), record_batch)
 
         return tf.data.Dataset.range(first_replica, first_replica + local_replicas).map(replica_slice)
 
@@ -119,6 +128,66 @@ def replica_slices(input_context: tf.distribute.InputContext, examples: Examples
     if replicas > 1:
         records = records.flat_map(slices)
     return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _served_replica_slices(input_context: tf.distribute.InputContext, examples: Examples, *,
+                           signature: ModelSignature, batching: Batching, skip_batches: int) -> tf.data.Dataset:
+    """`replica_slices` through `batching.served_by`: the service reads and parses each global batch once and
+    hands input pipeline p the rows of its replicas only, in the order one device reads them.
+
+    The service's dataset yields, for each global batch, one element per
+    input pipeline (`(global rows, its replicas' rows)`); with coordinated
+    reads (`num_consumers`), pipeline p receives element p of every round of
+    N, so every pipeline gets its share of the same global batch at the same
+    step. (Coordinated reads need an endless dataset: training batches are,
+    by steps or by passes.)
+    """
+    replicas = input_context.num_replicas_in_sync
+    pipelines = input_context.num_input_pipelines
+    local_replicas = replicas // pipelines
+    parse = _parser(examples, signature=signature, batching=batching)
+    slice_shape = _slice_shape(batching, replicas)
+
+    def shares(*records):
+        batch = parse(*records)  # Read and parsed once, by the service.
+        rows = tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
+
+        def share(pipeline):
+            start, end = _rows_of_replicas(pipeline * local_replicas, local_replicas, rows=rows, replicas=replicas)
+            return rows, tf.nest.map_structure(lambda tensor: tensor[start:end], batch)
+
+        return tf.data.Dataset.range(pipelines).map(share)
+
+    def slices(rows, share):  # This pipeline's share -> one slice per local replica.
+        def replica_slice(local_replica):
+            start, end = _rows_of_replicas(local_replica, 1, rows=rows, replicas=replicas)
+            return tf.nest.map_structure(lambda tensor: slice_shape(tensor[start:end]), share)
+
+        return tf.data.Dataset.range(local_replicas).map(replica_slice)
+
+    served = _record_batches(examples, batching).skip(skip_batches).flat_map(shares).apply(
+        tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.OFF, service=batching.served_by.address,
+            job_name=batching.served_by.job_name, consumer_index=input_context.input_pipeline_id,
+            num_consumers=pipelines))
+    return served.flat_map(slices).prefetch(tf.data.AUTOTUNE)
+
+
+def _rows_of_replicas(first: tf.Tensor, count: int, *, rows: tf.Tensor, replicas: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Where replicas [first, first + count) of `replicas` find their rows of a global batch of `rows`:
+    replica r takes [r * s, (r + 1) * s) with s = ceil(rows / replicas), clipped to the batch."""
+    slice_rows = (rows + replicas - 1) // replicas
+    start = tf.minimum(first * slice_rows, rows)
+    return start, tf.minimum(start + count * slice_rows, rows)
+
+
+def _slice_shape(batching: Batching, replicas: int):
+    """A replica slice as the step wants it: full batches keep a static size (a step traced for an unknown batch
+    size ran about 5 % slower); a pass's partial batch may leave a replica fewer rows."""
+    if not batching.full_batches_only:
+        return lambda tensor: tensor
+    per_replica_rows = batching.batch_size // replicas  # The strategy checks it divides.
+    return lambda tensor: tf.ensure_shape(tensor, [per_replica_rows, *tensor.shape[1:]])
 
 
 def steps_per_pass(num_examples: int, batch_size: int) -> int:

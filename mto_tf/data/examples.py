@@ -23,6 +23,8 @@ class Examples:
     num_examples: int | None = None  # When the source knows it without reading every record.
     # Output -> the label value the source reads where an example has none (a TFDS optional feature's default).
     absent_labels: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The records are example numbers (`indexed`): a pipeline reads only the examples of its own replicas.
+    by_index: bool = False
 
     def count(self) -> int:
         """How many examples there are (read once if the source does not say)."""

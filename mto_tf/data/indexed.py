@@ -62,4 +62,5 @@ def examples_by_index(num_examples: int, specs: Mapping[str, tf.TensorSpec],
 
 def numbered(num_examples: int, parse_batch: Callable[[tf.Tensor], dict[str, tf.Tensor]]) -> Examples:
     """Examples whose records are their numbers: `parse_batch` reads a batch of numbers' examples."""
-    return Examples(records=tf.data.Dataset.range(num_examples), parse_batch=parse_batch, num_examples=num_examples)
+    return Examples(records=tf.data.Dataset.range(num_examples), parse_batch=parse_batch, num_examples=num_examples,
+                    by_index=True)

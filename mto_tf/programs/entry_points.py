@@ -46,6 +46,17 @@ def mto_evaluate() -> None:
     runner.run_program("mto-evaluate", main)
 
 
+def input_service() -> None:
+    """`python -m mto_tf.input_service`."""
+
+    def main():
+        from mto_tf.programs import input_service as program
+        program.serve_main()
+
+    mto_flags.define_input_service_flags()
+    runner.run_program("mto_tf.input_service", main)
+
+
 def sweep() -> None:
     """`python -m mto_tf.sweep`."""
 

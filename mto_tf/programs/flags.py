@@ -76,6 +76,12 @@ def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         flags.DEFINE_string("output_json", None, "Write the values here as JSON.", flag_values=flag_values)
 
 
+def define_input_service_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """`python -m mto_tf.input_service`'s flag."""
+    flags.DEFINE_integer("port", 0, "Port of the dispatcher (0: any free one; the program prints it).", lower_bound=0,
+                         upper_bound=65535, flag_values=flag_values)
+
+
 def define_sweep_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The sweep's own flags, beside mto-train's (defined when it runs)."""
     if "sweep_dir" in flag_values:  # Defined already, by an earlier run in this process.

@@ -9,7 +9,9 @@ is written. `run/setup.py` adds what training needs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import random
 
 import keras
 import tensorflow as tf
@@ -23,12 +25,13 @@ from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.objective import Objective
 from mto_tf.core.signature import ModelSignature
 from mto_tf.core.strategy import check_batch_split
-from mto_tf.data import batching, sources
+from mto_tf.data import batching, input_service, sources
 from mto_tf.data import tasks as tasks_lib
 from mto_tf.data.examples import Examples
 from mto_tf.data.tasks import Task
 from mto_tf.errors import ConfigError, describe_error, first_line
 
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Losses:
@@ -72,6 +75,8 @@ class ModelSetup:
     tasks: tuple[Task, ...] = ()  # With --datasets: each task, its examples and settings.
     # With --datasets, the task whose passes --epochs counts (`examples` are its): --epochs_of, else the largest.
     epochs_task: Task | None = None
+    # --input_service: the tf.data service that serves the training sources read in order.
+    served_by: batching.ServedBy | None = None
 
     @property
     def pass_batch_size(self) -> int:
@@ -95,19 +100,30 @@ class ModelSetup:
         """Each replica's slices of each global training batch (with --datasets, `{task: slices}`: one of every
         task), from the start or after `skip_batches` steps."""
         if not self.tasks:
-            return batching.distributed_batches(self.strategy, self.examples, signature=self.signature,
-                                                batching=batching.Batching.for_training(self.config),
-                                                skip_batches=skip_batches)
-        batchings = {task.name: tasks_lib.training_batching(task, by_epoch=task is self.epochs_task and
-                                                            bool(self.config.epochs)) for task in self.tasks}
+            return batching.distributed_batches(
+                self.strategy, self.examples, signature=self.signature,
+                batching=self._served(batching.Batching.for_training(self.config), self.examples, "data"),
+                skip_batches=skip_batches)
+        batchings = {task.name: self._served(tasks_lib.training_batching(
+            task, by_epoch=task is self.epochs_task and bool(self.config.epochs)), task.examples, task.name)
+            for task in self.tasks}
         return tasks_lib.joint_batches(self.strategy, self.tasks, batchings=batchings, skip_batches=skip_batches)
 
     def task_batches(self, skip_batches: dict[str, int]) -> dict[str, tf.distribute.DistributedDataset]:
         """Each task's own training batches (a sampled turn reads the drawn task's only), after `skip_batches`."""
         return {task.name: batching.distributed_batches(
             self.strategy, task.examples, signature=task.signature,
-            batching=tasks_lib.training_batching(task, by_epoch=False), skip_batches=skip_batches[task.name])
+            batching=self._served(tasks_lib.training_batching(task, by_epoch=False), task.examples, task.name),
+            skip_batches=skip_batches[task.name])
             for task in self.tasks}
+
+    def _served(self, source_batching: batching.Batching, examples: Examples, source: str) -> batching.Batching:
+        """`source_batching`, through the input service if there is one and the source is read in order (one
+        job per source, `source` naming it: each serves its own batches)."""
+        if self.served_by is None or examples.by_index:
+            return source_batching
+        job = dataclasses.replace(self.served_by, job_name=f"{self.served_by.job_name}-{source}")
+        return dataclasses.replace(source_batching, served_by=job)
 
     @property
     def objective(self) -> Objective:
@@ -168,9 +184,35 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
     losses = _resolve_losses(config, signature, labels_spec, weighted_outputs)
     with strategy.scope():
         loss_weights = LossWeights(losses.weights)
+    training_sources = {task.name: task.examples for task in tasks} if tasks else {None: examples}
+    served_by = _input_service(config, strategy, training_sources)
+    for task, source in training_sources.items():
+        logger.info("Input%s: %s", f" of task {task}" if task else "", input_service.describe_input(source, served_by))
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
                       labels_spec=labels_spec, losses=losses, loss_weights=loss_weights,
-                      weighted_outputs=weighted_outputs, tasks=tasks, epochs_task=epochs_task)
+                      weighted_outputs=weighted_outputs, tasks=tasks, epochs_task=epochs_task, served_by=served_by)
+
+
+def _input_service(config: TrainConfig, strategy: tf.distribute.Strategy,
+                   training_sources: dict[str | None, Examples]) -> batching.ServedBy | None:
+    """`--input_service`: where the training sources read in order are served from, under a job name new in
+    each run attempt and the same in every worker."""
+    if config.input_service is None:
+        return None
+    if all(source.by_index for source in training_sources.values()):
+        raise ConfigError("input_service", "every training source here is read by index (npz, npy, ArrayRecord, "
+                                           "arrays): each worker already reads only its share; leave it unset")
+    address = input_service.address_of(config.input_service)
+    # A job keeps its position while the service lives: a restarted run must not continue an earlier attempt's.
+    attempt = random.SystemRandom().randrange(1, 2 ** 31)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # One number every worker agrees on.
+
+        @tf.function
+        def summed(value):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(value)), axis=None)
+
+        attempt = int(summed(tf.constant(attempt, tf.int64)))
+    return batching.ServedBy(address=address, job_name=f"mto_tf-{attempt}")
 
 
 def make_method(config: TrainConfig, setup: ModelSetup) -> weighting.Method:
