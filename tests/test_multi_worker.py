@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (BATCH_SIZE, HEADLINE, OUTPUTS, VALUE_RTOL, Launch, keras_optimizer, max_weight_difference, once,
-                     small_config, write_npz)
+from helpers import (BATCH_SIZE, HEADLINE, HEADLINES_FEATURE_MAP, OUTPUTS, VALUE_RTOL, Launch, keras_optimizer,
+                     max_weight_difference, once, prepare_tfds_headlines, small_config, write_npz)
 from helpers import evaluate_with_keras as _evaluate
 from helpers import exact_means as _exact_means
 from mto_tf.core.models import build_headline
@@ -137,6 +137,31 @@ def test_worker_killed_mid_run_is_restarted_with_the_others_and_ends_like_an_uni
     # Records past the restored checkpoint were dropped and logged again once.
     assert _logged_steps(model_dir) == list(range(10, TRAIN_STEPS + 1, 10))
     for whole, resumed in zip(expected_weights, _final_weights(tmp_path, model_dir), strict=True):
+        np.testing.assert_array_equal(whole, resumed)
+
+
+@pytest.mark.parametrize("source", ["npy", "array_record"])
+def test_workers_reading_an_npy_directory_or_an_array_record_dataset_by_index_resume_bit_for_bit(uninterrupted,
+                                                                                                 source):
+    """The same rows as the npz file, read by index from another source: a worker killed mid-run and restarted
+    ends bit for bit as the uninterrupted run on the npz file."""
+    tmp_path, data_flags, expected_weights = uninterrupted
+    arrays = dict(np.load(tmp_path / "data.npz"))
+    source_dir = tmp_path / source
+    if source == "npy":
+        source_dir.mkdir()
+        for key, array in arrays.items():
+            np.save(source_dir / f"{key}.npy", array)
+        source_flags = [f"--dataset=npy:{source_dir}"]
+    else:
+        prepare_tfds_headlines(arrays, source_dir, file_format="array_record")
+        source_flags = ["--dataset=tfds:headlines", f"--data_dir={source_dir}",
+                        f"--feature_map={HEADLINES_FEATURE_MAP}", "--validation_split="]
+    flags = [*source_flags, *[flag for flag in data_flags if not flag.startswith("--dataset=")]]
+    launch = _signal_worker_1_mid_run(flags, tmp_path / f"killed_{source}", signal.SIGKILL)
+    assert "launch: restarting all workers" in launch.output
+    assert re.search(r"\[worker 1\] .*Input: read by index", launch.output), launch.output[-3000:]
+    for whole, resumed in zip(expected_weights, _final_weights(tmp_path, tmp_path / f"killed_{source}"), strict=True):
         np.testing.assert_array_equal(whole, resumed)
 
 
