@@ -105,4 +105,9 @@ def test_an_unreachable_service_or_one_nothing_needs_stops_before_anything_is_wr
     write_npz(tmp_path / "d.npz")
     with pytest.raises(ConfigError, match=r"^--input_service: every training source here is read by index"):
         train(small_config(tmp_path, dataset=f"npz:{tmp_path / 'd.npz'}", input_service="local"))
+    python_dataset = tf.data.Dataset.from_generator(lambda: iter(()), output_signature=(
+        {"main_input": tf.TensorSpec([8], tf.int32), "aux_input": tf.TensorSpec([5], tf.float32)},
+        {"main_output": tf.TensorSpec([1], tf.float32), "aux_output": tf.TensorSpec([1], tf.float32)}))
+    with pytest.raises(ConfigError, match=r"^--input_service: a service in another process cannot run the Python "):
+        train(small_config(tmp_path, dataset=python_dataset, input_service="127.0.0.1:1"))
     assert not (tmp_path / "run").exists()

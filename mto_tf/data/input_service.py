@@ -25,12 +25,14 @@ from mto_tf.errors import ConfigError
 _LOCAL_SERVERS: list = []  # The local service's servers: they stop when nothing holds them.
 
 
-def start(port: int = 0, *, host: str = "localhost") -> tuple[str, list]:
-    """Starts a dispatcher on `port` (0: any free one) and one service worker; returns the dispatcher's address
-    and the servers (keep them: they stop when collected). Trainers fetch batches from the worker at `host`."""
+def start(port: int = 0, *, worker_port: int = 0, host: str = "localhost") -> tuple[str, list]:
+    """Starts a dispatcher on `port` and one service worker on `worker_port` (0: any free one); returns the
+    dispatcher's address and the servers (keep them: they stop when collected). Trainers fetch batches from the
+    worker at `host`."""
     dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=port))
     worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
-        dispatcher_address=dispatcher.target.removeprefix("grpc://"), worker_address=f"{host}:%port%"))
+        dispatcher_address=dispatcher.target.removeprefix("grpc://"), worker_address=f"{host}:%port%",
+        port=worker_port))
     return dispatcher.target, [dispatcher, worker]
 
 

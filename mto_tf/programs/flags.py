@@ -77,9 +77,13 @@ def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def define_input_service_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """`python -m mto_tf.input_service`'s flag."""
+    """`python -m mto_tf.input_service`'s flags."""
     flags.DEFINE_integer("port", 0, "Port of the dispatcher (0: any free one; the program prints it).", lower_bound=0,
                          upper_bound=65535, flag_values=flag_values)
+    flags.DEFINE_integer("worker_port", 0, "Port trainers fetch batches from (0: any free one).", lower_bound=0,
+                         upper_bound=65535, flag_values=flag_values)
+    flags.DEFINE_string("host", None, "The name trainers reach this host by (default: its host name).",
+                        flag_values=flag_values)
 
 
 def define_sweep_flags(flag_values: flags.FlagValues = FLAGS) -> None:

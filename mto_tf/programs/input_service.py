@@ -20,8 +20,8 @@ FLAGS = flags.FLAGS
 
 def serve_main() -> None:
     # Trainers on other hosts fetch batches from the service worker by this host's name.
-    host = socket.gethostname()
-    address, servers = input_service.start(port=FLAGS.port, host=host)
+    host = FLAGS.host or socket.gethostname()
+    address, servers = input_service.start(port=FLAGS.port, worker_port=FLAGS.worker_port, host=host)
     # launch/local.py waits for this line before it starts the trainers.
     print(f"input service: serving at {host}:{address.rpartition(':')[2]}", flush=True)
     servers[0].join()  # The dispatcher: until the process is stopped.

@@ -202,6 +202,13 @@ def _input_service(config: TrainConfig, strategy: tf.distribute.Strategy,
     if all(source.by_index for source in training_sources.values()):
         raise ConfigError("input_service", "every training source here is read by index (npz, npy, ArrayRecord, "
                                            "arrays): each worker already reads only its share; leave it unset")
+    given_from_python = [source for source in (config.datasets.values() if config.datasets else [config.dataset])
+                         if hasattr(source, "element_spec")]
+    if given_from_python and config.input_service != "local":
+        # Measured: the service fails at the first batch ("Could not find callback with key=pyfunc_0").
+        raise ConfigError("input_service", "a service in another process cannot run the Python functions a "
+                                           "tf.data.Dataset given from Python may hold (from_generator, "
+                                           "py_function); serve it with 'local' in one process")
     address = input_service.address_of(config.input_service)
     # A job keeps its position while the service lives: a restarted run must not continue an earlier attempt's.
     attempt = random.SystemRandom().randrange(1, 2 ** 31)
