@@ -50,7 +50,10 @@ CLUSTER_RESOLVERS = ("tf_config", "slurm")
 LOOPS = ("custom", "fit")
 LOSS_REDUCTIONS = ("each_loss", "mean_over_labelled")
 PROGRESS_MODES = ("auto", "bar", "lines", "quiet")  # See mto_tf/run/progress.py.
-DATASET_FORMS = "'synthetic_headlines', 'npz:PATH', 'npy:DIR' or 'tfds:NAME[/CONFIG][:VERSION]'"
+# The datasets mto_tf generates itself (mto_tf/data/generated.py), by name.
+GENERATED_DATASETS = ("synthetic_headlines", "multi_digits", "mmoe_synthetic")
+DATASET_FORMS = ("'synthetic_headlines', 'multi_digits', 'mmoe_synthetic', 'npz:PATH', 'npy:DIR' or "
+                 "'tfds:NAME[/CONFIG][:VERSION]'")
 ARRAY_SOURCES = ("npz:", "npy:")  # Arrays by key: an npz file, or a directory of one npy file per key.
 PYTHON_DATA = ("a tf.data.Dataset of unbatched (inputs, labels[, sample_weights]) dicts, or a tuple (inputs, "
                "labels[, sample_weights]) of dicts of arrays, one row per example")
@@ -67,8 +70,9 @@ KINDS = ("text", "integer", "number", "boolean", "choice", "losses", "loss_weigh
 PER_TASK = ("batch_size", "shuffle_buffer", "feature_map", "validation_data")
 # Settings only some sources read -> the sources that read them. With --datasets a shared value serves the
 # tasks whose source reads it (and is refused when none does); the others take the default.
-SOURCE_SETTINGS = {"feature_map": ("tfds:",), "train_split": ("tfds:",),
-                   "validation_split": ("tfds:", "synthetic_headlines")}
+# (synthetic_headlines' features are the headline model's names: nothing to map.)
+SOURCE_SETTINGS = {"feature_map": ("tfds:", "multi_digits", "mmoe_synthetic"), "train_split": ("tfds:",),
+                   "validation_split": ("tfds:", *GENERATED_DATASETS)}
 
 # A loss: a Keras loss name, a Keras loss config (a dict), `MODULE:FUNCTION`,
 # or from Python a function or `keras.losses.Loss`. A metric likewise.
@@ -132,7 +136,8 @@ class TrainConfig:
     # Model: a built-in name, `MODULE:FUNCTION`, or (from Python) a builder.
     # Sizes of the built-in models are settings so that tests can make them small.
     model: str | Callable[[], Any] = text(
-        "headline", "A built-in model (headline, shapes3d_cnn) or MODULE:FUNCTION, a function of yours "
+        "headline", "A built-in model (headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom) or "
+        "MODULE:FUNCTION, a function of yours "
         "(importable from the current directory or PYTHONPATH) returning an uncompiled multi-output keras.Model.",
         reads=("model",))
     vocab_size: int = integer(10000, "headline, synthetic_headlines: token ids are in [0, vocab_size).",
@@ -155,12 +160,43 @@ class TrainConfig:
     sync_batchnorm: bool = boolean(False, "shapes3d_cnn: BatchNormalization(synchronized=True): batch statistics "
                                           "over all replicas.", reads=("model",), only_for=("shapes3d_cnn",))
     l2: float = number(0.0, "Built-in models: L2 factor on every kernel; 0 for none.", reads=("model",),
-                       only_for=("headline", "shapes3d_cnn"))
+                       only_for=("headline", "shapes3d_cnn", "inception_aux", "mmoe", "shared_bottom"))
+    inception_variant: str = choice(
+        "v1", ("v1", "v3"), "inception_aux: v1 (GoogLeNet: auxiliary heads aux_1 and aux_2 on modules 4a and 4d, "
+        "loss weight 0.3 each) or v3 (Inception-v3: one head aux_1 at the end of stage 4, batch normalization in "
+        "it and after every convolution, weight 0.4).", reads=("model",), only_for=("inception_aux",))
+    inception_filters: int = integer(16, "inception_aux: the width unit of every convolution (a module's 1x1 "
+                                         "branch has 2 x this many filters).", reads=("model",),
+                                     only_for=("inception_aux",), positive=True)
+    image_size: int = integer(12, "inception_aux: the side of its square input `image` (multi_digits: 12).",
+                              reads=("model",), only_for=("inception_aux",), positive=True)
+    image_channels: int = integer(1, "inception_aux: channels of its input `image`.", reads=("model",),
+                                  only_for=("inception_aux",), positive=True)
+    num_classes: int = integer(10, "inception_aux: classes of the label every head predicts.", reads=("model",),
+                               only_for=("inception_aux",), positive=True)
+    aux_head_units: int = integer(64, "inception_aux: width of each auxiliary head's Dense layer (GoogLeNet: "
+                                      "1024).", reads=("model",), only_for=("inception_aux",), positive=True)
+    features_dim: int = integer(100, "mmoe, shared_bottom: numbers in their input `features`.", reads=("model",),
+                                only_for=("mmoe", "shared_bottom"), positive=True)
+    task_outputs: str = text("task_a,task_b", "mmoe, shared_bottom: the names of their outputs, one tower each.",
+                             reads=("model",), only_for=("mmoe", "shared_bottom"))
+    task_classes: int = integer(0, "mmoe, shared_bottom: 0: each output is one number (regression, mean squared "
+                                   "error); K: a softmax over K classes.", reads=("model",),
+                                only_for=("mmoe", "shared_bottom"))
+    num_experts: int = integer(8, "mmoe: experts, each mixed by one softmax gate per task.", reads=("model",),
+                               only_for=("mmoe",), positive=True)
+    expert_units: int = integer(16, "mmoe: width of each expert; shared_bottom: of the shared bottom layer.",
+                                reads=("model",), only_for=("mmoe", "shared_bottom"), positive=True)
+    tower_units: int = integer(8, "mmoe, shared_bottom: width of each task's tower.", reads=("model",),
+                               only_for=("mmoe", "shared_bottom"), positive=True)
 
     # Data: a source name (or, from Python, a tf.data.Dataset or a tuple of dicts of arrays: PYTHON_DATA).
-    dataset: Any = text("synthetic_headlines", "'synthetic_headlines' (generated locally), 'npz:PATH', 'npy:DIR' (one "
-                        "memory-mapped .npy file per key), or 'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset "
-                        "prepared in --data_dir).", reads=("data",))
+    dataset: Any = text("synthetic_headlines", "Generated locally on first use: 'synthetic_headlines' (for "
+                        "headline), 'multi_digits' (two of scikit-learn's handwritten digits per 12x12 image, labels "
+                        "left and right), 'mmoe_synthetic' (the MMoE paper's two regression tasks, "
+                        "--task_correlation); or 'npz:PATH', 'npy:DIR' (one memory-mapped .npy file per key), or "
+                        "'tfds:NAME[/CONFIG][:VERSION]' (a TFDS dataset prepared in --data_dir). See docs/data.md.",
+                        reads=("data",))
     # Task (an output, or several joined by ",") -> its source, as `dataset` takes it (from Python also a dataset).
     datasets: Mapping[str, Any] = parsed(
         "datasets", {}, "Instead of --dataset, one dataset per task: a JSON object {TASK: SOURCE, ...}, a task being "
@@ -187,28 +223,37 @@ class TrainConfig:
     train_split: str = text("train", "tfds: the split to train on.", reads=("data",))
     # Model input, output or `sample_weight/<output>` -> dataset feature.
     feature_map: Mapping[str, str] = parsed(
-        "feature_map", {}, "tfds: NAME=FEATURE,... maps a model input, output or sample_weight/<output> to a "
-        "dataset feature (nested: parent/child); unmapped inputs and outputs read the feature of their name. "
+        "feature_map", {}, "tfds:, multi_digits, mmoe_synthetic: NAME=FEATURE,... maps a model input, output or "
+        "sample_weight/<output> to a dataset feature (nested: parent/child; one feature may feed several); "
+        "unmapped inputs and outputs read the feature of their name, and features nothing reads are not read. "
         "With --datasets, also JSON {TASK: {NAME: FEATURE}}.", reads=("data",))
     # Validation: `npz:PATH` (from Python also a tf.data.Dataset like `dataset`),
-    # or a split of the training dataset (synthetic_headlines, tfds:); None:
+    # or a split of the training dataset (a generated one, tfds:); None:
     # its `validation` split if it has one; "" for no validation.
     validation_data: Any = parsed("text_per_task", None, "npz:PATH or npy:DIR of validation examples (keys as "
                                   "for --dataset=npz:); with --datasets, JSON {TASK: npz:PATH}. Unset: the dataset's "
                                   "validation split, if it has one.", reads=("evaluation",))
     validation_split: str | None = text(
-        None, "synthetic_headlines, tfds: the split to validate on. Unset: 'validation' if the dataset has it; "
-              "empty: no validation.", reads=("evaluation",))
+        None, "tfds:, synthetic_headlines, multi_digits, mmoe_synthetic: the split to validate on. Unset: "
+              "'validation' if the dataset has it; empty: no validation.", reads=("evaluation",))
     eval_every: int = integer(0, "Steps between evaluations on the validation data; 0: only at the end (there is "
                                  "always one at the end when there is validation data).", reads=("evaluation",),
                               resumable=True)
     eval_steps: int | None = integer(None, "Global batches per evaluation. Unset: the whole validation data, its "
                                            "last partial batch included.", reads=("evaluation",), resumable=True,
                                      positive=True)
-    synthetic_train_examples: int = integer(10000, "Size of synthetic_headlines' train split.", reads=("data",),
-                                            only_for=("synthetic_headlines",), positive=True)
-    synthetic_validation_examples: int = integer(1000, "Size of synthetic_headlines' validation split.",
-                                                 reads=("data",), only_for=("synthetic_headlines",), positive=True)
+    synthetic_train_examples: int = integer(10000, "Size of the train split of a generated dataset "
+                                                   "(synthetic_headlines, multi_digits, mmoe_synthetic).",
+                                            reads=("data",), only_for=GENERATED_DATASETS, positive=True)
+    synthetic_validation_examples: int = integer(1000, "Size of the validation split of a generated dataset.",
+                                                 reads=("data",), only_for=GENERATED_DATASETS, positive=True)
+    synthetic_test_examples: int = integer(1000, "Size of the test split of multi_digits and mmoe_synthetic.",
+                                           reads=("data",), only_for=("multi_digits", "mmoe_synthetic"),
+                                           positive=True)
+    task_correlation: float = number(0.5, "mmoe_synthetic: p in [-1, 1], the cosine of the two tasks' weight "
+                                          "vectors (Ma et al. 2018's 'task correlation'): the Pearson correlation "
+                                          "of the tasks' linear parts; the sines make the labels' lower for "
+                                          "0 < |p| < 1.", reads=("data",), only_for=("mmoe_synthetic",))
     shuffle_buffer: int | Mapping[str, int] = parsed(
         "integer_per_task", 0, "Shuffle buffer in examples; 0 keeps file order. With --datasets, also JSON "
         "{TASK: N}.", reads=("data",))
@@ -606,11 +651,19 @@ class TrainConfig:
         if ":" in self.model and not is_module_function(self.model):
             raise ConfigError("model", f"expected MODULE:FUNCTION (e.g. my_models:build), got {self.model!r}")
         if self.sync_batchnorm and self.model != "shapes3d_cnn":
-            raise ConfigError("sync_batchnorm", f"only the built-in shapes3d_cnn has BatchNormalization layers "
-                                                f"mto_tf builds; got --model={self.model} (build your own with "
+            raise ConfigError("sync_batchnorm", f"synchronizes the BatchNormalization layers of the built-in "
+                                                f"shapes3d_cnn only; got --model={self.model} (build your own with "
                                                 f"BatchNormalization(synchronized=True))")
+        if self.model in ("mmoe", "shared_bottom"):
+            names = self.task_outputs.split(",")
+            if len(names) < 2 or len(set(names)) != len(names) or not all(name.isidentifier() for name in names):
+                raise ConfigError("task_outputs", f"expected two or more distinct names joined by ',', got "
+                                                  f"{self.task_outputs!r}")
 
     def _check_dataset(self):
+        if not (_is_number(self.task_correlation) and -1 <= self.task_correlation <= 1):
+            raise ConfigError("task_correlation", f"expected a number in [-1, 1] (the cosine of the two tasks' "
+                                                  f"weight vectors), got {self.task_correlation!r}")
         if not isinstance(self.dataset, str):
             if not is_python_data(self.dataset):
                 raise ConfigError("dataset", f"expected {DATASET_FORMS}, or from Python {PYTHON_DATA}; "
@@ -621,11 +674,12 @@ class TrainConfig:
         elif self.dataset.startswith("tfds:"):
             if not self.dataset[5:]:
                 raise ConfigError("dataset", "expected tfds:NAME[/CONFIG][:VERSION], got no NAME")
-        elif self.dataset != "synthetic_headlines":
+        elif self.dataset not in GENERATED_DATASETS:
             raise ConfigError("dataset", f"expected {DATASET_FORMS}, got {self.dataset!r}")
-        if self.feature_map and not self.dataset.startswith("tfds:"):
-            raise ConfigError("feature_map", f"maps features of a tfds: dataset; --dataset={self.dataset} "
-                                             f"names its arrays by the model's inputs and outputs")
+        if self.feature_map and not _reads(self.dataset, "feature_map"):
+            raise ConfigError("feature_map", f"maps features of a tfds: dataset (or of multi_digits, "
+                                             f"mmoe_synthetic); --dataset={self.dataset} names its data by the "
+                                             f"model's inputs and outputs")
         if self.train_split != "train" and not self.dataset.startswith("tfds:"):
             raise ConfigError("train_split", f"chooses a split of a tfds: dataset, not of --dataset={self.dataset}")
         if self.validation_split and self.dataset.startswith(ARRAY_SOURCES):

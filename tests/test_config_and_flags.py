@@ -73,7 +73,8 @@ def test_per_task_settings_are_json_objects_and_each_task_sees_its_own(tmp_path)
         config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}',
                          '--feature_map={"main_output,aux_output": {"main_input": "tokens"}}')
     # A shared one serves the tfds sources; with none, nothing would read it.
-    with pytest.raises(ConfigError, match="^--feature_map: serves a tfds:NAME source; no task of --datasets has one"):
+    with pytest.raises(ConfigError, match="^--feature_map: serves a tfds:NAME or multi_digits or mmoe_synthetic "
+                                          "source; no task of --datasets has one"):
         config_from_args(f'--datasets={{"main_output,aux_output": "npz:{tmp_path}/a.npz"}}',
                          "--feature_map=main_input=tokens")
     assert config_from_args('--feature_map={"t": {"main_input": "tokens"}}', '--datasets={"t": "tfds:x"}'
@@ -100,7 +101,7 @@ def test_flagfile_sets_flags(tmp_path):
     # Given, even as its default: --dataset would be ignored.
     (['--datasets={"main_output,aux_output": "synthetic_headlines"}', "--dataset=synthetic_headlines"],
      "^--dataset: give --dataset or --datasets"),
-    (["--sync_batchnorm"], "^--sync_batchnorm: only the built-in shapes3d_cnn"),
+    (["--sync_batchnorm"], "^--sync_batchnorm: synchronizes the BatchNormalization layers of the built-in shapes3d_cnn only"),
     (["--dropout_rate=1"], r"^--dropout_rate: expected a rate in \[0, 1\)"),
     (["--feature_map=image=pixels"], "^--feature_map: maps features of a tfds: dataset"),
     (["--feature_map=main_input"], "^--feature_map: expected NAME=FEATURE pairs separated by commas, got 'main_input'"),
@@ -116,7 +117,8 @@ def test_flagfile_sets_flags(tmp_path):
     (["--loop=fit", "--log_every=25"], "^--log_every: with --loop=fit, must be a multiple of --steps_per_loop=10"),
     (["--loop=fit", "--strategy=mirrored", "--num_cpu_devices=2"], "^--steps_per_loop: with --loop=fit under "),
     (["--loop=fit", "--strategy=multi_worker"], "^--loop: model.fit does not run under MultiWorkerMirroredStrategy"),
-    (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines', 'npz:PATH', 'npy:DIR' or 'tfds:NAME"),
+    (["--dataset=imagenet"], "^--dataset: expected 'synthetic_headlines', 'multi_digits', 'mmoe_synthetic', "
+                             "'npz:PATH', 'npy:DIR' or 'tfds:NAME"),
     (["--dataset=npz:/no/such/file.npz"], "^--dataset: npz file not found"),
     (["--dataset=npy:/no/such/dir"], "^--dataset: npy directory not found: '/no/such/dir'"),
     (["--init_weights=/no/such.weights.h5"], "^--init_weights: file not found"),
@@ -149,7 +151,7 @@ def test_bad_settings_raise_config_error_naming_the_flag(args, message):
      r"^--loss_weights: unknown output 'aux'; model 'headline' has outputs \['aux_output', 'main_output'\]"),
     (dict(metrics={"side_output": ("auc",)}), "^--metrics: unknown output 'side_output'"),
     (dict(metrics={"main_output": ("accuracyy",)}), "^--metrics: output 'main_output': Keras cannot make a metric"),
-    (dict(model="resnet"), "^--model: expected one of headline, shapes3d_cnn or MODULE:FUNCTION; got 'resnet'"),
+    (dict(model="resnet"), "^--model: expected one of headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom or MODULE:FUNCTION; got 'resnet'"),
     (dict(conv_filters=8), "^--conv_filters: --model=headline with --dataset=synthetic_headlines does not read it"),
 ])
 def test_settings_checked_against_the_built_model_fail_before_anything_is_written(tmp_path, overrides, message):

@@ -9,7 +9,7 @@ from helpers import BATCH_SIZE, small_config, write_npz
 from mto_tf import train
 from mto_tf.core.models import build_headline
 from mto_tf.core.signature import ModelSignature
-from mto_tf.data import batching, sources, synthetic_headlines
+from mto_tf.data import batching, generated, sources, synthetic_headlines
 from mto_tf.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def test_tfds_warning_about_our_own_configs_is_dropped_once_the_builder_is_made(
     synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path), synthetic_train_examples=64))
     synthetic_headlines.make_builder(TrainConfig(data_dir=str(tmp_path), synthetic_train_examples=64))
     absl_logger = logging.getLogger("absl")
-    assert sum(isinstance(installed, synthetic_headlines._OurConfigsAreNotNews) for installed in absl_logger.filters) == 1
+    assert sum(isinstance(installed, generated._OurConfigsAreNotNews) for installed in absl_logger.filters) == 1
     with caplog.at_level(logging.WARNING, logger="absl"):
         absl_logger.warning("Using custom data configuration: SyntheticHeadlinesConfig(name='v1')")
         absl_logger.warning("Using custom data configuration: someone else's")

@@ -2,10 +2,12 @@
 all come from `TrainConfig`'s fields, and what a field says reads it is what really reads it."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import pytest
+from absl import flags as absl_flags
 
 from helpers import SMALL_MODEL
 from mto_tf import TrainConfig
@@ -20,8 +22,14 @@ def test_every_field_declares_a_setting_and_every_flag_is_one():
     assert list(config_lib.SETTINGS) == fields
     defined_here = {flag.name for flag in mto_flags.FLAGS.get_flags_for_module(mto_flags.__name__)}
     # Beside mto-train's, only the other programs' own flags (defined when one of them runs).
-    programs_own = {"explain_batches", "output_json", "output_png", "loss_weight", "sweep_dir", "variants", "windows",
-                    "window_steps", "warmup_windows", "repeats", "run_variant", "eval_data", "eval_split", "weights"}
+    programs_own = set()
+    for define in (mto_flags.define_explain_flags, mto_flags.define_evaluate_flags, mto_flags.define_export_flags,
+                   mto_flags.define_input_service_flags, mto_flags.define_sweep_flags,
+                   functools.partial(mto_flags.define_bench_flags, ["fit"])):
+        own = absl_flags.FlagValues()
+        define(flag_values=own)
+        programs_own |= set(own)
+    assert not programs_own & set(fields)
     assert set(fields) <= defined_here and defined_here - set(fields) <= programs_own
     for name, setting in config_lib.SETTINGS.items():
         flag = mto_flags.FLAGS[name]
@@ -62,23 +70,36 @@ def _changed(name: str):
         return not default
     if isinstance(default, float):
         return default + 0.25 if default < 0.5 else default / 2
+    if isinstance(default, str):  # A choice's other value, or other output names.
+        choices = config_lib.SETTINGS[name].choices
+        return next(value for value in choices if value != default) if choices else "one,two,three"
     return default + 1
 
 
 # Settings that only some built-in models or datasets read, with the base they are changed from.
 ONLY_FOR = [name for name, setting in config_lib.SETTINGS.items() if setting.only_for]
-BASE = dict(SMALL_MODEL, conv_filters=4)
+BASE = dict(SMALL_MODEL, conv_filters=4, inception_filters=2, image_size=6, aux_head_units=4, features_dim=4,
+            num_experts=2, expert_units=2, tower_units=2)
 
 
+@functools.cache
+def _base_model_config(model_name: str) -> str:
+    """The built-in model's config at BASE sizes (built once per test process)."""
+    from mto_tf.core.models import MODELS
+
+    return json.dumps(MODELS[model_name].build(TrainConfig(model="shapes3d_cnn", **BASE)).get_config())
+
+
+@pytest.mark.slow  # Every built-in model built once per setting (about 30 s).
 @pytest.mark.parametrize("name", ONLY_FOR)
-def test_a_setting_only_some_models_read_changes_exactly_those_models(name, tmp_path):
+def test_a_setting_only_some_models_read_changes_exactly_those_models(name):
     from mto_tf.core.models import MODELS
 
     # Built by each builder directly: a builder reads its settings, not --model.
-    base = TrainConfig(model="shapes3d_cnn", data_dir=str(tmp_path), **BASE)
+    base = TrainConfig(model="shapes3d_cnn", **BASE)
     changed = dataclasses.replace(base, **{name: _changed(name) if name not in BASE else BASE[name] + 1})
     for model_name, spec in MODELS.items():
-        differs = json.dumps(spec.build(base).get_config()) != json.dumps(spec.build(changed).get_config())
+        differs = _base_model_config(model_name) != json.dumps(spec.build(changed).get_config())
         assert differs == (model_name in config_lib.SETTINGS[name].only_for), (name, model_name)
 
 

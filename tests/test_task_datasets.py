@@ -453,7 +453,8 @@ def test_a_joint_run_resumed_from_a_checkpoint_ends_bit_for_bit_as_an_uninterrup
     (lambda: dict(batch_size={MAIN: 8, AUX: True}), rf"^--batch_size: task '{AUX}': expected an integer > 0"),
     (lambda: dict(feature_map={MAIN: {AUX: "label"}}),
      rf"^--feature_map: task '{MAIN}': '{AUX}' is another task's output"),
-    (lambda: dict(feature_map={"main_input": "tokens"}), r"^--feature_map: serves a tfds:NAME source; no task"),
+    (lambda: dict(feature_map={"main_input": "tokens"}), r"^--feature_map: serves a tfds:NAME or multi_digits or "
+                                                         r"mmoe_synthetic source; no task"),
     (lambda: dict(validation_split="test"), r"^--validation_split: serves a tfds:NAME or synthetic_headlines"),
     (lambda: dict(task_mixing="uniform", xla_update=True), r"^--xla_update: not with --task_mixing=uniform"),
 ], ids=["output in two tasks", "batch size missing a task", "loop fit", "batch size 0", "batch size true",

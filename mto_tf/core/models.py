@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import keras
 
 from mto_tf.config import TrainConfig, is_module_function
-from mto_tf.core import signature, user_code
+from mto_tf.core import architectures, signature, user_code
 from mto_tf.core.signature import ModelSignature
 from mto_tf.errors import ConfigError, describe_error, first_line
 
@@ -32,15 +32,22 @@ SHAPES3D_LABELS = {"label_floor_hue": 10, "label_wall_hue": 10, "label_object_hu
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A built-in model: its builder, and its losses, weights and metrics.
+    """A built-in model: its builder, and its losses, weights and metrics (or, for a model whose outputs
+    depend on its settings, functions of the config that give them: `for_config`).
 
     The settings a builder reads say so themselves (`only_for` in mto_tf/config.py).
     """
 
     build: Callable[[TrainConfig], keras.Model]
-    losses: Mapping[str, str]
-    loss_weights: Mapping[str, float]
-    metrics: Mapping[str, tuple[str, ...]]
+    losses: Mapping[str, str] | Callable[[TrainConfig], Mapping[str, str]]
+    loss_weights: Mapping[str, float] | Callable[[TrainConfig], Mapping[str, float]]
+    metrics: Mapping[str, tuple[str, ...]] | Callable[[TrainConfig], Mapping[str, tuple[str, ...]]]
+
+    def for_config(self, config: TrainConfig) -> ModelSpec:
+        """The losses, weights and metrics of the model `config` builds."""
+        return dataclasses.replace(self, **{
+            field: value(config) for field in ("losses", "loss_weights", "metrics")
+            if callable(value := getattr(self, field))})
 
 
 def build_headline(config: TrainConfig) -> keras.Model:
@@ -119,6 +126,14 @@ MODELS: dict[str, ModelSpec] = {
         loss_weights={label: 1.0 for label in SHAPES3D_LABELS},
         metrics={label: ("accuracy",) for label in SHAPES3D_LABELS},
     ),
+    # Their outputs, and so their losses, weights and metrics, follow their settings.
+    "inception_aux": ModelSpec(build=architectures.build_inception_aux, losses=architectures.inception_losses,
+                               loss_weights=architectures.inception_loss_weights,
+                               metrics=architectures.inception_metrics),
+    "mmoe": ModelSpec(build=architectures.build_mmoe, losses=architectures.task_losses,
+                      loss_weights=architectures.task_loss_weights, metrics=architectures.task_metrics),
+    "shared_bottom": ModelSpec(build=architectures.build_shared_bottom, losses=architectures.task_losses,
+                               loss_weights=architectures.task_loss_weights, metrics=architectures.task_metrics),
 }
 
 

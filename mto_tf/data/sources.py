@@ -1,9 +1,11 @@
 """Where the examples come from: `--dataset` and `--validation_data`, each checked against the model's signature.
 
-Sources: the local `synthetic_headlines`, `npz:PATH`, `npy:DIR`, `tfds:NAME`
-(with `--feature_map`), or from Python a `tf.data.Dataset` of unbatched
-`(inputs, labels)` or `(inputs, labels, sample_weights)` dicts, or such a
-tuple of dicts of arrays (one row per example, as `model.fit` takes them).
+Sources: the datasets mto_tf generates (`synthetic_headlines`;
+`multi_digits` and `mmoe_synthetic`, with `--feature_map`), `npz:PATH`,
+`npy:DIR`, `tfds:NAME` (with `--feature_map`), or from Python a
+`tf.data.Dataset` of unbatched `(inputs, labels)` or `(inputs, labels,
+sample_weights)` dicts, or such a tuple of dicts of arrays (one row per
+example, as `model.fit` takes them).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import tensorflow as tf
 
 from mto_tf.config import PYTHON_DATA, TrainConfig
 from mto_tf.core.signature import ModelSignature
-from mto_tf.data import features, indexed, npz, synthetic_headlines, tfds_dataset
+from mto_tf.data import features, indexed, mmoe_synthetic, multi_digits, npz, synthetic_headlines, tfds_dataset
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError
+
+# The datasets mto_tf generates (config.GENERATED_DATASETS) -> their module: its SPLITS, `load` and `feature_specs`.
+GENERATED = {"synthetic_headlines": synthetic_headlines, "multi_digits": multi_digits,
+             "mmoe_synthetic": mmoe_synthetic}
 
 
 def load_examples(config: TrainConfig, signature: ModelSignature) -> Examples:
@@ -25,11 +31,8 @@ def load_examples(config: TrainConfig, signature: ModelSignature) -> Examples:
     """
     if not isinstance(config.dataset, str):
         return _python_examples(config.dataset, signature, flag="dataset")
-    if config.dataset == "synthetic_headlines":
-        examples = synthetic_headlines.load(config, "train")
-        features.check(synthetic_headlines.feature_specs(config), signature, flag="dataset",
-                       where=lambda key: f"synthetic_headlines feature {key!r}")
-        return examples
+    if config.dataset in GENERATED:
+        return _generated_examples(config, signature, split="train", split_flag="dataset")
     if config.dataset.startswith(("npz:", "npy:")):
         return _array_examples(config.dataset, signature, flag="dataset")
     # TrainConfig admits only these forms; this one is "tfds:NAME".
@@ -57,14 +60,35 @@ def load_evaluation_examples(config: TrainConfig, signature: ModelSignature, *, 
         return _array_examples(data, signature, flag=data_flag)
     if split is None or not isinstance(config.dataset, str) or config.dataset.startswith(("npz:", "npy:")):
         return None
-    if config.dataset == "synthetic_headlines":
-        if split not in ("train", "validation"):
-            raise ConfigError(split_flag, f"synthetic_headlines has splits train and validation, not {split!r}")
-        return synthetic_headlines.load(config, split)
+    if config.dataset in GENERATED:
+        return _generated_examples(config, signature, split=split, split_flag=split_flag)
     name = config.dataset.removeprefix("tfds:")
     if not split_must_exist and split not in tfds_dataset.split_names(name, data_dir=config.data_dir):
         return None
     return _tfds_examples(config, signature, split=split, split_flag=split_flag)
+
+
+def _generated_examples(config: TrainConfig, signature: ModelSignature, *, split: str, split_flag: str) -> Examples:
+    """Split `split` of a dataset mto_tf generates (generated on first use), checked against the model.
+
+    synthetic_headlines' features are the headline model's inputs and
+    outputs, all read. multi_digits' and mmoe_synthetic's are read as a TFDS
+    dataset's: each model input and output reads the feature of its name or
+    the one `--feature_map` names, and the other features are not read.
+    """
+    name = config.dataset
+    module = GENERATED[name]
+    if split not in module.SPLITS:
+        *others, last = module.SPLITS
+        raise ConfigError(split_flag, f"{name} has splits {', '.join(others)} and {last}, not {split!r}")
+    specs = module.feature_specs(config)
+    if module is synthetic_headlines:
+        features.check(specs, signature, flag="dataset", where=lambda key: f"synthetic_headlines feature {key!r}")
+        return module.load(config, split)
+    feature_paths = tfds_dataset.checked_feature_paths(specs, feature_map=config.feature_map, signature=signature,
+                                                       dataset=name, flag="feature_map" if config.feature_map
+                                                       else "dataset")
+    return module.load(config, split, feature_paths=feature_paths)
 
 
 def _array_examples(source: str, signature: ModelSignature, *, flag: str) -> Examples:

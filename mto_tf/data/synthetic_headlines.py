@@ -12,44 +12,24 @@ and two labels that depend on them:
 So the LSTM has to learn the sentiment from the text for either head to do
 well, and `main_output` also needs `aux_input`. Examples are a fixed function
 of the builder config (no randomness at read time), written in generation
-order (`disable_shuffling=True`), so runs are reproducible.
+order (`disable_shuffling=True`), so runs are reproducible (see `generated`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import io
-import logging
-import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mto_tf.data import generated
 from mto_tf.data.examples import Examples
 
 # How far each unit of `aux_input` moves the main label's logit.
 _AUX_INPUT_COEFFICIENTS = (1.5, -1.0, 0.5, 0.0, 1.0)
 _SENTIMENT_TOKEN_FRACTION = 0.3
-
-
-logger = logging.getLogger(__name__)
-
-
-class _OurConfigsAreNotNews(logging.Filter):
-    """Drops TFDS's warning "Using custom data configuration" about these configs: one per size, on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Using custom data configuration: SyntheticHeadlinesConfig" not in record.getMessage()
-
-
-def _quiet_about_our_configs() -> None:
-    """Installs the filter on absl's logger (which TFDS logs through), once: when the data is made, not on import."""
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(installed, _OurConfigsAreNotNews) for installed in absl_logger.filters):
-        absl_logger.addFilter(_OurConfigsAreNotNews())
+SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass(eq=False)
@@ -137,7 +117,7 @@ def generate_headlines(rng: np.random.Generator, config: SyntheticHeadlinesConfi
 
 def make_builder(config) -> SyntheticHeadlines:
     """The builder for a `TrainConfig`'s model sizes and `synthetic_*_examples`."""
-    _quiet_about_our_configs()
+    generated.quiet_about_configs_of(SyntheticHeadlinesConfig)
     builder_config = SyntheticHeadlinesConfig.of_sizes(
         vocab_size=config.vocab_size, sequence_length=config.sequence_length,
         aux_input_dim=config.aux_input_dim, train_examples=config.synthetic_train_examples,
@@ -148,61 +128,20 @@ def make_builder(config) -> SyntheticHeadlines:
     return SyntheticHeadlines(config=builder_config, data_dir=config.data_dir)
 
 
-def load(config, split: str):
-    """Generates (once per data dir) and returns one split as `Examples`.
+def load(config, split: str) -> Examples:
+    """Generates (once per data dir) and returns one split as `Examples`, each feature by its name.
 
     Args:
       config: a `TrainConfig`; its model sizes and `synthetic_*_examples` pick the builder config.
       split: "train" or "validation".
     """
-    # Workers of one job may start together on one data directory: one
-    # generates, the others wait for it. A builder reads what is on disk when
-    # it is made, so the one that reads is made once the lock is held.
-    config_dir = os.path.dirname(make_builder(config).data_dir)
-    os.makedirs(config_dir, exist_ok=True)
-    with open(os.path.join(config_dir, ".generate.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = make_builder(config)
-        # (Not builder.is_prepared(): TFDS warns about the empty folder it looks in.)
-        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-            logger.info("Generating synthetic_headlines (%d train, %d validation examples) in %s",
-                        config.synthetic_train_examples, config.synthetic_validation_examples, builder.data_dir)
-            # TFDS prints its own "Downloading and preparing dataset ..." (in bold) on stdout.
-            with contextlib.redirect_stdout(io.StringIO()):
-                builder.download_and_prepare()
-    return read_split(builder, split)
-
-
-def read_split(builder: SyntheticHeadlines, split: str):
-    """The split's records, streamed in file order, and a parser for batches of them.
-
-    TFDS's own reader (`as_dataset`) decodes example by example; parsing a
-    whole batch at once costs a fraction of the CPU, which training needs.
-    Nothing is cached: memory does not grow with the dataset.
-    """
-    feature_spec = {name: tf.io.FixedLenFeature(info.shape, info.tf_dtype)
-                    for name, info in builder.info.features.get_serialized_info().items()}
-    sequence_length = builder.builder_config.sequence_length
-
-    def parse_batch(serialized):
-        batch = tf.io.parse_example(serialized, feature_spec)
-        # main_input is stored as raw bytes (see `_info`). TFDS's
-        # `decode_batch_example` would decode them example by example
-        # (`tf.map_fn`), about 1 ms of CPU per batch of 64 that training
-        # needs; one `decode_raw` decodes the whole batch, as TFDS does one.
-        # `ensure_shape` (not a reshape to [-1, length]) keeps the static
-        # batch size: a train step traced with an unknown batch size ran
-        # about 5 % slower.
-        batch["main_input"] = tf.ensure_shape(tf.io.decode_raw(batch["main_input"], tf.int32),
-                                              [*serialized.shape, sequence_length])
-        return batch
-
-    files = [os.path.join(builder.data_dir, name) for name in builder.info.splits[split].filenames]
-    return Examples(records=tf.data.TFRecordDataset(files), parse_batch=parse_batch,
-                    num_examples=builder.info.splits[split].num_examples)
+    builder = generated.prepare(
+        lambda: make_builder(config), what=f"synthetic_headlines ({config.synthetic_train_examples} train, "
+                                           f"{config.synthetic_validation_examples} validation examples)")
+    # main_input is stored as raw bytes (see `_info`): the parser decodes a whole batch of them at once.
+    return generated.read_split(builder, split)
 
 
 def feature_specs(config) -> dict[str, tf.TensorSpec]:
     """Each feature's per-example shape and dtype, as the builder declares them."""
-    return {name: tf.TensorSpec(feature.shape, feature.tf_dtype)
-            for name, feature in make_builder(config).info.features.items()}
+    return generated.feature_specs(make_builder(config))

@@ -46,16 +46,10 @@ def load(name: str, *, data_dir: str | None, split: str, split_flag: str, featur
     if info.splits and split not in info.splits:
         raise ConfigError(split_flag, f"dataset {name!r} has no split {split!r}; it has {sorted(info.splits)}")
 
-    feature_paths = _feature_paths(feature_map, signature)
     available = dict(_all_features(info.features))
-    for key, path in feature_paths.items():
-        if path not in available:
-            flag = "feature_map" if key in feature_map else "dataset"
-            raise ConfigError(flag, f"{_describe(key, path)}: dataset {name!r} has no feature {path!r} "
-                                    f"(it has {sorted(available)}); map it with --feature_map={key}=FEATURE")
-    features.check({key: tf.TensorSpec(available[path].shape, available[path].tf_dtype)
-                    for key, path in feature_paths.items()},
-                   signature, flag="feature_map", where=lambda key: _describe(key, feature_paths[key]))
+    feature_paths = checked_feature_paths(
+        {path: tf.TensorSpec(feature.shape, feature.tf_dtype) for path, feature in available.items()},
+        feature_map=feature_map, signature=signature, dataset=repr(name))
     num_examples = info.splits[split].num_examples if info.splits and split in info.splits else None
     absent = {output: absent_label_value(available[feature_paths[output]].get_tensor_info(), output=output)
               for output in signature.output_names if available[feature_paths[output]].get_tensor_info().optional}
@@ -139,6 +133,29 @@ def select(batch: dict, feature_paths: Mapping[str, str]) -> dict[str, tf.Tensor
             value = value[part]
         selected[key] = value
     return selected
+
+
+def checked_feature_paths(available: Mapping[str, tf.TensorSpec], *, feature_map: Mapping[str, str],
+                          signature: ModelSignature, dataset: str, flag: str = "feature_map") -> dict[str, str]:
+    """Model name -> the feature that feeds it (`--feature_map`, else the feature of its name), each checked
+    against the model's `signature` (the other features are not read).
+
+    Args:
+      available: each feature's per-example shape and dtype, by path (nested: `parent/child`).
+      feature_map: `--feature_map`.
+      signature: the built model's.
+      dataset: how errors name the dataset.
+      flag: what an error about a feature's shape or dtype names.
+    """
+    feature_paths = _feature_paths(feature_map, signature)
+    for key, path in feature_paths.items():
+        if path not in available:
+            flag = "feature_map" if key in feature_map else "dataset"
+            raise ConfigError(flag, f"{_describe(key, path)}: dataset {dataset} has no feature {path!r} "
+                                    f"(it has {sorted(available)}); map it with --feature_map={key}=FEATURE")
+    features.check({key: available[path] for key, path in feature_paths.items()},
+                   signature, flag=flag, where=lambda key: _describe(key, feature_paths[key]))
+    return feature_paths
 
 
 def _feature_paths(feature_map: Mapping[str, str], signature: ModelSignature) -> dict[str, str]:

@@ -253,7 +253,7 @@ def _default_for(config: TrainConfig, field: str, user_model_default):
     if value is not None:
         return value
     spec = models.builtin_spec(config.model)
-    return getattr(spec, field) if spec else user_model_default
+    return getattr(spec.for_config(config), field) if spec else user_model_default
 
 
 def _resolve_losses(config: TrainConfig, signature: ModelSignature, labels_spec: dict[str, tf.TensorSpec],
