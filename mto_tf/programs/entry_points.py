@@ -1,4 +1,4 @@
-"""Where each program starts: the console scripts and `python -m mto_tf[.evaluate|.explain|.sweep|.bench]`.
+"""Where each program starts: the console scripts and `python -m mto_tf[.evaluate|.explain|.export|.sweep|.bench]`.
 
 Each program's flags are parsed (and mto-train's checked into a
 `TrainConfig`) before TensorFlow is imported, so a bad flag is reported at
@@ -44,6 +44,17 @@ def mto_evaluate() -> None:
 
     mto_flags.define_evaluate_flags()
     runner.run_program("mto-evaluate", main)
+
+
+def mto_export() -> None:
+    """`mto-export`, `python -m mto_tf.export`."""
+
+    def main():
+        from mto_tf.programs import export as program
+        program.export_main()
+
+    mto_flags.define_export_flags()
+    runner.run_program("mto-export", main)
 
 
 def input_service() -> None:

@@ -18,16 +18,19 @@ reads: it takes no lock on `--model_dir`.
 
 from __future__ import annotations
 
+import gc
 import json
+import logging as std_logging
 import os
 
+import keras
 import tensorflow as tf
 from absl import flags
 
 from mto_tf.config import TrainConfig
 from mto_tf.core import models
 from mto_tf.core.strategy import make_strategy
-from mto_tf.errors import ConfigError
+from mto_tf.errors import ConfigError, first_line
 from mto_tf.programs import flags as mto_flags  # mto-train's flags: the model, data, loss and metric ones are read.
 from mto_tf.run import best, model_dir
 from mto_tf.run.evaluation import evaluation_of
@@ -55,6 +58,43 @@ def weights_file(run_dir: str, weights: str) -> str:
     return path
 
 
+def weights_from_flags(config: TrainConfig) -> str | None:
+    """The run's weights that --model_dir and --weights name (`weights_file`); None without --model_dir
+    (the model is then built with --init_weights, if given)."""
+    given = flags.FLAGS
+    if given["model_dir"].present:
+        if config.init_weights:
+            raise ConfigError("init_weights", "give --model_dir (a run's weights) or --init_weights, not both")
+        return weights_file(config.model_dir, given.weights)
+    if given["weights"].present:
+        raise ConfigError("weights", "chooses a run's weights: give --model_dir too")
+    return None
+
+
+def load_run_weights(model: keras.Model, weights: str) -> None:
+    """Loads what `weights_file` found into `model`: a `.weights.h5` file, or the model's part of a checkpoint."""
+    if weights.endswith(".weights.h5"):
+        models.load_weights(model, weights, flag="weights")
+        return
+    problem = None
+    tensorflow_logger = std_logging.getLogger("tensorflow")
+    level = tensorflow_logger.level
+    # A read that fails leaves values unrestored: TensorFlow warns of each when it is dropped. One line is enough.
+    tensorflow_logger.setLevel(std_logging.ERROR)
+    try:
+        try:  # The model's part of the checkpoint (not the optimizer's), and every weight of the model in it.
+            status = tf.train.Checkpoint(model=model).read(weights)
+            status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as error:
+            problem = first_line(error)
+        gc.collect()  # Dropped now, while the warnings are hidden.
+    finally:
+        tensorflow_logger.setLevel(level)
+    if problem:
+        raise ConfigError("weights", f"{weights!r} does not fit model {model.name!r}: {problem}")
+
+
 def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data: str | dict | None,
              eval_split: str | None, weights: str | None = None) -> dict[str, float | list]:
     """The model's losses and metrics on the examples, each an exact mean over all of them.
@@ -69,10 +109,8 @@ def evaluate(config: TrainConfig, *, strategy: tf.distribute.Strategy, eval_data
             found = f"unknown task {unknown[0]!r}" if unknown else "no task"
             raise ConfigError("eval_data", f"{found}; --datasets has tasks {list(config.datasets)}")
     setup = build_model_setup(config, strategy)
-    if weights and weights.endswith(".weights.h5"):
-        models.load_weights(setup.model, weights, flag="weights")
-    elif weights:  # A checkpoint: the model's part of it.
-        tf.train.Checkpoint(model=setup.model).read(weights).expect_partial()
+    if weights:
+        load_run_weights(setup.model, weights)
     identifiers = resolve_metric_identifiers(config, setup.signature)
     evaluation = evaluation_of(setup, data=eval_data, split=eval_split, metric_identifiers=identifiers)
     return {**evaluation(), "examples": evaluation.num_examples}
@@ -103,13 +141,7 @@ def evaluate_main() -> None:
     if given.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(given.output_json))):
         raise ConfigError("output_json", f"no directory to write {given.output_json!r} in")
     config = mto_flags.config_from_flags()
-    weights = None
-    if given["model_dir"].present:
-        if config.init_weights:
-            raise ConfigError("init_weights", "give --model_dir (a run's weights) or --init_weights, not both")
-        weights = weights_file(config.model_dir, given.weights)
-    elif given["weights"].present:
-        raise ConfigError("weights", "chooses a run's weights: give --model_dir too")
+    weights = weights_from_flags(config)
     strategy = make_strategy(config)  # First: it may split the CPU into devices.
     values = evaluate(config, strategy=strategy, eval_data=eval_data, eval_split=given.eval_split,
                       weights=weights)

@@ -70,10 +70,29 @@ def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, synthetic_headlines); "
                                             "with --datasets, of each task's.",
                         flag_values=flag_values)
-    flags.DEFINE_string("weights", "final", "With --model_dir: final (model.weights.h5), best (best.weights.h5) or "
-                                            "step:N (the checkpoint of step N).", flag_values=flag_values)
+    _define_weights_flag(flag_values)
     if "output_json" not in flag_values:
         flags.DEFINE_string("output_json", None, "Write the values here as JSON.", flag_values=flag_values)
+
+
+def define_export_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """mto-export's own flags, beside mto-train's (defined when it runs: mto-evaluate has a --weights too)."""
+    if "export_dir" in flag_values:  # Defined already, by an earlier run in this process.
+        return
+    flags.DEFINE_string("export_dir", None, "Write the SavedModel here: a new or empty directory (for TensorFlow "
+                                            "Serving, a version under the model's base path: /models/NAME/1).",
+                        flag_values=flag_values)
+    flags.DEFINE_list("serve_outputs", [], "OUTPUT,...: the outputs the serving_default signature returns (default: "
+                                           "every output); the layers only the others use are left out.",
+                      flag_values=flag_values)
+    _define_weights_flag(flag_values)
+
+
+def _define_weights_flag(flag_values: flags.FlagValues) -> None:
+    """--weights: which of a run's weights mto-evaluate and mto-export read (`evaluate.weights_file`)."""
+    if "weights" not in flag_values:  # The other program's, in the same process.
+        flags.DEFINE_string("weights", "final", "With --model_dir: final (model.weights.h5), best (best.weights.h5) "
+                                                "or step:N (the checkpoint of step N).", flag_values=flag_values)
 
 
 def define_input_service_flags(flag_values: flags.FlagValues = FLAGS) -> None:
