@@ -21,6 +21,9 @@ import pytest
 from helpers import (MODULE_NAME, MODULE_SOURCE, SMALL_FLAGS, SMALL_MODEL, TIMEOUT_SECONDS, data_dir,
                      mto_train_in_process, run_in_process, small_config, write_npz, write_ticket_npz)
 
+# One test process: the trained run and the exports, made once for the module.
+pytestmark = pytest.mark.xdist_group("export")
+
 # What mto-export reads: the model's flags (every other flag is refused).
 MODEL_FLAGS = [f"--{name}={value}" for name, value in SMALL_MODEL.items()]
 # The SavedModel computes the same float32 ops as Keras's eager call, but as a graph that TensorFlow's optimizer
