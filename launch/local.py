@@ -110,7 +110,9 @@ class InputService:
 
     def __init__(self):
         [self.port] = free_ports(1)
-        self.process = subprocess.Popen([sys.executable, "-m", "mto_tf.input_service", f"--port={self.port}"],
+        # Trainers fetch batches from its worker at 127.0.0.1, as they reach each other.
+        self.process = subprocess.Popen([sys.executable, "-m", "mto_tf.input_service", f"--port={self.port}",
+                                         "--host=127.0.0.1"],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         text=True, start_new_session=True)
         for line in self.process.stdout:  # It answers once this line is printed.

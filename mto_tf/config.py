@@ -687,14 +687,16 @@ class TrainConfig:
                                                   f"has none: give --validation_data=npz:PATH")
 
     def _check_input_service(self):
-        if self.input_service is None or self.input_service == "local" and self.strategy != "multi_worker":
+        if self.input_service is None:
             return
         if self.input_service == "local":
+            if self.strategy != "multi_worker":
+                return
             raise ConfigError("input_service", "'local' starts a service in this process; every worker of "
                                                "--strategy=multi_worker must read from one service: launch/local.py "
                                                "starts it for them, elsewhere give HOST:PORT")
         host, _, port = self.input_service.rpartition(":")
-        if not (host and port.isdigit() and 0 < int(port) < 65536):
+        if not (host and "/" not in host and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError("input_service", f"expected 'local' or HOST:PORT, got {self.input_service!r}")
 
     def check_settings_are_read(self) -> None:

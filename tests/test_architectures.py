@@ -21,11 +21,12 @@ NUM_EXAMPLES = 24
 
 
 def write_data(path, model: str, outputs: list[str]):
-    """Random inputs and labels the model takes: 6 x 6 images and class ids, or 4 features and numbers."""
+    """Random inputs and labels the model takes: 6 x 6 images of pixels 0..255 and class ids, or 4 features and
+    numbers."""
     rng = np.random.default_rng(0)
     if model == "inception_aux":
         label = rng.integers(0, 10, NUM_EXAMPLES)  # Every head predicts the same label.
-        arrays = {"image": rng.uniform(0, 1, (NUM_EXAMPLES, 6, 6, 1)).astype(np.float32),
+        arrays = {"image": rng.integers(0, 256, (NUM_EXAMPLES, 6, 6, 1)).astype(np.uint8),  # As images are.
                   **{name: label for name in outputs}}
     else:
         arrays = {"features": rng.standard_normal((NUM_EXAMPLES, 4)).astype(np.float32),

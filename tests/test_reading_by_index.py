@@ -244,12 +244,15 @@ def test_an_array_record_dataset_read_by_index_gives_the_tfrecord_datasets_globa
             np.testing.assert_array_equal(found_leaf, expected_leaf, err_msg=f"step {step}")
 
 
-def test_each_pipeline_reads_only_its_replicas_examples_of_an_array_record_dataset(tfds_formats, monkeypatch):
+@pytest.mark.parametrize("pipelines", [2, 3])
+@pytest.mark.parametrize("mode", list(STEPS))
+def test_each_pipeline_reads_only_its_replicas_examples_of_an_array_record_dataset(tfds_formats, monkeypatch, mode,
+                                                                                   pipelines):
     from tensorflow_datasets.core.data_sources import array_record
 
-    signature, pipelines = tfds_formats[1], 2
+    signature = tfds_formats[1]
     expected = flat_batches(batching.global_batches(tfds_examples(tfds_formats, "tfrecord"), signature=signature,
-                                                    batching=batching_of("by_epoch")), STEPS["by_epoch"])
+                                                    batching=batching_of(mode)), STEPS[mode])
     read = []  # How many examples each read fetched.
     fetch = array_record.ArrayRecordDataSource.__getitems__
     monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
@@ -259,11 +262,11 @@ def test_each_pipeline_reads_only_its_replicas_examples_of_an_array_record_datas
         context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline,
                                              num_replicas_in_sync=pipelines)
         slices.append(flat_batches(batching.replica_slices(context, tfds_examples(tfds_formats, "array_record"),
-                                                           signature=signature, batching=batching_of("by_epoch")),
-                                   STEPS["by_epoch"]))
-    for step in range(STEPS["by_epoch"]):
+                                                           signature=signature, batching=batching_of(mode)),
+                                   STEPS[mode]))
+    for step in range(STEPS[mode]):
         for leaf, expected_leaf in enumerate(expected[step]):
             side_by_side = np.concatenate([slices[pipeline][step][leaf] for pipeline in range(pipelines)])
             np.testing.assert_array_equal(side_by_side, expected_leaf, err_msg=f"step {step}")
-    # One read per slice (prefetching may have read a few more), each of at most half a global batch.
+    # One read per slice (prefetching may have read a few more), each of at most ceil(B / N) examples.
     assert read and max(read) <= math.ceil(BATCH_SIZE / pipelines), read

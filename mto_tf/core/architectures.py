@@ -8,10 +8,11 @@
   `aux_2` on 4d, each average pooling 5x5 stride 3, a 1x1 convolution, a
   Dense layer, dropout 0.7 and a softmax, weighted 0.3 in the total loss.
   `v3` (Szegedy et al. 2016, "Rethinking the Inception Architecture",
-  Sections 4 and 7): one head at the end of the stage, weighted 0.4, with
-  batch normalization in it (the paper's "BN-auxiliary") and after every
+  Sections 4 and 7): one head at the end of the stage, with batch
+  normalization in it (the paper's "BN-auxiliary") and after every
   convolution, and each 5x5 branch factorized into two 3x3 convolutions
-  (its Figure 5). GoogLeNet's stride-2 stem and its 9 modules shrink a
+  (its Figure 5). The paper gives no weight for the head; 0.4 is the one
+  TF-slim's Inception-v3 training used for its auxiliary logits. GoogLeNet's stride-2 stem and its 9 modules shrink a
   224 x 224 image; here the stem keeps the size and the stages are 3a; 4a-4e;
   5a, pooled in between, so that an image of a dozen pixels still reaches 5a.
 - `mmoe` (Ma et al. 2018, "Modeling Task Relationships in Multi-task
@@ -89,7 +90,9 @@ def build_inception_aux(config: TrainConfig) -> keras.Model:
                                   name=name)(tensor)
 
     image = keras.Input(shape=(config.image_size, config.image_size, config.image_channels), name="image")
-    tensor = conv(image, 2 * width, 3, "stem")
+    # Pixels 0..255, as multi_digits and TFDS image datasets store them.
+    tensor = keras.layers.Rescaling(1 / 255, name="rescale")(image)
+    tensor = conv(tensor, 2 * width, 3, "stem")
     tensor = module(tensor, "module_3a")
     tensor = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool_3")(tensor)
     heads = {}

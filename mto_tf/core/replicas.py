@@ -23,3 +23,15 @@ def summed_over_replicas(values):
     present = [value for value in flat if value is not None]  # A weight no loss reaches has no gradient.
     summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
     return tf.nest.pack_sequence_as(values, [None if value is None else next(summed) for value in flat])
+
+
+def summed_over_workers(strategy: tf.distribute.Strategy):
+    """A function of one host value (the same structure in every process) that returns its sum over every
+    replica of every worker, the same on each: how workers agree on a number. A collective: every worker
+    calls it, in the same order."""
+
+    @tf.function
+    def summed(value):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(value)), axis=None)
+
+    return summed

@@ -22,28 +22,36 @@ from mto_tf.data import batching
 from mto_tf.data.examples import Examples
 from mto_tf.errors import ConfigError
 
-_LOCAL_SERVERS: list = []  # The local service's servers: they stop when nothing holds them.
+# The service `local` started in this process: its address, and its servers (they stop when nothing holds them).
+_local_service: tuple[str, list] | None = None
 
 
 def start(port: int = 0, *, worker_port: int = 0, host: str = "localhost") -> tuple[str, list]:
     """Starts a dispatcher on `port` and one service worker on `worker_port` (0: any free one); returns the
     dispatcher's address and the servers (keep them: they stop when collected). Trainers fetch batches from the
     worker at `host`."""
-    dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=port))
-    worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
-        dispatcher_address=dispatcher.target.removeprefix("grpc://"), worker_address=f"{host}:%port%",
-        port=worker_port))
+    try:
+        dispatcher = tf.data.experimental.service.DispatchServer(
+            tf.data.experimental.service.DispatcherConfig(port=port))
+    except RuntimeError as error:  # "Could not start gRPC server": the port is taken.
+        raise ConfigError("port", f"cannot serve on port {port}: {error}") from None
+    try:
+        worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
+            dispatcher_address=dispatcher.target.removeprefix("grpc://"), worker_address=f"{host}:%port%",
+            port=worker_port))
+    except RuntimeError as error:
+        raise ConfigError("worker_port", f"cannot serve on port {worker_port}: {error}") from None
     return dispatcher.target, [dispatcher, worker]
 
 
 def address_of(setting: str) -> str:
     """`--input_service`'s value as the address trainers read from: `local` starts a service in this process
     (once); `HOST:PORT` must answer."""
+    global _local_service
     if setting == "local":
-        if not _LOCAL_SERVERS:
-            address, servers = start()
-            _LOCAL_SERVERS.extend([address, *servers])
-        return _LOCAL_SERVERS[0]
+        if _local_service is None:
+            _local_service = start()
+        return _local_service[0]
     host, _, port = setting.rpartition(":")
     try:  # A TCP connection now: a missing service would otherwise hang the first step.
         socket.create_connection((host, int(port)), timeout=10).close()

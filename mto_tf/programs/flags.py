@@ -67,8 +67,9 @@ def define_evaluate_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("eval_data", None, "npz:PATH of the examples to evaluate (keys as for --dataset=npz:); "
                                            "with --datasets, JSON {TASK: npz:PATH} (each task's outputs on its own).",
                         flag_values=flag_values)
-    flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, synthetic_headlines); "
-                                            "with --datasets, of each task's.",
+    flags.DEFINE_string("eval_split", None, "Instead of --eval_data: a split of --dataset (tfds:, or a generated "
+                                            "one: synthetic_headlines, multi_digits, mmoe_synthetic, whose test "
+                                            "split is for this); with --datasets, of each task's.",
                         flag_values=flag_values)
     _define_weights_flag(flag_values)
     if "output_json" not in flag_values:

@@ -9,9 +9,10 @@ is written. `run/setup.py` adds what training needs.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import itertools
 import math
 import random
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -20,7 +21,7 @@ from keras.optimizers.schedules import LearningRateSchedule
 from mto_tf.config import TrainConfig
 from mto_tf.core import losses as losses_lib
 from mto_tf.core import metrics as metrics_lib
-from mto_tf.core import models, optimization, user_code, weighting
+from mto_tf.core import models, optimization, replicas, user_code, weighting
 from mto_tf.core.loss_weights import LossWeights
 from mto_tf.core.objective import Objective
 from mto_tf.core.signature import ModelSignature
@@ -31,7 +32,6 @@ from mto_tf.data.examples import Examples
 from mto_tf.data.tasks import Task
 from mto_tf.errors import ConfigError, describe_error, first_line
 
-logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Losses:
@@ -77,6 +77,7 @@ class ModelSetup:
     epochs_task: Task | None = None
     # --input_service: the tf.data service that serves the training sources read in order.
     served_by: batching.ServedBy | None = None
+    _served_jobs: Iterator[int] = dataclasses.field(default_factory=itertools.count, repr=False, compare=False)
 
     @property
     def pass_batch_size(self) -> int:
@@ -118,12 +119,24 @@ class ModelSetup:
             for task in self.tasks}
 
     def _served(self, source_batching: batching.Batching, examples: Examples, source: str) -> batching.Batching:
-        """`source_batching`, through the input service if there is one and the source is read in order (one
-        job per source, `source` naming it: each serves its own batches)."""
+        """`source_batching`, through the input service if there is one and the source is read in order.
+
+        One job per source and per time its batches are made (the gradient
+        shares' log reads its own): a job's readers take turns, so two
+        iterators of one job would take each other's batches. Every worker
+        makes its batches in the same order, so the names agree.
+        """
         if self.served_by is None or examples.by_index:
             return source_batching
-        job = dataclasses.replace(self.served_by, job_name=f"{self.served_by.job_name}-{source}")
+        job = dataclasses.replace(self.served_by,
+                                  job_name=f"{self.served_by.job_name}-{source}-{next(self._served_jobs)}")
         return dataclasses.replace(source_batching, served_by=job)
+
+    def input_lines(self) -> list[str]:
+        """How each training source is read, and why: what a training run says once."""
+        sources = {task.name: task.examples for task in self.tasks} if self.tasks else {None: self.examples}
+        return [f"Input{f' of task {task}' if task else ''}: {input_service.describe_input(examples, self.served_by)}"
+                for task, examples in sources.items()]
 
     @property
     def objective(self) -> Objective:
@@ -186,8 +199,6 @@ def build_model_setup(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
         loss_weights = LossWeights(losses.weights)
     training_sources = {task.name: task.examples for task in tasks} if tasks else {None: examples}
     served_by = _input_service(config, strategy, training_sources)
-    for task, source in training_sources.items():
-        logger.info("Input%s: %s", f" of task {task}" if task else "", input_service.describe_input(source, served_by))
     return ModelSetup(config=config, strategy=strategy, model=model, signature=signature, examples=examples,
                       labels_spec=labels_spec, losses=losses, loss_weights=loss_weights,
                       weighted_outputs=weighted_outputs, tasks=tasks, epochs_task=epochs_task, served_by=served_by)
@@ -213,12 +224,7 @@ def _input_service(config: TrainConfig, strategy: tf.distribute.Strategy,
     # A job keeps its position while the service lives: a restarted run must not continue an earlier attempt's.
     attempt = random.SystemRandom().randrange(1, 2 ** 31)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # One number every worker agrees on.
-
-        @tf.function
-        def summed(value):
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(value)), axis=None)
-
-        attempt = int(summed(tf.constant(attempt, tf.int64)))
+        attempt = int(replicas.summed_over_workers(strategy)(tf.constant(attempt, tf.int64)))
     return batching.ServedBy(address=address, job_name=f"mto_tf-{attempt}")
 
 

@@ -22,6 +22,7 @@ import threading
 
 import tensorflow as tf
 
+from mto_tf.core import replicas
 from mto_tf.errors import InterruptedAtOnce
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,7 @@ class PreemptionWatcher:
         # function call per loop, as much as a small model's step.
         self._workers_signalled = None
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-
-            @tf.function
-            def workers_signalled(flags):
-                per_replica = strategy.run(lambda: tf.identity(flags))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-            self._workers_signalled = workers_signalled
+            self._workers_signalled = replicas.summed_over_workers(strategy)
 
     def _on_signal(self, signum, frame):
         del frame

@@ -10,6 +10,7 @@ change nothing in it but the variables it holds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -28,6 +29,8 @@ from mto_tf.errors import ConfigError, first_line
 from mto_tf.run import best, model_dir, progress
 from mto_tf.run.evaluation import Evaluation, TaskEvaluations, validation_of
 from mto_tf.run.model_setup import ModelSetup, build_model_setup, make_method, resolve_metric_identifiers
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +131,8 @@ def build_run(config: TrainConfig, strategy: tf.distribute.Strategy,
     if config.xla_update and strategy.num_replicas_in_sync > 1:  # A strategy passed from Python.
         raise ConfigError("xla_update", f"one replica only, not {strategy.num_replicas_in_sync}")
     setup = build_model_setup(config, strategy)
+    for line in setup.input_lines():
+        logger.info("%s", line)
     metric_identifiers = resolve_metric_identifiers(config, setup.signature)
     custom_loop = config.loop == "custom"
     with strategy.scope():
