@@ -223,3 +223,22 @@ def test_a_failure_while_writing_leaves_neither_the_export_nor_the_directories_m
     with pytest.raises(OSError, match="No space left"):
         export.export_saved_model(trained[1], str(tmp_path / "serving" / "headline" / "1"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_inception_export_of_main_output_holds_no_auxiliary_classifier_variable(tmp_path):
+    """GoogLeNet's auxiliary classifiers are discarded at inference: their variables, the moving statistics of
+    v3's batch normalization included, are not in the SavedModel."""
+    import tensorflow as tf
+
+    from mto_tf.core import architectures
+    from mto_tf.programs import export
+
+    model = architectures.build_inception_aux(small_config(
+        tmp_path, model="inception_aux", inception_variant="v3", inception_filters=2, image_size=6,
+        aux_head_units=4, dataset=f"npz:{__file__}"))
+    export.export_saved_model(model, str(tmp_path / "export"), outputs=["main_output"])
+    kept = {variable.name.removesuffix(":0") for variable in tf.saved_model.load(str(tmp_path / "export")).variables}
+    auxiliary = {weight.path for weight in model.weights if weight.path.startswith("aux_")}
+    assert auxiliary and not kept & auxiliary
+    main_only = keras.Model(model.input, model.output["main_output"])
+    assert kept >= {weight.path for weight in main_only.trainable_weights}
