@@ -53,7 +53,8 @@ def load_directory(directory: str, signature: ModelSignature, *, flag: str = "da
 
 def floats_as_float32(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float arrays as float32, what Keras computes in (NumPy would give float64)."""
-    return {key: array.astype(np.float32) if array.dtype.kind == "f" else array for key, array in arrays.items()}
+    return {key: array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array  # No copy of float32.
+            for key, array in arrays.items()}
 
 
 def checked_arrays(arrays: dict[str, np.ndarray], signature: ModelSignature, *, flag: str,

@@ -27,6 +27,9 @@ memory of the variant's processes.
   `weighting:fixed` when that runs too:
 
       python -m mto_tf.bench --variants=weighting:fixed,weighting:uncertainty,weighting:mgda
+
+`--input` measures the input pipelines instead: rows and bytes each worker
+reads per step, and its memory, per source (`input_bench.py`).
 """
 
 from __future__ import annotations
@@ -210,6 +213,11 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
     config = mto_flags.config_from_flags()
+    if FLAGS.input:  # Not training speed: what each worker's input pipeline reads and holds.
+        tensorflow_logs.import_tensorflow_quietly()
+        from mto_tf.programs import input_bench  # It imports TensorFlow.
+        input_bench.input_main(config, machine=machine)
+        return
     if config.datasets:  # Its variants compare fit and the limit, which read one dataset.
         raise ConfigError("datasets", "the benchmark measures steps on one dataset; give --dataset")
     if FLAGS.window_steps % config.steps_per_loop:

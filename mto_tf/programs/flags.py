@@ -131,6 +131,26 @@ def define_bench_flags(variants: Sequence[str], flag_values: flags.FlagValues = 
                          flag_values=flag_values)
     flags.DEFINE_string("run_variant", None, "Internal: run this one variant in this process and print its result.",
                         flag_values=flag_values)
+    # --input measures the input pipelines instead (mto_tf/programs/input_bench.py).
+    flags.DEFINE_boolean("input", False, "Instead of training speed: what each worker's input pipeline reads and "
+                                         "holds per step, per source, data size and number of workers.",
+                         flag_values=flag_values)
+    flags.DEFINE_list("input_sizes", ["100MB", "1GB"], "--input: sizes of data to measure (KB, MB, GB: powers of "
+                                                      "1024).", flag_values=flag_values)
+    flags.DEFINE_list("input_workers", ["1", "2", "4"], "--input: numbers of workers, each a process of its own.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("input_sources", ["npz", "npy", "array_record", "records", "tfrecord"],
+                      "--input: sources to read: npz, npy, array_record (by index), and today's paths records "
+                      "(from_tensor_slices) and tfrecord (as_dataset).", flag_values=flag_values)
+    flags.DEFINE_integer("input_steps", 300, "--input: timed steps per worker, after one warm-up step.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("input_feature_width", 1024, "--input: numbers (float32) in a row's input.",
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("input_in_process", False, "--input: every worker in this process, one after another "
+                                                    "(quick; reads only, no memory per worker).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("input_worker", None, "Internal: measure this one --input worker (JSON) in this process and "
+                                              "print its result.", flag_values=flag_values)
 
 
 def flags_not_read_by(reads: Sequence[str]) -> list[str]:
