@@ -225,6 +225,7 @@ def test_a_failure_while_writing_leaves_neither_the_export_nor_the_directories_m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # Builds and exports the hundred layers of inception_aux v3: 10 s.
 def test_an_inception_export_of_main_output_holds_no_auxiliary_classifier_variable(tmp_path):
     """GoogLeNet's auxiliary classifiers are discarded at inference: their variables, the moving statistics of
     v3's batch normalization included, are not in the SavedModel."""
