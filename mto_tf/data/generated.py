@@ -75,6 +75,19 @@ def prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], *, what: str) 
     return builder
 
 
+TRAIN_VALIDATION_TEST = ("train", "validation", "test")
+
+
+def three_splits(builder: tfds.core.GeneratorBasedBuilder) -> dict:
+    """A builder's `_split_generators` for train, validation and test splits of its config's sizes
+    (`train_examples`, `validation_examples`, `test_examples`), each made by its
+    `_generate_examples(split=..., num_examples=...)`."""
+    config = builder.builder_config
+    sizes = {"train": config.train_examples, "validation": config.validation_examples, "test": config.test_examples}
+    return {split: builder._generate_examples(split=split, num_examples=sizes[split])
+            for split in TRAIN_VALIDATION_TEST}
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *,
                feature_paths: Mapping[str, str] | None = None) -> Examples:
     """The split's records, streamed in file order, and a parser for batches of them.

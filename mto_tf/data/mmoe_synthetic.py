@@ -57,7 +57,7 @@ import tensorflow_datasets as tfds
 from mto_tf.data import generated
 from mto_tf.data.examples import Examples
 
-SPLITS = ("train", "validation", "test")
+SPLITS = generated.TRAIN_VALIDATION_TEST
 INPUT_DIM = 100  # d: Section 5.1.
 SCALE = 1.0  # c.
 ALPHAS = tuple(float(j) for j in range(1, 11))  # alpha_j, j = 1..m, m = 10.
@@ -107,10 +107,7 @@ class MmoeSynthetic(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
-        config = self.builder_config
-        sizes = {"train": config.train_examples, "validation": config.validation_examples,
-                 "test": config.test_examples}
-        return {split: self._generate_examples(split=split, num_examples=sizes[split]) for split in SPLITS}
+        return generated.three_splits(self)
 
     def _generate_examples(self, *, split: str, num_examples: int):
         config = self.builder_config

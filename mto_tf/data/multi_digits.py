@@ -52,7 +52,7 @@ import tensorflow_datasets as tfds
 from mto_tf.data import generated
 from mto_tf.data.examples import Examples
 
-SPLITS = ("train", "validation", "test")
+SPLITS = generated.TRAIN_VALIDATION_TEST
 CANVAS_SIZE = 12
 DIGIT_SIZE = 8
 NUM_CLASSES = 10
@@ -99,10 +99,7 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
-        config = self.builder_config
-        sizes = {"train": config.train_examples, "validation": config.validation_examples,
-                 "test": config.test_examples}
-        return {split: self._generate_examples(split=split, num_examples=sizes[split]) for split in SPLITS}
+        return generated.three_splits(self)
 
     def _generate_examples(self, *, split: str, num_examples: int):
         pairs = compose(split, num_examples)
