@@ -34,18 +34,22 @@ _MAIN_DROPOUT, _AUX_DROPOUT = 0.4, 0.7  # GoogLeNet's.
 
 
 def inception_output_names(config: TrainConfig) -> list[str]:
+    """`main_output` and the variant's auxiliary heads."""
     return ["main_output", *INCEPTION_AUX_WEIGHTS[config.inception_variant]]
 
 
 def inception_losses(config: TrainConfig) -> dict[str, str]:
+    """Every head predicts the same class id."""
     return dict.fromkeys(inception_output_names(config), "sparse_categorical_crossentropy")
 
 
 def inception_loss_weights(config: TrainConfig) -> dict[str, float]:
+    """The papers' weights: 1 for the main head, 0.3 (v1) or 0.4 (v3) for each auxiliary one."""
     return {"main_output": 1.0, **INCEPTION_AUX_WEIGHTS[config.inception_variant]}
 
 
 def inception_metrics(config: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """Each head's accuracy."""
     return dict.fromkeys(inception_output_names(config), ("accuracy",))
 
 
@@ -113,6 +117,7 @@ def build_inception_aux(config: TrainConfig) -> keras.Model:
 
 
 def task_output_names(config: TrainConfig) -> list[str]:
+    """mmoe's and shared_bottom's outputs, one tower each."""
     return config.task_outputs.split(",")
 
 
@@ -157,14 +162,17 @@ def _tower(tensor, task: str, config: TrainConfig, regularizer):
 
 
 def task_losses(config: TrainConfig) -> dict[str, str]:
+    """Mean squared error for a regression tower, sparse categorical cross-entropy for a softmax one."""
     loss = "sparse_categorical_crossentropy" if config.task_classes else "mean_squared_error"
     return dict.fromkeys(task_output_names(config), loss)
 
 
 def task_loss_weights(config: TrainConfig) -> dict[str, float]:
+    """Every task weighs the same (the MMoE paper's sum)."""
     return dict.fromkeys(task_output_names(config), 1.0)
 
 
 def task_metrics(config: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """Mean absolute error for a regression tower, accuracy for a softmax one."""
     metric = "accuracy" if config.task_classes else "mean_absolute_error"
     return dict.fromkeys(task_output_names(config), (metric,))
