@@ -659,6 +659,9 @@ class TrainConfig:
             if len(names) < 2 or len(set(names)) != len(names) or not all(name.isidentifier() for name in names):
                 raise ConfigError("task_outputs", f"expected two or more distinct names joined by ',', got "
                                                   f"{self.task_outputs!r}")
+        if self.task_classes < 0:
+            raise ConfigError("task_classes", f"expected 0 (regression) or a number of classes > 0, got "
+                                              f"{self.task_classes}")
 
     def _check_dataset(self):
         if not (_is_number(self.task_correlation) and -1 <= self.task_correlation <= 1):

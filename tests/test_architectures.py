@@ -108,3 +108,14 @@ def test_mmoe_trains_and_mto_explain_takes_its_gradient_apart(tmp_path):
     ("inception_aux", {"inception_variant": "v3", "explains": False})], ids=["inception v1", "shared", "inception v3"])
 def test_each_other_model_trains_and_mto_explain_takes_its_gradient_apart(tmp_path, model, settings):
     _trains_and_explains(tmp_path, model, **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(task_classes=-1), r"^--task_classes: expected 0 \(regression\) or a number of classes > 0, got -1"),
+    (dict(task_outputs="task_a"), r"^--task_outputs: expected two or more distinct names joined by ','"),
+], ids=["negative classes", "one task"])
+def test_bad_mmoe_settings_are_refused_naming_the_flag(tmp_path, settings, message):
+    from mto_tf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run_config(tmp_path, model="mmoe", **settings)
