@@ -136,7 +136,7 @@ class TrainConfig:
     # Model: a built-in name, `MODULE:FUNCTION`, or (from Python) a builder.
     # Sizes of the built-in models are settings so that tests can make them small.
     model: str | Callable[[], Any] = text(
-        "headline", "A built-in model (headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom) or "
+        "headline", "A built-in model (headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom, multi_lenet) or "
         "MODULE:FUNCTION, a function of yours "
         "(importable from the current directory or PYTHONPATH) returning an uncompiled multi-output keras.Model.",
         reads=("model",))
@@ -148,19 +148,21 @@ class TrainConfig:
                                  positive=True)
     lstm_units: int = integer(32, "headline: LSTM units (the shared trunk's width).", reads=("model",),
                               only_for=("headline",), positive=True)
-    dense_units: int = integer(64, "headline: width of the main head's three Dense layers; shapes3d_cnn: of the "
-                                   "shared Dense.", reads=("model",), only_for=("headline", "shapes3d_cnn"),
+    dense_units: int = integer(64, "headline: width of the main head's three Dense layers; shapes3d_cnn, "
+                                   "multi_lenet: of the shared Dense.", reads=("model",),
+                               only_for=("headline", "shapes3d_cnn", "multi_lenet"),
                                positive=True)
     aux_input_dim: int = integer(5, "headline, synthetic_headlines: floats in aux_input.",
                                  reads=("model", "data"), only_for=("headline", "synthetic_headlines"), positive=True)
-    conv_filters: int = integer(32, "shapes3d_cnn: filters of the first convolution (the second has twice as "
-                                    "many).", reads=("model",), only_for=("shapes3d_cnn",), positive=True)
+    conv_filters: int = integer(32, "shapes3d_cnn, multi_lenet: filters of the first convolution (the second has "
+                                    "twice as many).", reads=("model",), only_for=("shapes3d_cnn", "multi_lenet"),
+                                positive=True)
     dropout_rate: float = number(0.25, "shapes3d_cnn: Dropout rate before the shared Dense.", reads=("model",),
                                  only_for=("shapes3d_cnn",))
     sync_batchnorm: bool = boolean(False, "shapes3d_cnn: BatchNormalization(synchronized=True): batch statistics "
                                           "over all replicas.", reads=("model",), only_for=("shapes3d_cnn",))
     l2: float = number(0.0, "Built-in models: L2 factor on every kernel; 0 for none.", reads=("model",),
-                       only_for=("headline", "shapes3d_cnn", "inception_aux", "mmoe", "shared_bottom"))
+                       only_for=("headline", "shapes3d_cnn", "inception_aux", "mmoe", "shared_bottom", "multi_lenet"))
     inception_variant: str = choice(
         "v1", ("v1", "v3"), "inception_aux: v1 (GoogLeNet: auxiliary heads aux_1 and aux_2 on modules 4a and 4d, "
         "loss weight 0.3 each) or v3 (Inception-v3: one head aux_1 at the end of stage 4, batch normalization in "
@@ -168,27 +170,29 @@ class TrainConfig:
     inception_filters: int = integer(16, "inception_aux: the width unit of every convolution (a module's 1x1 "
                                          "branch has 2 x this many filters).", reads=("model",),
                                      only_for=("inception_aux",), positive=True)
-    image_size: int = integer(12, "inception_aux: the side of its square input `image` (multi_digits: 12).",
-                              reads=("model",), only_for=("inception_aux",), positive=True)
-    image_channels: int = integer(1, "inception_aux: channels of its input `image`.", reads=("model",),
-                                  only_for=("inception_aux",), positive=True)
+    image_size: int = integer(12, "inception_aux, multi_lenet: the side of their square input `image` "
+                                  "(multi_digits: 12).", reads=("model",), only_for=("inception_aux", "multi_lenet"),
+                              positive=True)
+    image_channels: int = integer(1, "inception_aux, multi_lenet: channels of their input `image`.",
+                                  reads=("model",), only_for=("inception_aux", "multi_lenet"), positive=True)
     num_classes: int = integer(10, "inception_aux: classes of the label every head predicts.", reads=("model",),
                                only_for=("inception_aux",), positive=True)
     aux_head_units: int = integer(64, "inception_aux: width of each auxiliary head's Dense layer (GoogLeNet: "
                                       "1024).", reads=("model",), only_for=("inception_aux",), positive=True)
     features_dim: int = integer(100, "mmoe, shared_bottom: numbers in their input `features`.", reads=("model",),
                                 only_for=("mmoe", "shared_bottom"), positive=True)
-    task_outputs: str = text("task_a,task_b", "mmoe, shared_bottom: the names of their outputs, one tower each.",
-                             reads=("model",), only_for=("mmoe", "shared_bottom"))
-    task_classes: int = integer(0, "mmoe, shared_bottom: 0: each output is one number (regression, mean squared "
-                                   "error); K: a softmax over K classes.", reads=("model",),
-                                only_for=("mmoe", "shared_bottom"))
+    task_outputs: str = text("task_a,task_b", "mmoe, shared_bottom, multi_lenet: the names of their outputs, one "
+                                              "tower each.", reads=("model",),
+                             only_for=("mmoe", "shared_bottom", "multi_lenet"))
+    task_classes: int = integer(0, "mmoe, shared_bottom, multi_lenet: 0: each output is one number (regression, "
+                                   "mean squared error); K: a softmax over K classes.", reads=("model",),
+                                only_for=("mmoe", "shared_bottom", "multi_lenet"))
     num_experts: int = integer(8, "mmoe: experts, each mixed by one softmax gate per task.", reads=("model",),
                                only_for=("mmoe",), positive=True)
     expert_units: int = integer(16, "mmoe: width of each expert; shared_bottom: of the shared bottom layer.",
                                 reads=("model",), only_for=("mmoe", "shared_bottom"), positive=True)
-    tower_units: int = integer(8, "mmoe, shared_bottom: width of each task's tower.", reads=("model",),
-                               only_for=("mmoe", "shared_bottom"), positive=True)
+    tower_units: int = integer(8, "mmoe, shared_bottom, multi_lenet: width of each task's tower.",
+                               reads=("model",), only_for=("mmoe", "shared_bottom", "multi_lenet"), positive=True)
 
     # Data: a source name (or, from Python, a tf.data.Dataset or a tuple of dicts of arrays: PYTHON_DATA).
     dataset: Any = text("synthetic_headlines", "Generated locally on first use: 'synthetic_headlines' (for "
@@ -654,7 +658,7 @@ class TrainConfig:
             raise ConfigError("sync_batchnorm", f"synchronizes the BatchNormalization layers of the built-in "
                                                 f"shapes3d_cnn only; got --model={self.model} (build your own with "
                                                 f"BatchNormalization(synchronized=True))")
-        if self.model in ("mmoe", "shared_bottom"):
+        if self.model in ("mmoe", "shared_bottom", "multi_lenet"):
             names = self.task_outputs.split(",")
             if len(names) < 2 or len(set(names)) != len(names) or not all(name.isidentifier() for name in names):
                 raise ConfigError("task_outputs", f"expected two or more distinct names joined by ',', got "

@@ -1,5 +1,5 @@
 """The field's networks built in: GoogLeNet-style auxiliary classifiers (`inception_aux`), MMoE and its
-shared-bottom baseline. Each builds at tiny sizes, trains a few steps, and `mto-explain` takes its gradient
+shared-bottom baseline, and the MultiLeNet of two-digit benchmarks. Each builds at tiny sizes, trains a few steps, and `mto-explain` takes its gradient
 apart; the heads and their loss weights are read from the built model and its resolved losses."""
 
 import keras
@@ -16,7 +16,9 @@ TINY = {
     "inception_aux": dict(inception_filters=2, image_size=6, aux_head_units=4),
     "mmoe": dict(features_dim=4, num_experts=3, expert_units=4, tower_units=2),
     "shared_bottom": dict(features_dim=4, expert_units=4, tower_units=2),
+    "multi_lenet": dict(image_size=6, conv_filters=2, dense_units=4, tower_units=2, task_classes=10),
 }
+IMAGE_MODELS = ("inception_aux", "multi_lenet")
 NUM_EXAMPLES = 24
 
 
@@ -24,10 +26,11 @@ def write_data(path, model: str, outputs: list[str]):
     """Random inputs and labels the model takes: 6 x 6 images of pixels 0..255 and class ids, or 4 features and
     numbers."""
     rng = np.random.default_rng(0)
-    if model == "inception_aux":
-        label = rng.integers(0, 10, NUM_EXAMPLES)  # Every head predicts the same label.
+    if model in IMAGE_MODELS:
+        label = rng.integers(0, 10, NUM_EXAMPLES)  # inception_aux: every head predicts the same label.
         arrays = {"image": rng.integers(0, 256, (NUM_EXAMPLES, 6, 6, 1)).astype(np.uint8),  # As images are.
-                  **{name: label for name in outputs}}
+                  **{name: label if model == "inception_aux" else rng.integers(0, 10, NUM_EXAMPLES)
+                     for name in outputs}}
     else:
         arrays = {"features": rng.standard_normal((NUM_EXAMPLES, 4)).astype(np.float32),
                   **{name: rng.standard_normal((NUM_EXAMPLES, 1)).astype(np.float32) for name in outputs}}
@@ -72,10 +75,12 @@ def test_each_mmoe_gate_is_a_softmax_over_the_experts_and_the_baseline_shares_on
 
 
 # A layer every output's loss reaches, and one only a given output's reaches, in each model.
-SHARED_LAYER = {"inception_aux": "stem", "mmoe": "expert_0", "shared_bottom": "shared_bottom"}
+SHARED_LAYER = {"inception_aux": "stem", "mmoe": "expert_0", "shared_bottom": "shared_bottom",
+                "multi_lenet": "shared_conv_1"}
 OWN_LAYER = {"inception_aux": {"main_output": "module_5a_1x1", "aux_1": "aux_1_dense"},
              "mmoe": {"task_a": "task_a_gate", "task_b": "task_b_gate"},
-             "shared_bottom": {"task_a": "task_a_tower", "task_b": "task_b_tower"}}
+             "shared_bottom": {"task_a": "task_a_tower", "task_b": "task_b_tower"},
+             "multi_lenet": {"task_a": "task_a_tower", "task_b": "task_b_tower"}}
 
 
 def _trains_and_explains(tmp_path, model, *, explains=True, **settings):
@@ -102,12 +107,22 @@ def test_mmoe_trains_and_mto_explain_takes_its_gradient_apart(tmp_path):
 
 @pytest.mark.slow  # The other models trained and explained; the inner loop keeps mmoe's.
 @pytest.mark.parametrize("model, settings", [
-    ("inception_aux", {}), ("shared_bottom", {}),
+    ("inception_aux", {}), ("shared_bottom", {}), ("multi_lenet", {}),
     # v3 only adds batch normalization and factorized branches to the same heads: trained, not explained again
     # (tracing its hundred layers for the report costs 15 s here).
-    ("inception_aux", {"inception_variant": "v3", "explains": False})], ids=["inception v1", "shared", "inception v3"])
+    ("inception_aux", {"inception_variant": "v3", "explains": False})], ids=["inception v1", "shared", "multi_lenet", "inception v3"])
 def test_each_other_model_trains_and_mto_explain_takes_its_gradient_apart(tmp_path, model, settings):
     _trains_and_explains(tmp_path, model, **settings)
+
+
+def test_multi_lenet_shares_its_encoder_and_gives_each_task_a_softmax_tower(tmp_path):
+    model = build_model_setup(config_of(tmp_path, "multi_lenet"), tf.distribute.get_strategy()).model
+    shared = ["shared_conv_1", "shared_conv_2", "shared_dense"]
+    # The second convolution has twice the first's filters (Sener and Koltun's 10 and 20).
+    assert [model.get_layer(name).kernel.shape[-1] for name in shared] == [2, 4, 4]
+    for task in ("task_a", "task_b"):
+        assert model.get_layer(f"{task}_tower").input is model.get_layer("shared_dense").output
+        assert model.get_layer(task).units == 10 and model.get_layer(task).activation is keras.activations.softmax
 
 
 @pytest.mark.parametrize("settings, message", [

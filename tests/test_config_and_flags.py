@@ -151,7 +151,7 @@ def test_bad_settings_raise_config_error_naming_the_flag(args, message):
      r"^--loss_weights: unknown output 'aux'; model 'headline' has outputs \['aux_output', 'main_output'\]"),
     (dict(metrics={"side_output": ("auc",)}), "^--metrics: unknown output 'side_output'"),
     (dict(metrics={"main_output": ("accuracyy",)}), "^--metrics: output 'main_output': Keras cannot make a metric"),
-    (dict(model="resnet"), "^--model: expected one of headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom or MODULE:FUNCTION; got 'resnet'"),
+    (dict(model="resnet"), "^--model: expected one of headline, shapes3d_cnn, inception_aux, mmoe, shared_bottom, multi_lenet or MODULE:FUNCTION; got 'resnet'"),
     (dict(conv_filters=8), "^--conv_filters: --model=headline with --dataset=synthetic_headlines does not read it"),
 ])
 def test_settings_checked_against_the_built_model_fail_before_anything_is_written(tmp_path, overrides, message):

@@ -20,6 +20,13 @@
   ReLU experts on the input; for each task a softmax gate on the input mixes
   them, and a tower reads the mixture. `shared_bottom` (Figure 1a), its
   baseline: one shared layer, and a tower per task.
+- `multi_lenet` (Sener and Koltun 2018, "Multi-task learning as
+  multi-objective optimization", Appendix: the network of their Multi-MNIST
+  experiments, which LibMTL-style benchmarks on two-digit images reuse): a
+  shared LeNet encoder (two convolutions, each max-pooled, and a Dense
+  layer) and a tower per task. Their 28 x 28 images take 9x9 and 5x5
+  kernels; here 3x3, so that a 12 x 12 `multi_digits` image keeps 3 x 3
+  after the two poolings.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ def build_inception_aux(config: TrainConfig) -> keras.Model:
 
 
 def task_output_names(config: TrainConfig) -> list[str]:
-    """mmoe's and shared_bottom's outputs, one tower each."""
+    """mmoe's, shared_bottom's and multi_lenet's outputs, one tower each."""
     return config.task_outputs.split(",")
 
 
@@ -150,6 +157,23 @@ def build_shared_bottom(config: TrainConfig) -> keras.Model:
     return keras.Model(inputs={"features": features},
                        outputs={task: _tower(bottom, task, config, regularizer) for task in task_output_names(config)},
                        name="shared_bottom")
+
+
+def build_multi_lenet(config: TrainConfig) -> keras.Model:
+    """Sener and Koltun's MultiLeNet: a LeNet encoder shared by every task, then a tower per task."""
+    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    image = keras.Input(shape=(config.image_size, config.image_size, config.image_channels), name="image")
+    tensor = keras.layers.Rescaling(1 / 255, name="rescale")(image)  # Pixels 0..255, as multi_digits stores them.
+    for index, filters in enumerate((config.conv_filters, 2 * config.conv_filters), start=1):
+        tensor = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=regularizer,
+                                     name=f"shared_conv_{index}")(tensor)
+        tensor = keras.layers.MaxPooling2D(2, name=f"shared_pool_{index}")(tensor)
+    tensor = keras.layers.Flatten(name="shared_flatten")(tensor)
+    shared = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer,
+                                name="shared_dense")(tensor)
+    return keras.Model(inputs={"image": image},
+                       outputs={task: _tower(shared, task, config, regularizer) for task in task_output_names(config)},
+                       name="multi_lenet")
 
 
 def _tower(tensor, task: str, config: TrainConfig, regularizer):

@@ -134,6 +134,8 @@ MODELS: dict[str, ModelSpec] = {
                       loss_weights=architectures.task_loss_weights, metrics=architectures.task_metrics),
     "shared_bottom": ModelSpec(build=architectures.build_shared_bottom, losses=architectures.task_losses,
                                loss_weights=architectures.task_loss_weights, metrics=architectures.task_metrics),
+    "multi_lenet": ModelSpec(build=architectures.build_multi_lenet, losses=architectures.task_losses,
+                             loss_weights=architectures.task_loss_weights, metrics=architectures.task_metrics),
 }
 
 
