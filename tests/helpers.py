@@ -6,6 +6,7 @@ Test modules import from here, never from each other.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -56,6 +57,15 @@ def once(key, compute):
         directory.mkdir(parents=True)
         _ONCE[key] = compute(directory)
     return _ONCE[key]
+
+
+def docs_script(name: str):
+    """A script of docs/ (e.g. "experiments/toy.py") imported as a module, for its tests to call its functions."""
+    path = Path(__file__).parents[1] / "docs" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_config(tmp_path, **overrides) -> TrainConfig:

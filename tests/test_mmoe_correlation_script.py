@@ -2,22 +2,17 @@
 value finite, and parameter counts by hand equal to Keras's."""
 
 import argparse
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "docs" / "experiments" / "mmoe_correlation.py"
+from helpers import docs_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("mmoe_correlation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script("experiments/mmoe_correlation.py")
 
 
 @pytest.mark.slow  # Four tiny runs trained and tested: 7 to 11 s here.

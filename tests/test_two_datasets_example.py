@@ -1,19 +1,15 @@
 """docs/examples/two_datasets.py runs as documented: it prepares its two datasets and trains on both, both ways."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "two_datasets.py"
+from helpers import docs_script
 
 
 @pytest.mark.slow  # Two runs of 60 steps; the inner loop has the features' own tests.
 def test_the_two_datasets_example_learns_each_task_from_its_own_dataset_jointly_and_by_turns(tmp_path):
-    spec = importlib.util.spec_from_file_location("two_datasets", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = docs_script("examples/two_datasets.py")
 
     finals = example.main(tmp_path, train_steps=60)
 

@@ -2,23 +2,18 @@
 scoring each run as an independent NumPy count of its test predictions does."""
 
 import argparse
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "docs" / "experiments" / "weighting_benchmark.py"
+from helpers import docs_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("weighting_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script("experiments/weighting_benchmark.py")
 
 
 def test_delta_m_is_the_mean_relative_improvement_over_the_single_task_mean(script):
