@@ -185,7 +185,8 @@ class TrainConfig:
                                               "tower each.", reads=("model",),
                              only_for=("mmoe", "shared_bottom", "multi_lenet"))
     task_classes: int = integer(0, "mmoe, shared_bottom, multi_lenet: 0: each output is one number (regression, "
-                                   "mean squared error); K: a softmax over K classes.", reads=("model",),
+                                   "mean squared error); K: a softmax over K classes (multi_digits: 10).",
+                                reads=("model",),
                                 only_for=("mmoe", "shared_bottom", "multi_lenet"))
     num_experts: int = integer(8, "mmoe: experts, each mixed by one softmax gate per task.", reads=("model",),
                                only_for=("mmoe",), positive=True)

@@ -1,6 +1,6 @@
 """The field's networks built in: GoogLeNet-style auxiliary classifiers (`inception_aux`), MMoE and its
-shared-bottom baseline, and the MultiLeNet of two-digit benchmarks. Each builds at tiny sizes, trains a few steps, and `mto-explain` takes its gradient
-apart; the heads and their loss weights are read from the built model and its resolved losses."""
+shared-bottom baseline, and the MultiLeNet of two-digit benchmarks. Each builds at tiny sizes, trains a few
+steps, and `mto-explain` takes its gradient apart; the heads and their loss weights are read from the built model and its resolved losses."""
 
 import keras
 import numpy as np
@@ -110,7 +110,8 @@ def test_mmoe_trains_and_mto_explain_takes_its_gradient_apart(tmp_path):
     ("inception_aux", {}), ("shared_bottom", {}), ("multi_lenet", {}),
     # v3 only adds batch normalization and factorized branches to the same heads: trained, not explained again
     # (tracing its hundred layers for the report costs 15 s here).
-    ("inception_aux", {"inception_variant": "v3", "explains": False})], ids=["inception v1", "shared", "multi_lenet", "inception v3"])
+    ("inception_aux", {"inception_variant": "v3", "explains": False})],
+    ids=["inception v1", "shared", "multi_lenet", "inception v3"])
 def test_each_other_model_trains_and_mto_explain_takes_its_gradient_apart(tmp_path, model, settings):
     _trains_and_explains(tmp_path, model, **settings)
 
@@ -123,6 +124,9 @@ def test_multi_lenet_shares_its_encoder_and_gives_each_task_a_softmax_tower(tmp_
     for task in ("task_a", "task_b"):
         assert model.get_layer(f"{task}_tower").input is model.get_layer("shared_dense").output
         assert model.get_layer(task).units == 10 and model.get_layer(task).activation is keras.activations.softmax
+    # Its poolings pad: an image of any size is encoded (a 3 x 3 one would fail to pool twice unpadded).
+    small = architectures.build_multi_lenet(run_config(tmp_path, model="multi_lenet", image_size=3, task_classes=10))
+    assert small({"image": np.zeros((2, 3, 3, 1), np.float32)})["task_a"].shape == (2, 10)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -37,6 +37,12 @@ def test_delta_m_is_the_mean_relative_improvement_over_the_single_task_mean(scri
     assert "| single task | 85.00 ± 7.07 | 60.00 ± 14.14 | 0 (reference) |" in table
 
 
+def test_an_unknown_method_is_refused_before_any_run_trains(script, tmp_path):
+    with pytest.raises(SystemExit, match=r"^--methods: unknown \['mgdaa'\]; expected some of fixed, "):
+        script.main(["--methods=fixed,mgdaa", f"--work_dir={tmp_path}", f"--output_dir={tmp_path}"])
+    assert not list(tmp_path.iterdir())  # Nothing trained, nothing written.
+
+
 @pytest.mark.slow  # Four tiny runs trained and evaluated (about 15 s here); the inner loop keeps Delta_m's test.
 def test_the_benchmark_runs_at_tiny_sizes_and_scores_each_run_by_its_test_predictions(script, tmp_path):
     import keras
@@ -59,15 +65,17 @@ def test_the_benchmark_runs_at_tiny_sizes_and_scores_each_run_by_its_test_predic
                                                                dense_units=50))
     test = tfds.as_numpy(multi_digits.make_builder(config).as_dataset(split="test", batch_size=-1))
     for run, directory in zip(report["runs"], ["single_left", "single_right", "fixed", "mgda"]):
-        model = keras.saving.load_model(tmp_path / "runs" / "seed_0" / directory / "model.keras")
+        run_dir = tmp_path / "runs" / "steps_2_examples_64_dense_50" / "seed_0" / directory
+        model = keras.saving.load_model(run_dir / "model.keras")
         predicted = model.predict({"image": test["image"]}, verbose=0)
         # A float32 mean of 40 zeros and ones: exact to float32 rounding.
         accuracy = {task: float(np.mean(np.argmax(predicted[task], axis=-1) == test[task]))
                     for task in ("left", "right")}
         expected = accuracy[run["task"]] if run["task"] else accuracy
         assert run["accuracy"] == pytest.approx(expected, abs=1e-6), directory
-    # Single-task runs score on their own task; Delta_m is relative to them.
+    # Single-task runs score on their own task; Delta_m is relative to them (float64 arithmetic on the same
+    # numbers in another order: equal to rounding).
     single = {run["task"]: run["accuracy"] for run in report["runs"][:2]}
     fixed = report["runs"][2]["accuracy"]
     assert report["summary"]["fixed"]["delta_m"]["mean"] == pytest.approx(
-        50 * sum((fixed[task] - single[task]) / single[task] for task in single))
+        100 * np.mean([(fixed[task] - single[task]) / single[task] for task in single]), rel=1e-12)

@@ -31,7 +31,7 @@ this size a step's time goes to overheads, not to arithmetic), batch 64,
 runs (weights 0, 0.3, 1 times 3 seeds), the default 10,000 / 1,000 / 1,000
 examples. The full run took 13 minutes (TensorFlow 2.21, one process).
 Adam (learning rate 0.001), not GoogLeNet's SGD with momentum 0.9: over
-1,000 steps at weight 0.3, SGD stayed at chance for 800 steps at learning
+1,000 steps at weight 0.3 (a pilot, not kept), SGD stayed at chance for 800 steps at learning
 rate 0.01 and for all 1,000 at 0.05, RMSprop (mto_tf's default) reached 45 %
 validation accuracy, Adam 78 %. Adam scales each weight's step by its own
 gradient's running size, so how small the lower layers' gradient is matters
@@ -54,9 +54,8 @@ import tensorflow as tf
 
 from mto_tf import TrainConfig, train
 from mto_tf.core import gradient_shares
-from mto_tf.programs.evaluate import evaluate
+from mto_tf.programs.evaluate import evaluate, weights_file
 from mto_tf.programs.explain import explain
-from mto_tf.run.model_dir import WEIGHTS_FILE
 
 HEADS = ["main_output", "aux_1", "aux_2"]
 MODULES = ["stem", "module_3a", "module_4a", "module_4b", "module_4c", "module_4d", "module_4e", "module_5a"]
@@ -138,7 +137,7 @@ def one_run(arguments: argparse.Namespace, *, aux_weight: float, seed: int) -> d
         start = explain(config, strategy=strategy, explain_batches=arguments.explain_batches)
         history = train(config).history
         test = evaluate(config, strategy=strategy, eval_data=None, eval_split="test",
-                        weights=os.path.join(model_dir, WEIGHTS_FILE))
+                        weights=weights_file(model_dir, "final"))
     measured = [(0, gradient_shares.as_record(start))] + [
         (record["step"], record) for record in history if any(key.startswith("grad_share/") for key in record)]
     validated = [record for record in history if "val_main_output_accuracy" in record]

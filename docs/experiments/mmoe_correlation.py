@@ -159,7 +159,8 @@ def markdown_table(report: dict) -> str:
         cells = " | ".join(f"{row[column]['mean']:.3f} ± {row[column]['sd']:.3f}" for column in (*TASKS, "mean"))
         lines.append(f"| {row['correlation']} | {row['model']} | {cells} |")
     counts = ", ".join(f"{model} {count}" for model, count in report["parameters"].items())
-    return "\n".join(lines) + f"\n\nTest MSE, mean ± sd over {report['table'][0]['seeds']} seeds; parameters: {counts}."
+    seeds = report["table"][0]["seeds"]
+    return "\n".join(lines) + f"\n\nTest MSE, mean ± sd over {seeds} seeds; parameters: {counts}."
 
 
 def plot(report: dict, path: str) -> None:

@@ -54,17 +54,19 @@ def run_config(*, seed: int, loss_weighting: str, loss_weights: dict[str, float]
     """One run of the benchmark: everything but the method, the weights and the seed is the same for all."""
     from mto_tf import TrainConfig
 
-    return TrainConfig(**{**MODEL_SETTINGS, "dense_units": arguments.dense_units}, dataset="multi_digits", data_dir=arguments.data_dir,
-                       synthetic_train_examples=arguments.train_examples,
-                       synthetic_validation_examples=arguments.test_examples,
+    return TrainConfig(**{**MODEL_SETTINGS, "dense_units": arguments.dense_units}, dataset="multi_digits",
+                       data_dir=arguments.data_dir, synthetic_train_examples=arguments.train_examples,
                        synthetic_test_examples=arguments.test_examples, validation_split="",
                        train_steps=arguments.train_steps, seed=seed, loss_weighting=loss_weighting,
                        loss_weights=loss_weights, model_dir=model_dir, progress="quiet")
 
 
 def runs_of_seed(seed: int, methods: list[str], arguments: argparse.Namespace):
-    """(method, the task it is scored on or None for every task, its config): the single-task runs, then each method."""
-    directory = os.path.join(arguments.work_dir, f"seed_{seed}")
+    """(method, the task it is scored on or None for every task, its config): the single-task runs, then each
+    method."""
+    # A rerun resumes a run of the same settings only: a directory per settings.
+    settings = f"steps_{arguments.train_steps}_examples_{arguments.train_examples}_dense_{arguments.dense_units}"
+    directory = os.path.join(arguments.work_dir, settings, f"seed_{seed}")
     for task in TASKS:
         weights = {name: float(name == task) for name in TASKS}
         yield SINGLE_TASK, task, run_config(seed=seed, loss_weighting="fixed", loss_weights=weights,
@@ -192,6 +194,9 @@ def benchmark(arguments: argparse.Namespace) -> dict:
     from mto_tf import loss_weighting
 
     methods = arguments.methods.split(",") if arguments.methods else list(loss_weighting.METHODS)
+    unknown = [method for method in methods if method not in loss_weighting.METHODS]
+    if unknown:  # Before any run trains.
+        raise SystemExit(f"--methods: unknown {unknown}; expected some of {', '.join(loss_weighting.METHODS)}")
     seeds = [int(seed) for seed in arguments.seeds.split(",")]
     runs = []
     for seed in seeds:
@@ -201,8 +206,8 @@ def benchmark(arguments: argparse.Namespace) -> dict:
                          "accuracy": accuracies[task] if task else accuracies})
             print(f"seed {seed}, {method}{f' ({task})' if task else ''}: test accuracy {runs[-1]['accuracy']}",
                   flush=True)
-    settings = {**MODEL_SETTINGS, "dense_units": arguments.dense_units, "train_steps": arguments.train_steps, "train_examples": arguments.train_examples,
-                "test_examples": arguments.test_examples}
+    settings = {**MODEL_SETTINGS, "dense_units": arguments.dense_units, "train_steps": arguments.train_steps,
+                "train_examples": arguments.train_examples, "test_examples": arguments.test_examples}
     return {"settings": settings, "seeds": seeds, "runs": runs, "summary": summarize(runs)}
 
 

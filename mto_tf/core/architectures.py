@@ -24,9 +24,10 @@
   multi-objective optimization", Appendix: the network of their Multi-MNIST
   experiments, which LibMTL-style benchmarks on two-digit images reuse): a
   shared LeNet encoder (two convolutions, each max-pooled, and a Dense
-  layer) and a tower per task. Their 28 x 28 images take 9x9 and 5x5
-  kernels; here 3x3, so that a 12 x 12 `multi_digits` image keeps 3 x 3
-  after the two poolings.
+  layer) and a tower per task. Their code convolves 28 x 28 images with 5x5
+  kernels and adds dropout; here the kernels are 3x3, so that a 12 x 12
+  `multi_digits` image keeps 3 x 3 after the two poolings, and there is no
+  dropout.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def build_multi_lenet(config: TrainConfig) -> keras.Model:
     for index, filters in enumerate((config.conv_filters, 2 * config.conv_filters), start=1):
         tensor = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=regularizer,
                                      name=f"shared_conv_{index}")(tensor)
-        tensor = keras.layers.MaxPooling2D(2, name=f"shared_pool_{index}")(tensor)
+        # "same": an odd or tiny image still pools (12 -> 6 -> 3 as with "valid").
+        tensor = keras.layers.MaxPooling2D(2, padding="same", name=f"shared_pool_{index}")(tensor)
     tensor = keras.layers.Flatten(name="shared_flatten")(tensor)
     shared = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer,
                                 name="shared_dense")(tensor)
