@@ -1,6 +1,7 @@
 """The field's networks built in: GoogLeNet-style auxiliary classifiers (`inception_aux`), MMoE and its
 shared-bottom baseline, and the MultiLeNet of two-digit benchmarks. Each builds at tiny sizes, trains a few
-steps, and `mto-explain` takes its gradient apart; the heads and their loss weights are read from the built model and its resolved losses."""
+steps, and `mto-explain` takes its gradient apart; the heads and their loss weights are read from the built
+model and its resolved losses."""
 
 import keras
 import numpy as np
