@@ -50,6 +50,18 @@ def quiet_about_configs_of(config_class: type) -> None:
     installed.config_classes.add(config_class.__name__)
 
 
+def builder_of(builder_class: type, builder_config: tfds.core.BuilderConfig, *,
+               data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """`builder_class` for `builder_config` in `data_dir`.
+
+    TFDS refuses a config object named like one of the class's registered
+    configs: that one is asked for by its name.
+    """
+    if builder_config.name in {registered.name for registered in builder_class.BUILDER_CONFIGS}:
+        builder_config = builder_config.name
+    return builder_class(config=builder_config, data_dir=data_dir)
+
+
 def prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], *, what: str) -> tfds.core.DatasetBuilder:
     """Generates the dataset of `make_builder()` in its data directory unless it is there; returns a builder that
     reads it.

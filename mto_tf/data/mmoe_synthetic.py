@@ -145,10 +145,7 @@ def make_builder(config) -> MmoeSynthetic:
     builder_config = MmoeSyntheticConfig.of(
         correlation=config.task_correlation, input_dim=INPUT_DIM, train_examples=config.synthetic_train_examples,
         validation_examples=config.synthetic_validation_examples, test_examples=config.synthetic_test_examples)
-    # TFDS refuses a config object named like a registered one: ask for that one by name.
-    if builder_config.name in {registered.name for registered in MmoeSynthetic.BUILDER_CONFIGS}:
-        builder_config = builder_config.name
-    return MmoeSynthetic(config=builder_config, data_dir=config.data_dir)
+    return generated.builder_of(MmoeSynthetic, builder_config, data_dir=config.data_dir)
 
 
 def load(config, split: str, *, feature_paths=None) -> Examples:

@@ -122,10 +122,7 @@ def make_builder(config) -> SyntheticHeadlines:
         vocab_size=config.vocab_size, sequence_length=config.sequence_length,
         aux_input_dim=config.aux_input_dim, train_examples=config.synthetic_train_examples,
         validation_examples=config.synthetic_validation_examples)
-    # TFDS refuses a config object named like a registered one: ask for that one by name.
-    if builder_config.name in {registered.name for registered in SyntheticHeadlines.BUILDER_CONFIGS}:
-        builder_config = builder_config.name
-    return SyntheticHeadlines(config=builder_config, data_dir=config.data_dir)
+    return generated.builder_of(SyntheticHeadlines, builder_config, data_dir=config.data_dir)
 
 
 def load(config, split: str) -> Examples:
