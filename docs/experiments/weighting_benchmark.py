@@ -102,9 +102,9 @@ def mean_and_sd(values: list[float]) -> dict[str, float]:
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per method: each task's accuracy and Delta_m, mean and sd over seeds (Delta_m against the single-task mean)."""
     single = [run for run in runs if run["method"] == SINGLE_TASK]
-    single_task = {task: statistics.fmean(run["accuracy"] for run in single if run["task"] == task) for task in TASKS}
     summary = {SINGLE_TASK: {task: mean_and_sd([run["accuracy"] for run in single if run["task"] == task])
                              for task in TASKS}}
+    single_task = {task: summary[SINGLE_TASK][task]["mean"] for task in TASKS}
     for method in dict.fromkeys(run["method"] for run in runs if run["method"] != SINGLE_TASK):
         scores = [run["accuracy"] for run in runs if run["method"] == method]
         summary[method] = {**{task: mean_and_sd([score[task] for score in scores]) for task in TASKS},

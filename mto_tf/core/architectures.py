@@ -36,6 +36,11 @@ import keras
 
 from mto_tf.config import TrainConfig
 
+def kernel_regularizer(config: TrainConfig) -> keras.regularizers.Regularizer | None:
+    """`--l2` on every kernel of a built-in model; None for 0."""
+    return keras.regularizers.L2(config.l2) if config.l2 else None
+
+
 # Each head's loss weight in the papers.
 INCEPTION_AUX_WEIGHTS = {"v1": {"aux_1": 0.3, "aux_2": 0.3}, "v3": {"aux_1": 0.4}}
 _MAIN_DROPOUT, _AUX_DROPOUT = 0.4, 0.7  # GoogLeNet's.
@@ -64,7 +69,7 @@ def inception_metrics(config: TrainConfig) -> dict[str, tuple[str, ...]]:
 def build_inception_aux(config: TrainConfig) -> keras.Model:
     """A small GoogLeNet (`v1`) or Inception-v3-style (`v3`) network with auxiliary classifiers."""
     v3 = config.inception_variant == "v3"
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = kernel_regularizer(config)
     width = config.inception_filters
 
     def conv(tensor, filters, size, name):
@@ -131,7 +136,7 @@ def task_output_names(config: TrainConfig) -> list[str]:
 
 def build_mmoe(config: TrainConfig) -> keras.Model:
     """Multi-gate Mixture-of-Experts: each task's softmax gate mixes the shared experts for its tower."""
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = kernel_regularizer(config)
     features = keras.Input(shape=(config.features_dim,), name="features")
     experts = [keras.layers.Dense(config.expert_units, activation="relu", kernel_regularizer=regularizer,
                                   name=f"expert_{index}")(features) for index in range(config.num_experts)]
@@ -151,7 +156,7 @@ def build_mmoe(config: TrainConfig) -> keras.Model:
 
 def build_shared_bottom(config: TrainConfig) -> keras.Model:
     """The baseline: one shared bottom layer, a tower per task."""
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = kernel_regularizer(config)
     features = keras.Input(shape=(config.features_dim,), name="features")
     bottom = keras.layers.Dense(config.expert_units, activation="relu", kernel_regularizer=regularizer,
                                 name="shared_bottom")(features)
@@ -162,7 +167,7 @@ def build_shared_bottom(config: TrainConfig) -> keras.Model:
 
 def build_multi_lenet(config: TrainConfig) -> keras.Model:
     """Sener and Koltun's MultiLeNet: a LeNet encoder shared by every task, then a tower per task."""
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = kernel_regularizer(config)
     image = keras.Input(shape=(config.image_size, config.image_size, config.image_channels), name="image")
     tensor = keras.layers.Rescaling(1 / 255, name="rescale")(image)  # Pixels 0..255, as multi_digits stores them.
     for index, filters in enumerate((config.conv_filters, 2 * config.conv_filters), start=1):

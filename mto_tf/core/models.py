@@ -59,7 +59,7 @@ def build_headline(config: TrainConfig) -> keras.Model:
     loss therefore trains the shared trunk directly, and the main-only Dense
     layers only through what the trunk then feeds them.
     """
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = architectures.kernel_regularizer(config)
     main_input = keras.Input(shape=(config.sequence_length,), dtype="int32", name="main_input")
     aux_input = keras.Input(shape=(config.aux_input_dim,), dtype="float32", name="aux_input")
 
@@ -90,7 +90,7 @@ def build_shapes3d_cnn(config: TrainConfig) -> keras.Model:
     parity with `fit` needs the same seed): the two layers that behave
     differently in training and inference.
     """
-    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    regularizer = architectures.kernel_regularizer(config)
     image = keras.Input(shape=SHAPES3D_IMAGE_SHAPE, dtype="float32", name="image")
     hidden = keras.layers.Rescaling(1 / 255, name="rescale")(image)
     for index, filters in enumerate((config.conv_filters, 2 * config.conv_filters)):
